@@ -1,0 +1,1 @@
+//! vulcan-stream: PostgreSQL LISTEN/NOTIFY to websocket broadcast.
