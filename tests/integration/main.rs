@@ -1,1 +1,8 @@
-//! Integration tests.
+//! Integration tests: the real binaries against a throwaway PostgreSQL.
+//!
+//! One shared cluster per test process (see `harness`); every test uses its own channel and its
+//! own server, so tests run in parallel.
+
+mod harness;
+
+mod harness_selftest;
