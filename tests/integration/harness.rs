@@ -252,6 +252,11 @@ impl PgCluster {
     /// Starts postgres on this cluster's port and data directory; returns once it accepts
     /// connections.
     pub async fn start(&self) -> Result<()> {
+        self.spawn_reaper()?;
+        self.wait_accepting().await
+    }
+
+    fn spawn_reaper(&self) -> Result<()> {
         let mut guard = self.proc.lock().unwrap();
         ensure!(guard.is_none(), "cluster already running");
         let log = File::options()
@@ -285,8 +290,11 @@ impl PgCluster {
         let mut child = cmd.spawn().context("spawn postgres")?;
         let stdin = child.stdin.take().expect("stdin is piped");
         *guard = Some((child, stdin));
-        drop(guard);
+        Ok(())
+    }
 
+    /// Retries a connection until postgres accepts it, failing at once if postgres exits.
+    async fn wait_accepting(&self) -> Result<()> {
         let deadline = Instant::now() + PG_START_TIMEOUT;
         loop {
             {
@@ -294,7 +302,6 @@ impl PgCluster {
                 let (child, _) = guard.as_mut().context("cluster stopped while starting")?;
                 if let Some(status) = child.try_wait()? {
                     *guard = None;
-                    drop(guard);
                     bail!(
                         "postgres on port {} exited early ({status}):\n{}",
                         self.port,
@@ -479,7 +486,8 @@ struct Log {
     eof: bool,
 }
 
-/// A running `vulcan-stream`. Killed on drop; its stderr is printed when the test fails.
+/// A running `vulcan-stream`. Killed on drop, then its stderr is printed (shown when the test
+/// fails).
 pub struct Server {
     child: Child,
     port: u16,
@@ -672,13 +680,13 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- vulcan-stream stderr (port {}) ---\n{}",
-                self.port,
-                self.stderr()
-            );
-        }
+        // Printed whether the test failed by panicking or by returning an error; the test
+        // harness shows a test's output only when it fails.
+        eprintln!(
+            "--- vulcan-stream stderr (port {}) ---\n{}",
+            self.port,
+            self.stderr()
+        );
     }
 }
 
@@ -742,10 +750,6 @@ pub async fn next_message(ws: &mut Ws, timeout: Duration) -> Result<Message> {
 }
 
 /// The next text frame, pings included.
-pub async fn next_text(ws: &mut Ws) -> Result<String> {
-    next_text_within(ws, TIMEOUT).await
-}
-
 pub async fn next_text_within(ws: &mut Ws, timeout: Duration) -> Result<String> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {

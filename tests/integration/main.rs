@@ -5,4 +5,12 @@
 
 mod harness;
 
+mod config_errors;
+mod config_file;
+mod delivery;
 mod harness_selftest;
+mod http;
+mod image_contract;
+mod lifecycle;
+mod payloads;
+mod test_client;
