@@ -81,6 +81,23 @@ pub struct SenderConfig {
     pub handshake_timeout: Duration,
     /// The largest websocket frame or message a client may send.
     pub max_frame_size: usize,
+    /// Upgrades beyond this many connected clients get 503.
+    pub max_clients: usize,
+    /// When set, `/<stream>` requires it as a bearer token or `?token=`.
+    pub stream_token: Option<Secret>,
+    /// When non-empty, a browser's `Origin` must be one of these (requests without `Origin`,
+    /// as agents send them, are not affected).
+    pub allowed_origins: Vec<String>,
+}
+
+/// A value that must never be printed: `Debug` shows only that it is set.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// A loaded configuration plus what the file held that nobody reads, for one WARN line once
@@ -177,6 +194,13 @@ impl Config {
                     parse_positive,
                 )?
                 .unwrap_or(64 * 1024),
+            max_clients: s
+                .parse("Sender", "MaxClients", &["MAX_CLIENTS"], parse_positive)?
+                .unwrap_or(20_000),
+            stream_token: Some(s.secret("Sender", "StreamToken", &["STREAM_TOKEN"])?)
+                .filter(|token| !token.is_empty())
+                .map(Secret),
+            allowed_origins: s.list("Sender", "AllowedOrigins", &["ALLOWED_ORIGINS"])?,
         };
         Ok(Config {
             logger,
@@ -394,6 +418,31 @@ impl Sources<'_> {
                 None => Err(raw.invalid("expected a string")),
             },
         }
+    }
+
+    /// A list: a TOML array of strings, or one comma-separated string (the environment's form).
+    fn list(
+        &self,
+        section: &str,
+        key: &str,
+        vars: &[&'static str],
+    ) -> Result<Vec<String>, ConfigError> {
+        let Some(raw) = self.raw(section, key, vars) else {
+            return Ok(Vec::new());
+        };
+        let items: Vec<String> = match (&raw, raw.text()) {
+            (_, Some(text)) => text.split(',').map(|item| item.trim().to_owned()).collect(),
+            (Raw::File(v), None) => match &v.value {
+                toml::Value::Array(values) => values
+                    .iter()
+                    .map(|value| value.as_str().map(|s| s.trim().to_owned()))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| raw.invalid("expected an array of strings"))?,
+                _ => return Err(raw.invalid("expected an array of strings")),
+            },
+            (Raw::Env { .. }, None) => unreachable!("environment values are text"),
+        };
+        Ok(items.into_iter().filter(|item| !item.is_empty()).collect())
     }
 
     fn string_or(
@@ -625,6 +674,30 @@ mod tests {
             .expect("loads")
             .config;
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn limits_and_auth_settings() {
+        let file = "[Sender]\nAllowedOrigins = [\"https://a.example\", \"https://b.example\"]\nMaxClients = 5\n";
+        let c = load(Some(file), &[("STREAM_TOKEN", "t0k")])
+            .expect("loads")
+            .config;
+        assert_eq!(c.sender.allowed_origins.len(), 2);
+        assert_eq!(c.sender.max_clients, 5);
+        assert_eq!(c.sender.stream_token, Some(Secret("t0k".to_owned())));
+        assert!(!format!("{c:?}").contains("t0k"));
+        let c = load(
+            None,
+            &[("ALLOWED_ORIGINS", "https://a.example, https://c.example")],
+        )
+        .expect("loads")
+        .config;
+        assert_eq!(
+            c.sender.allowed_origins,
+            ["https://a.example", "https://c.example"]
+        );
+        assert!(error(Some("[Sender]\nAllowedOrigins = [1]\n"), &[]).contains("array of strings"));
+        assert!(error(None, &[("MAX_CLIENTS", "0")]).starts_with("MAX_CLIENTS"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`subscriber`]: one websocket: queue to socket, liveness, close.
 //! - [`server`]: HTTP routes and the accept loop.
 //! - [`shutdown`]: signal handling.
+//! - [`limits`]: the open-files limit.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`test_client`]: the end-to-end probe behind `vulcan-stream-test-client`.
 //!
@@ -22,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod hub;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod pg;
@@ -52,6 +54,13 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Runs the service until `shutdown` is cancelled, then closes every client (1001) and the
 /// database connection, waiting at most [`SHUTDOWN_GRACE`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    match limits::raise_open_files_limit() {
+        Ok((before, after)) if before != after => {
+            log::info!("open files limit raised from {before} to {after}")
+        }
+        Ok((_, after)) => log::info!("open files limit is {after}"),
+        Err(err) => log::warn!("cannot raise the open files limit: {err}"),
+    }
     let tls = pg::tls_connector(&config.receiver)?;
     let listener = server::bind(config.sender.port).await?;
     let local = listener.local_addr().map_err(|source| Error::Bind {

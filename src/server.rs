@@ -142,15 +142,18 @@ fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .and(warp::ext::optional::<PeerAddr>())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .map(
             move |path: FullPath,
                   method: Method,
                   headers: HeaderMap,
                   on_upgrade: Option<OnUpgrade>,
-                  peer: Option<PeerAddr>| {
+                  peer: Option<PeerAddr>,
+                  query: String| {
                 let request = RequestParts {
                     method,
                     headers,
+                    query,
                     on_upgrade,
                     peer: peer.map(|PeerAddr(addr)| addr),
                 };
@@ -163,6 +166,8 @@ fn routes(state: Arc<AppState>) -> BoxedFilter<(Response,)> {
 struct RequestParts {
     method: Method,
     headers: HeaderMap,
+    /// The raw query string; only `token` is read from it.
+    query: String,
     on_upgrade: Option<OnUpgrade>,
     peer: Option<SocketAddr>,
 }
@@ -281,6 +286,10 @@ fn upgrade(state: &Arc<AppState>, request: RequestParts) -> Response {
             );
         }
     };
+    if let Some(refusal) = admission(state, &request) {
+        state.metrics.clients_rejected.inc();
+        return refusal;
+    }
     let Some(on_upgrade) = request.on_upgrade else {
         state.metrics.clients_rejected.inc();
         return text(
@@ -339,6 +348,90 @@ fn upgrade(state: &Arc<AppState>, request: RequestParts) -> Response {
     response
 }
 
+/// Auth, origin and capacity checks; `Some` is the refusal to send.
+fn admission(state: &AppState, request: &RequestParts) -> Option<Response> {
+    let sender = &state.sender;
+    if let Some(expected) = &sender.stream_token {
+        let presented = bearer_token(&request.headers).or_else(|| query_token(&request.query));
+        let accepted = presented
+            .is_some_and(|token| constant_time_eq(token.as_bytes(), expected.0.as_bytes()));
+        if !accepted {
+            log::info!(
+                "upgrade from {} refused: missing or wrong token",
+                describe_peer(request.peer)
+            );
+            let mut response = text(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized: a valid token is required",
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return Some(response);
+        }
+    }
+    if !sender.allowed_origins.is_empty() {
+        if let Some(origin) = request.headers.get(header::ORIGIN) {
+            let allowed = origin.to_str().is_ok_and(|o| {
+                sender
+                    .allowed_origins
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(o))
+            });
+            if !allowed {
+                log::info!(
+                    "upgrade from {} refused: origin {:?} not allowed",
+                    describe_peer(request.peer),
+                    origin
+                );
+                return Some(text(StatusCode::FORBIDDEN, "forbidden: origin not allowed"));
+            }
+        }
+    }
+    if state.hub.client_count() >= sender.max_clients {
+        log::warn!(
+            "upgrade from {} refused: {} clients connected (MaxClients)",
+            describe_peer(request.peer),
+            sender.max_clients
+        );
+        return Some(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service unavailable: too many clients",
+        ));
+    }
+    None
+}
+
+fn describe_peer(peer: Option<SocketAddr>) -> String {
+    peer.map_or_else(|| "unknown peer".to_owned(), |p| p.to_string())
+}
+
+/// `Authorization: Bearer <token>`.
+fn bearer_token(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+/// `?token=<token>`, for browsers, which cannot set headers on a websocket.
+fn query_token(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "token")
+        .map(|(_, value)| value.into_owned())
+}
+
+/// Compares without an early exit, so that timing does not reveal how much of a guess matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let len = a.len().max(b.len());
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..len {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
 /// RFC 6455 asks for the base64 of 16 random bytes, but the original accepted any key, and its
 /// README's curl example sends the base64 of 13 (`Hello, world!`): accept any short base64.
 fn is_valid_key(key: &[u8]) -> bool {
@@ -355,4 +448,37 @@ fn websocket_config(sender: &SenderConfig) -> WebSocketConfig {
         .max_write_buffer_size(WRITE_BUFFER.max(sender.max_frame_size) * 4)
         .max_message_size(Some(sender.max_frame_size))
         .max_frame_size(Some(sender.max_frame_size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compares_tokens_exactly() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn finds_tokens_in_header_and_query() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer_token(&headers).as_deref(), Some("abc"));
+        assert_eq!(query_token("x=1&token=a%2Bb").as_deref(), Some("a+b"));
+        assert_eq!(query_token("x=1"), None);
+    }
+
+    #[test]
+    fn accepts_the_original_readme_key() {
+        assert!(is_valid_key(b"SGVsbG8sIHdvcmxkIQ=="));
+        assert!(is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_valid_key(b""));
+        assert!(!is_valid_key(b"not base64!"));
+    }
 }
