@@ -588,13 +588,23 @@ impl Server {
         path: &str,
         what: &str,
     ) -> Result<HttpResponse> {
-        let deadline = Instant::now() + TIMEOUT;
+        self.wait_http_within(TIMEOUT, pred, path, what).await
+    }
+
+    pub async fn wait_http_within(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&HttpResponse) -> bool,
+        path: &str,
+        what: &str,
+    ) -> Result<HttpResponse> {
+        let deadline = Instant::now() + timeout;
         loop {
             let last = http_get(self.port, path).await;
             match last {
                 Ok(resp) if pred(&resp) => return Ok(resp),
                 _ if Instant::now() > deadline => {
-                    bail!("no {what} within {TIMEOUT:?}; last answer: {last:?}")
+                    bail!("no {what} within {timeout:?}; last answer: {last:?}")
                 }
                 _ => tokio::time::sleep(PROBE_INTERVAL).await,
             }
@@ -740,27 +750,41 @@ pub async fn ws_connect(port: u16, path: &str) -> Result<Ws> {
     Ok(ws)
 }
 
-/// The next websocket message (websocket-level pings are answered by the library while reading).
-pub async fn next_message(ws: &mut Ws, timeout: Duration) -> Result<Message> {
-    match tokio::time::timeout(timeout, ws.next()).await {
-        Err(_) => bail!("no websocket message within {timeout:?}"),
-        Ok(None) => bail!("websocket closed without a close frame"),
-        Ok(Some(msg)) => Ok(msg.context("websocket read")?),
-    }
+/// Reads messages until `pick` returns a value; fails after `timeout` naming `what`, on a
+/// stream that ends, or when `pick` fails. Websocket-level pings are answered by the library
+/// while reading.
+async fn read_until<T>(
+    ws: &mut Ws,
+    timeout: Duration,
+    what: &str,
+    mut pick: impl FnMut(Message) -> Result<Option<T>>,
+) -> Result<T> {
+    let read = async {
+        loop {
+            let msg = ws
+                .next()
+                .await
+                .context("websocket closed without a close frame")?
+                .context("websocket read")?;
+            if let Some(value) = pick(msg)? {
+                return Ok(value);
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .with_context(|| format!("no {what} within {timeout:?}"))?
 }
 
 /// The next text frame, pings included.
 pub async fn next_text_within(ws: &mut Ws, timeout: Duration) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match next_message(ws, left).await? {
-            Message::Text(text) => return Ok(text.as_str().to_owned()),
-            Message::Ping(_) | Message::Pong(_) => {}
-            Message::Close(frame) => bail!("websocket closed: {frame:?}"),
-            other => bail!("unexpected websocket message: {other:?}"),
-        }
-    }
+    read_until(ws, timeout, "text frame", |msg| match msg {
+        Message::Text(text) => Ok(Some(text.as_str().to_owned())),
+        Message::Ping(_) | Message::Pong(_) => Ok(None),
+        Message::Close(frame) => bail!("websocket closed: {frame:?}"),
+        other => bail!("unexpected websocket message: {other:?}"),
+    })
+    .await
 }
 
 /// The next text frame that is not `{"action":"ping"}`.
@@ -769,28 +793,30 @@ pub async fn next_event(ws: &mut Ws) -> Result<String> {
 }
 
 pub async fn next_event_within(ws: &mut Ws, timeout: Duration) -> Result<String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let text = next_text_within(ws, left).await?;
-        if text != PING {
-            return Ok(text);
-        }
-    }
+    read_until(
+        ws,
+        timeout,
+        "text frame other than a ping",
+        |msg| match msg {
+            Message::Text(text) if text.as_str() == PING => Ok(None),
+            Message::Text(text) => Ok(Some(text.as_str().to_owned())),
+            Message::Ping(_) | Message::Pong(_) => Ok(None),
+            Message::Close(frame) => bail!("websocket closed: {frame:?}"),
+            other => bail!("unexpected websocket message: {other:?}"),
+        },
+    )
+    .await
 }
 
-/// Reads until a close frame arrives, skipping text pings; fails on any other frame.
+/// Reads until a close frame arrives, skipping pings; fails on any other frame.
 pub async fn next_close(ws: &mut Ws) -> Result<Option<CloseFrame>> {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match next_message(ws, left).await? {
-            Message::Close(frame) => return Ok(frame),
-            Message::Text(text) if text.as_str() == PING => {}
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => bail!("expected a close frame, got {other:?}"),
-        }
-    }
+    read_until(ws, TIMEOUT, "close frame", |msg| match msg {
+        Message::Close(frame) => Ok(Some(frame)),
+        Message::Text(text) if text.as_str() == PING => Ok(None),
+        Message::Ping(_) | Message::Pong(_) => Ok(None),
+        other => bail!("expected a close frame, got {other:?}"),
+    })
+    .await
 }
 
 /// Sends a text frame from the client.

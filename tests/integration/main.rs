@@ -13,4 +13,5 @@ mod http;
 mod image_contract;
 mod lifecycle;
 mod payloads;
+mod resilience;
 mod test_client;
