@@ -150,8 +150,11 @@ impl Receiver {
 
     fn target(&self) -> String {
         format!(
-            "PostgreSQL {}:{}/{} (sslmode {:?})",
-            self.config.host, self.config.port, self.config.dbname, self.config.sslmode
+            "PostgreSQL {}:{}/{} (sslmode {})",
+            self.config.host,
+            self.config.port,
+            self.config.dbname,
+            self.config.sslmode.as_str()
         )
     }
 
