@@ -1,0 +1,294 @@
+//! The LISTEN connection: connect, `LISTEN "<channel>"`, turn notifications into broadcasts,
+//! notice a lost connection, reconnect with capped jittered backoff.
+//!
+//! tokio-postgres delivers notifications only through `Connection::poll_message`, so this task
+//! drives the connection itself instead of spawning it. A loss is noticed by the connection
+//! ending or erroring, by TCP keepalive (see [`crate::pg`]), and by a health query every
+//! `HealthCheckInterval` that must answer within `HealthCheckTimeout`. Notifications sent while no
+//! connection is listening are lost: PostgreSQL queues them only for sessions that LISTEN.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use postgres_native_tls::MakeTlsConnector;
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ReceiverConfig;
+use crate::event::{self, frame_from_payload};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::pg::{self, PgConnection};
+
+/// The listener's state as `/status` and `/ready` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerState {
+    Connecting,
+    Listening,
+}
+
+impl ListenerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenerState::Connecting => "connecting",
+            ListenerState::Listening => "listening",
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter: the n-th wait is uniform in [d/2, d] where
+/// d = min(cap, base × 2ⁿ), so that replicas restarting together do not retry in lockstep.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        let ceiling = self.base.saturating_mul(factor).min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let floor = ceiling / 2;
+        rand::rng().random_range(floor..=ceiling)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Owns the LISTEN connection for the life of the service.
+pub struct Receiver {
+    pub config: ReceiverConfig,
+    pub tls: MakeTlsConnector,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub state: watch::Sender<ListenerState>,
+    pub shutdown: CancellationToken,
+}
+
+/// Why a session with the database ended.
+enum SessionEnd {
+    Shutdown,
+    /// Never reached LISTEN.
+    ConnectFailed(String),
+    /// Was listening, then lost it.
+    Lost(String),
+}
+
+impl Receiver {
+    pub async fn run(self) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        // The cause last logged at WARN: a repeat of it is logged at DEBUG only.
+        let mut last_cause: Option<String> = None;
+        let mut attempts: u64 = 0;
+        let mut listened_before = false;
+        loop {
+            attempts += 1;
+            let end = self
+                .session(
+                    &mut backoff,
+                    &mut listened_before,
+                    &mut last_cause,
+                    attempts,
+                )
+                .await;
+            self.set_state(ListenerState::Connecting);
+            let cause = match end {
+                SessionEnd::Shutdown => {
+                    log::info!("listener stopped");
+                    return;
+                }
+                SessionEnd::Lost(cause) => {
+                    log::warn!(
+                        "LISTEN connection to {} lost: {cause}; reconnecting",
+                        self.target()
+                    );
+                    attempts = 0;
+                    last_cause = Some(cause);
+                    None
+                }
+                SessionEnd::ConnectFailed(cause) => Some(cause),
+            };
+            let delay = backoff.next_delay();
+            if let Some(cause) = cause {
+                if last_cause.as_deref() == Some(cause.as_str()) {
+                    log::debug!(
+                        "cannot connect to {} (attempt {attempts}): {cause}; retrying in {delay:.1?}",
+                        self.target()
+                    );
+                } else {
+                    log::warn!(
+                        "cannot connect to {}: {cause}; retrying with backoff (next in {delay:.1?})",
+                        self.target()
+                    );
+                    last_cause = Some(cause);
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    log::info!("listener stopped");
+                    return;
+                }
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn target(&self) -> String {
+        format!(
+            "PostgreSQL {}:{}/{} (sslmode {})",
+            self.config.host,
+            self.config.port,
+            self.config.dbname,
+            self.config.sslmode.as_str()
+        )
+    }
+
+    fn set_state(&self, state: ListenerState) {
+        self.metrics
+            .listener_up
+            .set(i64::from(state == ListenerState::Listening));
+        self.state.send_replace(state);
+    }
+
+    async fn session(
+        &self,
+        backoff: &mut Backoff,
+        listened_before: &mut bool,
+        last_cause: &mut Option<String>,
+        attempts: u64,
+    ) -> SessionEnd {
+        let connect = pg::connect(&self.config, &self.tls, "vulcan-stream");
+        let (client, connection) = tokio::select! {
+            _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+            result = connect => match result {
+                Ok(pair) => pair,
+                Err(err) => return SessionEnd::ConnectFailed(pg::describe_error(&err)),
+            },
+        };
+        let mut connection = std::pin::pin!(self.forward_notifications(connection));
+        let listen = format!("LISTEN {}", pg::quote_ident(&self.config.channel));
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+            ended = &mut connection => return SessionEnd::ConnectFailed(ended),
+            result = client.batch_execute(&listen) => if let Err(err) = result {
+                return SessionEnd::ConnectFailed(pg::describe_error(&err));
+            },
+        }
+        self.set_state(ListenerState::Listening);
+        backoff.reset();
+        *last_cause = None;
+        if *listened_before {
+            self.metrics.listener_reconnects.inc();
+            log::info!(
+                "LISTEN {:?} active again on {} after {attempts} attempt(s)",
+                self.config.channel,
+                self.target()
+            );
+        } else {
+            log::info!(
+                "LISTEN {:?} active on {}",
+                self.config.channel,
+                self.target()
+            );
+        }
+        *listened_before = true;
+        let health_timeout = self.config.health_timeout;
+        let mut health = tokio::time::interval(self.config.health_interval);
+        health.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                ended = &mut connection => return SessionEnd::Lost(ended),
+                _ = health.tick() => {
+                    let check = tokio::time::timeout(health_timeout, client.simple_query(""));
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                        ended = &mut connection => return SessionEnd::Lost(ended),
+                        result = check => match result {
+                            Ok(Ok(_)) => log::debug!("listener health check passed"),
+                            Ok(Err(err)) => return SessionEnd::Lost(pg::describe_error(&err)),
+                            Err(_) => return SessionEnd::Lost(format!(
+                                "health query unanswered after {health_timeout:?}"
+                            )),
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drives the connection until it ends, broadcasting each notification on our channel.
+    /// Returns why it ended.
+    async fn forward_notifications(&self, mut connection: PgConnection) -> String {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) if n.channel() == self.config.channel => {
+                    self.on_payload(n.payload());
+                }
+                Ok(AsyncMessage::Notice(notice)) => {
+                    log::info!("PostgreSQL notice: {}", notice.message());
+                }
+                Ok(_) => {}
+                Err(err) => return pg::describe_error(&err),
+            }
+        }
+        "connection closed by the server".to_owned()
+    }
+
+    fn on_payload(&self, payload: &str) {
+        self.metrics.notifications_received.inc();
+        match frame_from_payload(payload) {
+            Ok(frame) => {
+                let clients = self.hub.publish(&frame);
+                self.metrics.notifications_forwarded.inc();
+                log::debug!(
+                    "notification forwarded to {clients} clients: {}",
+                    event::preview(payload)
+                );
+            }
+            Err(rejected) => {
+                self.metrics.notifications_invalid.inc();
+                log::warn!(
+                    "notification on {:?} dropped ({rejected}): {:?}",
+                    self.config.channel,
+                    event::preview(payload)
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..40 {
+            assert!(b.next_delay() <= Duration::from_secs(2));
+        }
+        let late = b.next_delay();
+        assert!(late >= Duration::from_secs(1), "{late:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}
