@@ -9,6 +9,7 @@ mod config_errors;
 mod config_file;
 mod delivery;
 mod harness_selftest;
+mod hostile;
 mod http;
 mod image_contract;
 mod lifecycle;
