@@ -1379,25 +1379,39 @@ pub fn ensure_open_files(wanted: u64) -> Result<()> {
     Ok(())
 }
 
-/// TCP connections in state ESTABLISHED whose local port is `port` (the server's side of its
-/// connections, counted from /proc/net/tcp and tcp6). Includes connections the kernel has
-/// completed but the server has not accepted yet.
-pub fn established_on_port(port: u16) -> Result<usize> {
-    let mut count = 0;
+/// TCP sockets on local port `port` (from /proc/net/tcp and tcp6) in state `state` (kernel
+/// code: 01 ESTABLISHED, 0A LISTEN), each with its receive queue (for a listener: connections
+/// waiting to be accepted).
+fn sockets_on_port(port: u16, state: &str) -> Result<Vec<u64>> {
+    let mut found = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(table).with_context(|| format!("read {table}"))?;
-        count += text
-            .lines()
-            .skip(1)
-            .filter(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let local_port = fields
-                    .get(1)
-                    .and_then(|addr| addr.rsplit(':').next())
-                    .and_then(|hex| u16::from_str_radix(hex, 16).ok());
-                local_port == Some(port) && fields.get(3) == Some(&"01")
-            })
-            .count();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields
+                .get(1)
+                .and_then(|addr| addr.rsplit(':').next())
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            if local_port == Some(port) && fields.get(3) == Some(&state) {
+                let rx_queue = fields
+                    .get(4)
+                    .and_then(|queues| queues.split(':').nth(1))
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                    .unwrap_or(0);
+                found.push(rx_queue);
+            }
+        }
     }
-    Ok(count)
+    Ok(found)
+}
+
+/// TCP connections in state ESTABLISHED whose local port is `port`: the server's side of its
+/// connections, including those the kernel completed but the server has not accepted yet.
+pub fn established_on_port(port: u16) -> Result<usize> {
+    Ok(sockets_on_port(port, "01")?.len())
+}
+
+/// Connections waiting in the accept queue of the listener on `port`.
+pub fn accept_queue_on_port(port: u16) -> Result<u64> {
+    Ok(sockets_on_port(port, "0A")?.iter().sum())
 }

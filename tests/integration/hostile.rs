@@ -7,16 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{
-    OP_TEXT, PING, PgCluster, RawWs, Server, ServerOpts, TIMEOUT, Ws, client_frame,
-    client_frame_head, ensure_open_files, established_on_port, http_request, next_event,
-    next_event_within, read_until_closed, upgrade_request,
+    OP_TEXT, PING, PgCluster, RawWs, Server, ServerOpts, TIMEOUT, Ws, accept_queue_on_port,
+    client_frame, client_frame_head, ensure_open_files, established_on_port, http_request,
+    next_event, next_event_within, read_until_closed, upgrade_request,
 };
 
 /// The server still works: `/status` answers, a new client connects, and it and `ws` (a client
@@ -124,7 +124,7 @@ async fn a_40_kb_header_gets_431() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn frame_flood_does_not_stop_others_from_receiving() -> Result<()> {
     /// At least this much is flooded while notifications are being checked.
-    const FLOOD_BYTES: u64 = 32 << 20;
+    const FLOOD_BYTES: u64 = 16 << 20;
     let pg = PgCluster::shared().await;
     let channel = "hostile-flood";
     let (server, mut ws) = server_and_client(ServerOpts::with_db(pg, channel)).await?;
@@ -313,13 +313,18 @@ async fn while_reading<T>(ws: &mut Ws, work: impl std::future::Future<Output = T
     }
 }
 
-/// 2,000 TCP connections opened at once that never send a byte: a client connected throughout
+/// 2,000 TCP connections opened as fast as the listen backlog allows that never send a byte: a client connected throughout
 /// keeps receiving, new clients are served, and the server lets go of every idle connection
 /// at the handshake timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
     const IDLE: usize = 2000;
-    const HANDSHAKE_TIMEOUT: u64 = 3;
+    const HANDSHAKE_TIMEOUT: u64 = 5;
+    /// Connection attempts in flight at once. More than the listen backlog (128, the tokio
+    /// default) would overflow it: the kernel then answers with SYN cookies, and an idle client
+    /// whose final ACK found the accept queue full believes it is connected while the server
+    /// never hears of it. Real clients send their request at once, which repairs that.
+    const IN_FLIGHT: usize = 64;
     ensure_open_files(IDLE as u64 + 1024)?;
     let pg = PgCluster::shared().await;
     let channel = "hostile-idle";
@@ -331,8 +336,25 @@ async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
 
     let started = Instant::now();
     let opening = tokio::spawn(async move {
-        let connects = (0..IDLE).map(|_| TcpStream::connect(("127.0.0.1", port)));
-        futures::future::try_join_all(connects).await
+        let idle: Vec<TcpStream> = futures::stream::iter(0..IDLE)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)))
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect()
+            .await?;
+        // Every one of them reaches the server: established, and none left in the queue.
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let (established, queued) = (established_on_port(port)?, accept_queue_on_port(port)?);
+            if established >= IDLE && queued == 0 {
+                return anyhow::Ok(idle);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{established} of {IDLE} connections established on the server side, {queued} \
+                 not accepted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     });
     // Delivery goes on while the connections pile in.
     let db = pg.client().await?;
@@ -349,12 +371,9 @@ async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
     let held = established_on_port(port)?;
     assert_still_serving(&server, pg, channel, &mut ws).await?;
     let (rss_during, _) = server.memory_kib()?;
-    // More connections than the listen backlog arrive at once: the kernel completes some with
-    // SYN cookies, and an idle client whose final ACK found the accept queue full believes it
-    // is connected while the server never hears of it. The server's side is what counts.
     ensure!(
-        held >= IDLE / 2,
-        "only {held} of {IDLE} connections reached the server"
+        held >= IDLE,
+        "{held} connections established on the server's port, {IDLE} idle ones expected"
     );
 
     // The server lets go of all of them: only the websocket client stays established.
