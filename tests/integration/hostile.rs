@@ -318,13 +318,14 @@ async fn while_reading<T>(ws: &mut Ws, work: impl std::future::Future<Output = T
     }
 }
 
-/// 2,000 TCP connections opened as fast as the listen backlog allows that never send a byte: a client connected throughout
-/// keeps receiving, new clients are served, and the server lets go of every idle connection
-/// at the handshake timeout.
+/// 2,000 TCP connections that never send a byte, opened as fast as the listen backlog allows:
+/// a client connected throughout keeps receiving, new clients are served, and the server lets
+/// go of every idle connection at the handshake timeout (the default, 10 s: opening them can
+/// take seconds on a loaded machine, and all of them must be open at the same time).
 #[tokio::test(flavor = "multi_thread")]
 async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
     const IDLE: usize = 2000;
-    const HANDSHAKE_TIMEOUT: u64 = 5;
+    const HANDSHAKE_TIMEOUT: u64 = 10;
     /// Connection attempts in flight at once. More than the listen backlog (128, the tokio
     /// default) would overflow it: the kernel then answers with SYN cookies, and an idle client
     /// whose final ACK found the accept queue full believes it is connected while the server
@@ -333,9 +334,7 @@ async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
     ensure_open_files(IDLE as u64 + 1024)?;
     let pg = PgCluster::shared().await;
     let channel = "hostile-idle";
-    let opts =
-        ServerOpts::with_db(pg, channel).env("HANDSHAKE_TIMEOUT", HANDSHAKE_TIMEOUT.to_string());
-    let (server, mut ws) = server_and_client(opts).await?;
+    let (server, mut ws) = server_and_client(ServerOpts::with_db(pg, channel)).await?;
     let (rss_before, _) = server.memory_kib()?;
     let port = server.port();
 
@@ -351,7 +350,7 @@ async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
         loop {
             let (established, queued) = (established_on_port(port)?, accept_queue_on_port(port)?);
             if established >= IDLE && queued == 0 {
-                return anyhow::Ok(idle);
+                return anyhow::Ok((idle, established));
             }
             ensure!(
                 Instant::now() < deadline,
@@ -371,19 +370,14 @@ async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
             payload
         );
     }
-    let idle = opening.await?.context("open the idle connections")?;
+    let (idle, held) = opening.await?.context("open the idle connections")?;
     let opened = started.elapsed();
-    let held = established_on_port(port)?;
-    assert_still_serving(&server, pg, channel, &mut ws).await?;
     let (rss_during, _) = server.memory_kib()?;
-    ensure!(
-        held >= IDLE,
-        "{held} connections established on the server's port, {IDLE} idle ones expected"
-    );
+    assert_still_serving(&server, pg, channel, &mut ws).await?;
 
     // The server lets go of all of them: only the websocket client stays established.
     let released = while_reading(&mut ws, async {
-        let deadline = started + Duration::from_secs(HANDSHAKE_TIMEOUT + 7);
+        let deadline = Instant::now() + Duration::from_secs(HANDSHAKE_TIMEOUT + 5);
         loop {
             let left = established_on_port(port)?;
             if left <= 1 {
@@ -399,8 +393,8 @@ async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
     })
     .await??;
     eprintln!(
-        "{IDLE} idle connections opened in {opened:?}, {held} held by the server; RSS \
-         {rss_before} -> {rss_during} KiB; all released {released:?} after opening"
+        "{IDLE} idle connections opened in {opened:?}, {held} held by the server at once; RSS \
+         {rss_before} -> {rss_during} KiB; all released {released:?} after the first connect"
     );
     drop(idle);
     assert_still_serving(&server, pg, channel, &mut ws).await
