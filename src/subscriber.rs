@@ -26,8 +26,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// (part of the task, no allocation) keeps an idle connection cheap.
 const READ_CHUNK: usize = 512;
 
-/// A websocket Ping with no payload.
-const PING: &[u8] = b"\x89\x00";
+/// A websocket Ping. It carries a payload so that no NUL byte goes out: a plain `curl` on the
+/// stream (the README's example) stops at the first NUL it would print to a terminal.
+const PING: &[u8] = b"\x89\x04ping";
 
 /// Liveness and limit settings shared by every client.
 #[derive(Debug, Clone, Copy)]
