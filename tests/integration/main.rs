@@ -11,6 +11,7 @@ mod delivery;
 mod harness_selftest;
 mod http;
 mod image_contract;
+mod kubernetes;
 mod lifecycle;
 mod payloads;
 mod resilience;
