@@ -64,14 +64,18 @@ enum End {
 }
 
 impl Subscriber {
-    pub async fn run(self) {
+    pub async fn run(mut self) {
         let id = self.registration.id;
         let peer = self.peer;
         let client = self.registration.client.clone();
         client.out.attach(self.stream.clone());
         log::debug!("client {id} ({peer}): connected");
         let mut reader = FrameReader::new(self.liveness.max_message);
-        let end = match self.absorb(&mut reader, &self.leftover.clone()) {
+        // The leftover may share hyper's whole request buffer: release it before serving.
+        let leftover = std::mem::take(&mut self.leftover);
+        let early_end = self.absorb(&mut reader, &leftover);
+        drop(leftover);
+        let end = match early_end {
             Some(end) => end,
             None => self.serve(&mut reader).await,
         };
