@@ -15,3 +15,4 @@ mod lifecycle;
 mod payloads;
 mod resilience;
 mod test_client;
+mod tls;
