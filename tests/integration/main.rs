@@ -12,6 +12,7 @@ mod harness_selftest;
 mod http;
 mod image_contract;
 mod lifecycle;
+mod operations;
 mod payloads;
 mod resilience;
 mod test_client;
