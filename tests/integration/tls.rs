@@ -220,13 +220,16 @@ async fn db_example_db() -> &'static PgCluster {
 }
 
 /// A server on `pg` with `PG_HOST=host`, `PG_SSLMODE=mode`, the password marker, and debug logs
-/// (the receiver logs each retry at debug). Waits for readiness only when `ready`.
+/// (the receiver logs each retry at debug).
 fn tls_opts(pg: &PgCluster, channel: &str, host: &str, mode: &str) -> ServerOpts {
     ServerOpts::with_db(pg, channel)
         .env("PG_HOST", host)
         .env("PG_SSLMODE", mode)
         .env("PG_PASSWORD", PASSWORD_MARKER)
         .env("LOG_LEVEL", "debug")
+        // The health query would replace `LISTEN "<channel>"` as the backend's last query,
+        // which is how [`listener_ssl`] finds it.
+        .env("PG_HEALTH_INTERVAL", 3600)
 }
 
 /// Whether the backend LISTENing on `channel` for application `vulcan-stream` uses TLS, and its
