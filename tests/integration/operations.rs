@@ -151,11 +151,6 @@ async fn metrics_count_a_known_sequence_exactly() -> Result<()> {
         }
     };
 
-    let content_type = resp.header("content-type").unwrap_or_default();
-    assert!(
-        content_type.starts_with("text/plain") && content_type.contains("version=0.0.4"),
-        "content type {content_type:?} is not the Prometheus text format"
-    );
     let text = resp.text();
     assert!(
         text.lines()
@@ -163,18 +158,127 @@ async fn metrics_count_a_known_sequence_exactly() -> Result<()> {
                 && l.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))),
         "build_info without the version label:\n{text}"
     );
-    // Every sample line is `name[{labels}] value`.
-    for line in text
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let value = line.rsplit(' ').next().unwrap_or_default();
-        assert!(
-            line.starts_with("vulcan_stream_") && value.parse::<f64>().is_ok(),
-            "not a sample line: {line:?}"
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_in_the_format_their_content_type_declares() -> Result<()> {
+    let pg = PgCluster::shared().await;
+    let server = Server::spawn(ServerOpts::with_db(pg, "ops-metrics-format")).await?;
+    let resp = http_get(server.port(), "/metrics").await?;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    // Prometheus text (0.0.4) or OpenMetrics, as long as the body is what the header says.
+    let content_type = resp.header("content-type").unwrap_or_default();
+    let text = resp.text();
+    if let Err(problems) = check_exposition(content_type, &text) {
+        panic!(
+            "/metrics is not what its content type {content_type:?} promises, so Prometheus \
+             (which picks its parser by content type) cannot scrape it:\n{}\n--- body ---\n{text}",
+            problems.join("\n")
         );
     }
     Ok(())
+}
+
+/// Checks `text` against the exposition format that `content_type` declares, as Prometheus reads
+/// it: `text/plain; version=0.0.4` (Prometheus text) or `application/openmetrics-text`
+/// (OpenMetrics 1.0). Returns every problem found.
+fn check_exposition(content_type: &str, text: &str) -> Result<(), Vec<String>> {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let openmetrics = match media.as_str() {
+        "text/plain" => false,
+        "application/openmetrics-text" => true,
+        _ => {
+            return Err(vec![format!(
+                "{content_type:?} is not a Prometheus exposition format"
+            )]);
+        }
+    };
+    let types: &[&str] = if openmetrics {
+        &[
+            "counter",
+            "gauge",
+            "histogram",
+            "gaugehistogram",
+            "summary",
+            "info",
+            "stateset",
+            "unknown",
+        ]
+    } else {
+        &["counter", "gauge", "histogram", "summary", "untyped"]
+    };
+    let mut problems = Vec::new();
+    let mut families: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (family, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            if !types.contains(&kind) {
+                problems.push(format!(
+                    "invalid metric type {kind:?} for {family} ({line:?})"
+                ));
+            }
+            families.push((family.to_owned(), kind.to_owned()));
+        } else if line.is_empty() || line.starts_with('#') {
+            continue;
+        } else {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            // The sample names each family type allows.
+            let belongs = families.iter().any(|(family, kind)| {
+                let suffixes: &[&str] = match (openmetrics, kind.as_str()) {
+                    (false, "histogram") => &["_bucket", "_sum", "_count"],
+                    (false, "summary") => &["", "_sum", "_count"],
+                    (false, _) => &[""],
+                    (true, "counter") => &["_total", "_created"],
+                    (true, "info") => &["_info"],
+                    (true, "histogram" | "gaugehistogram") => {
+                        &["_bucket", "_sum", "_count", "_gsum", "_gcount", "_created"]
+                    }
+                    (true, "summary") => &["", "_sum", "_count", "_created"],
+                    (true, _) => &[""],
+                };
+                suffixes
+                    .iter()
+                    .any(|suffix| name == format!("{family}{suffix}"))
+            });
+            if !belongs {
+                problems.push(format!(
+                    "sample {name} has no matching # TYPE line ({line:?})"
+                ));
+            }
+        }
+    }
+    if openmetrics && text.lines().last() != Some("# EOF") {
+        problems.push("OpenMetrics text must end with `# EOF`".to_owned());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+#[test]
+fn check_exposition_knows_both_formats() {
+    let prometheus = "# HELP a_total A.\n# TYPE a_total counter\na_total 1\n\
+                      # TYPE g gauge\ng 2\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\n\
+                      h_count 1\n";
+    let openmetrics = "# TYPE a counter\na_total 1\n# TYPE b info\nb_info{version=\"1\"} 1\n\
+                       # TYPE g gauge\ng 2\n# EOF\n";
+    let text_plain = "text/plain; version=0.0.4; charset=utf-8";
+    let om = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    assert_eq!(check_exposition(text_plain, prometheus), Ok(()));
+    assert_eq!(check_exposition(om, openmetrics), Ok(()));
+    // OpenMetrics served as Prometheus text: `info` is no type there, `a_total` is not `a`.
+    let problems = check_exposition(text_plain, openmetrics).unwrap_err();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(check_exposition(om, prometheus).is_err());
+    assert!(check_exposition("application/json", prometheus).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
