@@ -5,11 +5,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{
-    HttpResponse, PgCluster, Server, ServerOpts, TIMEOUT, Ws, http_get, http_request, metric_value,
-    next_event, next_event_within, notify, raise_own_open_files_limit, ws_connect, ws_connect_with,
+    HttpResponse, PgCluster, Server, ServerOpts, TIMEOUT, Ws, free_port, http_get, http_request,
+    metric_value, next_event, next_event_within, notify, raise_own_open_files_limit, ws_connect,
+    ws_connect_with,
 };
 
 const UPGRADE_HEADERS: [(&str, &str); 4] = [
@@ -48,12 +50,28 @@ async fn all_receive(clients: &mut [Ws], payload: &str) -> Result<()> {
 /// The first connection after start may take a few backoff rounds.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Forwards every connection accepted on `listener` to 127.0.0.1:`target`: a database that
+/// appears on `listener`'s port when the test says so.
+async fn forward(listener: TcpListener, target: u16) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ready_turns_200_when_the_database_comes_up_and_status_stays_200() -> Result<()> {
-    let pg = PgCluster::private().await?;
-    pg.stop().await?;
+    let pg = PgCluster::shared().await;
     let channel = "ops-late-db";
-    let server = Server::spawn(ServerOpts::with_db(&pg, channel).no_wait_ready()).await?;
+    // Nothing listens on `port` yet: the database is unreachable.
+    let port = free_port();
+    let opts = ServerOpts::with_db(pg, channel)
+        .env("PG_PORT", port)
+        .no_wait_ready();
+    let server = Server::spawn(opts).await?;
     let ready = http_get(server.port(), "/ready").await?;
     assert_eq!(
         ready.status, 503,
@@ -62,7 +80,10 @@ async fn ready_turns_200_when_the_database_comes_up_and_status_stays_200() -> Re
     assert_eq!(server.status().await?["listener"], "connecting");
     assert_eq!(server.metric("vulcan_stream_listener_up").await?, 0.0);
 
-    pg.start().await?;
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("bind 127.0.0.1:{port} for the database"))?;
+    let _database = tokio::spawn(forward(listener, pg.port()));
     // Until the listener is up, /status (liveness) answers 200 on every probe.
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     loop {
@@ -75,7 +96,7 @@ async fn ready_turns_200_when_the_database_comes_up_and_status_stays_200() -> Re
         assert_eq!(ready.status, 503, "/ready: {ready:?}");
         ensure!(
             Instant::now() < deadline,
-            "/ready still {} {CONNECT_TIMEOUT:?} after the database started",
+            "/ready still {} {CONNECT_TIMEOUT:?} after the database appeared",
             ready.status
         );
         tokio::time::sleep(Duration::from_millis(25)).await;

@@ -178,45 +178,67 @@ fn b64(pem: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(pem)
 }
 
-/// The TLS cluster serving the `localhost` certificate; role [`PW_USER`] must give a password.
-async fn localhost_db() -> &'static PgCluster {
-    static DB: OnceCell<PgCluster> = OnceCell::const_new();
-    DB.get_or_init(|| async {
-        let pki = pki();
-        let pg = PgCluster::private_tls(&PgTlsOpts {
-            cert_pem: pki.localhost_cert.clone(),
-            key_pem: pki.localhost_key.clone(),
-            hba_first: vec![format!("host all {PW_USER} 127.0.0.1/32 scram-sha-256")],
-        })
-        .await
-        .expect("start the TLS cluster (localhost certificate)");
-        pg.connect("postgres")
-            .await
-            .expect("connect to the TLS cluster")
-            .batch_execute(&format!(
-                "CREATE ROLE {PW_USER} LOGIN PASSWORD '{PW_RIGHT}'"
-            ))
-            .await
-            .expect("create the password role");
-        pg
-    })
-    .await
+/// The two TLS clusters, started together on first use (initdb dominates the cost).
+struct TlsClusters {
+    /// Serves the `localhost` certificate; role [`PW_USER`] must give a password.
+    localhost: PgCluster,
+    /// Serves the `db.example` certificate.
+    db_example: PgCluster,
 }
 
-/// The TLS cluster serving the `db.example` certificate.
-async fn db_example_db() -> &'static PgCluster {
-    static DB: OnceCell<PgCluster> = OnceCell::const_new();
-    DB.get_or_init(|| async {
-        let pki = pki();
-        PgCluster::private_tls(&PgTlsOpts {
-            cert_pem: pki.db_example_cert.clone(),
-            key_pem: pki.db_example_key.clone(),
-            hba_first: Vec::new(),
-        })
-        .await
-        .expect("start the TLS cluster (db.example certificate)")
+async fn start_localhost_cluster() -> Result<PgCluster> {
+    let pki = pki();
+    let pg = PgCluster::private_tls(&PgTlsOpts {
+        cert_pem: pki.localhost_cert.clone(),
+        key_pem: pki.localhost_key.clone(),
+        hba_first: vec![format!("host all {PW_USER} 127.0.0.1/32 scram-sha-256")],
     })
     .await
+    .context("start the TLS cluster (localhost certificate)")?;
+    pg.connect("postgres")
+        .await?
+        .batch_execute(&format!(
+            "CREATE ROLE {PW_USER} LOGIN PASSWORD '{PW_RIGHT}'"
+        ))
+        .await
+        .context("create the password role")?;
+    Ok(pg)
+}
+
+async fn start_db_example_cluster() -> Result<PgCluster> {
+    let pki = pki();
+    PgCluster::private_tls(&PgTlsOpts {
+        cert_pem: pki.db_example_cert.clone(),
+        key_pem: pki.db_example_key.clone(),
+        hba_first: Vec::new(),
+    })
+    .await
+    .context("start the TLS cluster (db.example certificate)")
+}
+
+async fn tls_clusters() -> &'static TlsClusters {
+    static CLUSTERS: OnceCell<TlsClusters> = OnceCell::const_new();
+    CLUSTERS
+        .get_or_init(|| async {
+            // Separate tasks: initdb blocks its thread.
+            pki();
+            let localhost = tokio::spawn(start_localhost_cluster());
+            let db_example = tokio::spawn(start_db_example_cluster());
+            let (localhost, db_example) = (localhost.await, db_example.await);
+            TlsClusters {
+                localhost: localhost.expect("task").expect("TLS cluster"),
+                db_example: db_example.expect("task").expect("TLS cluster"),
+            }
+        })
+        .await
+}
+
+async fn localhost_db() -> &'static PgCluster {
+    &tls_clusters().await.localhost
+}
+
+async fn db_example_db() -> &'static PgCluster {
+    &tls_clusters().await.db_example
 }
 
 /// A server on `pg` with `PG_HOST=host`, `PG_SSLMODE=mode`, the password marker, and debug logs
