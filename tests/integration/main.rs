@@ -13,6 +13,8 @@ mod http;
 mod image_contract;
 mod kubernetes;
 mod lifecycle;
+mod operations;
 mod payloads;
 mod resilience;
 mod test_client;
+mod tls;
