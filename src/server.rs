@@ -218,7 +218,8 @@ fn metrics(state: &AppState) -> Response {
     let mut response = Response::new(state.metrics.render().into());
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        // prometheus-client writes OpenMetrics, which Prometheus scrapes when told so.
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
 }
