@@ -419,6 +419,74 @@ impl PgCluster {
     }
 }
 
+/// Settings and files of a cluster that speaks TLS (see [`PgCluster::private_tls`]).
+#[derive(Clone, Debug, Default)]
+pub struct PgTlsOpts {
+    /// The server certificate (PEM), installed as `ssl_cert_file`.
+    pub cert_pem: String,
+    /// Its private key (PEM), installed as `ssl_key_file` (mode 0600, owned by the server user).
+    pub key_pem: String,
+    /// `pg_hba.conf` lines placed before initdb's rules (which trust every local TCP client,
+    /// with or without TLS), e.g. `host all alice 127.0.0.1/32 scram-sha-256`.
+    pub hba_first: Vec<String>,
+}
+
+impl PgCluster {
+    /// A cluster of its own with `ssl = on`, listening on 127.0.0.1 only. Plain TCP stays
+    /// allowed (initdb's `host all all 127.0.0.1/32 trust` rule matches both), so one cluster
+    /// serves every sslmode; [`PgCluster::connect`] keeps working without TLS.
+    pub async fn private_tls(opts: &PgTlsOpts) -> Result<PgCluster> {
+        let cluster = PgCluster::private().await?;
+        cluster.stop().await?;
+        let data = cluster.dir.path().join("data");
+        for (name, content) in [
+            ("server.crt", &opts.cert_pem),
+            ("server.key", &opts.key_pem),
+        ] {
+            let path = data.join(name);
+            std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("chmod 0600 {}", path.display()))?;
+            if running_as_root() {
+                let status = Command::new("chown")
+                    .arg("postgres:")
+                    .arg(&path)
+                    .status()
+                    .context("chown TLS file")?;
+                ensure!(
+                    status.success(),
+                    "chown postgres: {}: {status}",
+                    path.display()
+                );
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut file = File::options()
+            .append(true)
+            .open(&conf)
+            .with_context(|| format!("open {}", conf.display()))?;
+        file.write_all(
+            b"\n# vulcan-stream tests: TLS\n\
+              ssl = on\n\
+              ssl_cert_file = 'server.crt'\n\
+              ssl_key_file = 'server.key'\n\
+              listen_addresses = '127.0.0.1'\n",
+        )
+        .context("append TLS settings to postgresql.conf")?;
+        if !opts.hba_first.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let old = std::fs::read_to_string(&hba).context("read pg_hba.conf")?;
+            let mut new = opts.hba_first.join("\n");
+            new.push('\n');
+            new.push_str(&old);
+            // Rewritten in place: owner and mode stay.
+            std::fs::write(&hba, new).context("write pg_hba.conf")?;
+        }
+        cluster.start().await?;
+        Ok(cluster)
+    }
+}
+
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let taken = self.proc.get_mut().map(Option::take).unwrap_or(None);
@@ -465,6 +533,9 @@ pub struct ServerOpts {
     pub args: Vec<String>,
     /// Wait for `/ready` = 200 before returning.
     pub wait_ready: bool,
+    /// The open-files soft limit the process starts with (`RLIMIT_NOFILE`, hard limit kept);
+    /// `None` inherits the test process's.
+    pub open_files_soft: Option<u64>,
 }
 
 impl ServerOpts {
@@ -475,6 +546,7 @@ impl ServerOpts {
             config: None,
             args: Vec::new(),
             wait_ready: true,
+            open_files_soft: None,
         }
         .env("PORT", "0")
         .env("LOG_LEVEL", "info")
@@ -504,6 +576,12 @@ impl ServerOpts {
 
     pub fn no_wait_ready(mut self) -> Self {
         self.wait_ready = false;
+        self
+    }
+
+    /// Starts the server with this open-files soft limit (e.g. the usual default, 1024).
+    pub fn open_files_soft_limit(mut self, soft: u64) -> Self {
+        self.open_files_soft = Some(soft);
         self
     }
 }
@@ -542,6 +620,9 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some(soft) = opts.open_files_soft {
+            set_open_files_soft_limit(&mut cmd, soft);
+        }
         let mut child = cmd.spawn().context("spawn vulcan-stream")?;
         let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, rx) = watch::channel(Log::default());
@@ -791,6 +872,57 @@ impl Drop for Server {
     }
 }
 
+/// Makes `cmd`'s process start with an open-files soft limit of `soft` (its hard limit
+/// unchanged; `soft` is capped at it).
+fn set_open_files_soft_limit(cmd: &mut Command, soft: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and calls only getrlimit and
+    // setrlimit, which are async-signal-safe; it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit.rlim_cur = soft.min(limit.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Raises this process's open-files soft limit to its hard limit (for tests that open many
+/// sockets); returns the new soft limit.
+pub fn raise_own_open_files_limit() -> Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own; the resource is valid.
+    unsafe {
+        ensure!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0,
+            "getrlimit(RLIMIT_NOFILE): {}",
+            std::io::Error::last_os_error()
+        );
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            ensure!(
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0,
+                "setrlimit(RLIMIT_NOFILE, {}): {}",
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// The port of the first `listening on <ip:port>` line.
 fn parse_listening_port(text: &str) -> Result<u16> {
     let rest = text
@@ -838,6 +970,26 @@ pub async fn ws_connect(port: u16, path: &str) -> Result<Ws> {
         .await
         .with_context(|| format!("connect {url}: timeout"))?
         .with_context(|| format!("connect {url}"))?;
+    Ok(ws)
+}
+
+/// Connects to `ws://127.0.0.1:<port><path>` with extra request headers (e.g. `Authorization`,
+/// `Origin`); returns after the 101.
+pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Ws> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+    let url = format!("ws://127.0.0.1:{port}{path}");
+    let mut request = url.as_str().into_client_request()?;
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            HeaderName::from_bytes(name.as_bytes())?,
+            HeaderValue::from_str(value)?,
+        );
+    }
+    let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
+        .await
+        .with_context(|| format!("connect {url}: timeout"))?
+        .with_context(|| format!("connect {url} with {headers:?}"))?;
     Ok(ws)
 }
 
