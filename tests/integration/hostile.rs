@@ -119,30 +119,44 @@ async fn a_40_kb_header_gets_431() -> Result<()> {
     assert_still_serving(&server, pg, channel, &mut ws).await
 }
 
-/// A client sending text frames as fast as it can does not slow delivery to others, and the
-/// server's memory does not grow with what it is sent.
+/// A client sending text frames as fast as it can does not slow delivery to others nor the HTTP
+/// side, and the server's memory does not grow with what it is sent.
+///
+/// Today the flooding client's task never yields: `readable()` always resolves at once and
+/// does not use tokio's cooperative budget, so one runtime worker stays in that loop for as
+/// long as the flood lasts. What was queued on that worker (the accept loop, often the
+/// receiver) waits: `/status` answers only when the flood stops, and in about half the runs a
+/// NOTIFY sits unread in the LISTEN socket until then.
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "server bug: a client that floods frames stalls HTTP and often delivery until it stops"]
 async fn frame_flood_does_not_stop_others_from_receiving() -> Result<()> {
     /// At least this much is flooded while notifications are being checked.
     const FLOOD_BYTES: u64 = 16 << 20;
     let pg = PgCluster::shared().await;
     let channel = "hostile-flood";
     let (server, mut ws) = server_and_client(ServerOpts::with_db(pg, channel)).await?;
-    let mut flooder = RawWs::connect(server.port()).await?;
+    let RawWs {
+        stream: flooder, ..
+    } = RawWs::connect(server.port()).await?;
     server.wait_for_clients(2).await?;
     let (rss_before, _) = server.memory_kib()?;
 
+    // The flooder runs on a thread of its own with blocking writes: an attacker independent of
+    // this test's runtime, which a task that never waits could starve.
+    let flooder = flooder.into_std()?;
+    flooder.set_nonblocking(false)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (sent_tx, mut sent_rx) = watch::channel(0u64);
-    let flood = tokio::spawn({
+    let flood = std::thread::spawn({
         let stop = stop.clone();
-        async move {
+        move || {
             let burst: Vec<u8> = (0..64)
                 .flat_map(|i| client_frame(OP_TEXT, format!("{i:>1000}").as_bytes()))
                 .collect();
+            let mut flooder = flooder;
             let mut sent = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                flooder.stream.write_all(&burst).await?;
+                std::io::Write::write_all(&mut flooder, &burst)?;
                 sent += burst.len() as u64;
                 sent_tx.send_replace(sent);
             }
@@ -168,19 +182,25 @@ async fn frame_flood_does_not_stop_others_from_receiving() -> Result<()> {
             .await
             .with_context(|| format!("notification {i} during the flood"))?;
         assert_eq!(got, payload);
+        let status = tokio::time::timeout(Duration::from_secs(2), server.status())
+            .await
+            .with_context(|| format!("/status unanswered for 2 s during the flood (round {i})"))?;
+        assert_eq!(status?["status"], "ok");
         worst = worst.max(sent.elapsed());
         i += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let (_flooder, flooded) = flood.await??;
+    let (_flooder, flooded) = tokio::task::spawn_blocking(move || flood.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
     let (rss_after, _) = server.memory_kib()?;
     assert!(
         rss_after < rss_before + 32 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB while {flooded} bytes were flooded"
     );
     eprintln!(
-        "flood of {} MiB: {i} notifications, worst latency {worst:?}; RSS {rss_before} -> \
-         {rss_after} KiB",
+        "flood of {} MiB: {i} notifications and /status requests, worst round trip {worst:?}; \
+         RSS {rss_before} -> {rss_after} KiB",
         flooded >> 20
     );
     assert_still_serving(&server, pg, channel, &mut ws).await
