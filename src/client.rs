@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// At most this many buffers go into one `writev`.
-const MAX_IOVECS: usize = 64;
+const MAX_IOVECS: usize = 128;
 
 /// What happened to frames handed to a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,36 +44,52 @@ struct Outbox {
 impl Outbox {
     /// Writes as much as the socket takes now; returns whether everything went out.
     fn write_to(&mut self, stream: &TcpStream) -> io::Result<bool> {
-        while !self.frames.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut count = 0;
-            for (slot, frame) in slices.iter_mut().zip(&self.frames) {
-                *slot = IoSlice::new(frame);
-                count += 1;
-            }
-            let mut written = match stream.try_write_vectored(&slices[..count]) {
-                Ok(n) => n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(err) => return Err(err),
-            };
-            while written > 0 {
-                let head = self
-                    .frames
-                    .front_mut()
-                    .expect("written bytes came from frames");
-                if written >= head.len() {
-                    written -= head.len();
-                    self.frames.pop_front();
-                    self.head_started = false;
-                } else {
-                    head.advance(written);
-                    self.head_started = true;
-                    written = 0;
-                }
+        let (done, offset) = write_frames(stream, self.frames.make_contiguous())?;
+        self.frames.drain(..done);
+        if offset > 0 {
+            self.frames
+                .front_mut()
+                .expect("a partly written frame is still queued")
+                .advance(offset);
+        }
+        if done > 0 || offset > 0 {
+            self.head_started = offset > 0;
+        }
+        Ok(self.frames.is_empty())
+    }
+}
+
+/// Writes `frames` in order with as few `writev`s as the socket allows, until it would block.
+/// Returns how many frames went out whole and how many bytes of the next one.
+fn write_frames(stream: &TcpStream, frames: &[Bytes]) -> io::Result<(usize, usize)> {
+    let mut done = 0;
+    let mut offset = 0;
+    while done < frames.len() {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let pending = &frames[done..];
+        let count = pending.len().min(MAX_IOVECS);
+        slices[0] = IoSlice::new(&pending[0][offset..]);
+        for (slot, frame) in slices[1..count].iter_mut().zip(&pending[1..]) {
+            *slot = IoSlice::new(frame);
+        }
+        let mut written = match stream.try_write_vectored(&slices[..count]) {
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) => return Err(err),
+        };
+        while written > 0 {
+            let left = frames[done].len() - offset;
+            if written >= left {
+                written -= left;
+                done += 1;
+                offset = 0;
+            } else {
+                offset += written;
+                written = 0;
             }
         }
-        Ok(true)
     }
+    Ok((done, offset))
 }
 
 /// The shared outgoing state of one client.
@@ -114,32 +130,38 @@ impl ClientOut {
     }
 
     /// Hands frames to the client: written at once when the socket takes them, else queued.
+    /// Only what the socket did not take counts against the capacity, so a client that reads
+    /// as fast as frames come is never taken for a slow one, whatever the batch size.
     pub fn send(&self, frames: &[Bytes]) -> Delivery {
         let mut outbox = self.lock();
         if outbox.sealed {
             return Delivery::Closed;
         }
-        if outbox.frames.len() + frames.len() > self.capacity {
-            return Delivery::Overflow;
+        let mut rest = frames;
+        let stream = self.stream.get();
+        if let Some(stream) = stream.filter(|_| outbox.frames.is_empty()) {
+            match write_frames(stream, frames) {
+                Ok((done, 0)) => rest = &frames[done..],
+                Ok((done, offset)) => {
+                    // The stream now holds part of this frame: the rest of it must follow.
+                    outbox.frames.push_back(frames[done].slice(offset..));
+                    outbox.head_started = true;
+                    rest = &frames[done + 1..];
+                }
+                Err(_) => {
+                    // The task sees the same error on its next read and ends.
+                    outbox.sealed = true;
+                    return Delivery::Closed;
+                }
+            }
         }
         let was_idle = outbox.frames.is_empty();
-        outbox.frames.extend(frames.iter().cloned());
-        let Some(stream) = self.stream.get() else {
-            return Delivery::Accepted;
-        };
-        if !was_idle {
-            // The task already waits for the socket to drain.
-            return Delivery::Accepted;
+        if outbox.frames.len() + rest.len() > self.capacity {
+            return Delivery::Overflow;
         }
-        match outbox.write_to(stream) {
-            Ok(true) => {}
-            Ok(false) => self.backlog.notify_one(),
-            Err(_) => {
-                // The task sees the same error on its next read and ends.
-                outbox.sealed = true;
-                outbox.frames.clear();
-                return Delivery::Closed;
-            }
+        outbox.frames.extend(rest.iter().cloned());
+        if stream.is_some() && !outbox.frames.is_empty() && (was_idle || outbox.head_started) {
+            self.backlog.notify_one();
         }
         Delivery::Accepted
     }
@@ -249,7 +271,7 @@ mod tests {
         out.attach(server);
         let big = Bytes::from(vec![0u8; 1 << 20]);
         let mut result = Delivery::Accepted;
-        for _ in 0..64 {
+        for _ in 0..256 {
             result = out.send(std::slice::from_ref(&big));
             if result != Delivery::Accepted {
                 break;
@@ -258,5 +280,29 @@ mod tests {
         assert_eq!(result, Delivery::Overflow);
         out.seal_with(Bytes::from_static(b"close"), true);
         assert_eq!(out.send(&[big]), Delivery::Closed);
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::test_support::socket_pair;
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_capacity_goes_out_when_the_socket_takes_it() {
+        let out = ClientOut::new(4);
+        let (server, mut peer) = socket_pair().await;
+        out.attach(server);
+        let frames: Vec<Bytes> = (0..100u8).map(|i| Bytes::from(vec![i; 10])).collect();
+        assert_eq!(out.send(&frames), Delivery::Accepted);
+        assert!(!out.has_backlog());
+        let mut got = vec![0; 1000];
+        peer.read_exact(&mut got).await.expect("read");
+        assert!(
+            got.chunks(10)
+                .enumerate()
+                .all(|(i, c)| c.iter().all(|&b| b == i as u8))
+        );
     }
 }

@@ -126,6 +126,10 @@ impl Subscriber {
         let mut last_heard = Instant::now();
         let mut buf = [0u8; READ_CHUNK];
         loop {
+            // Readiness futures do not spend tokio's cooperative budget: without this, a client
+            // that floods frames would keep its worker thread (and what is queued on it, the
+            // receiver or the accept loop) to itself.
+            tokio::task::consume_budget().await;
             let backlog = client.out.has_backlog();
             tokio::select! {
                 biased;
