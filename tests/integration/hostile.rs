@@ -119,6 +119,62 @@ async fn a_40_kb_header_gets_431() -> Result<()> {
     assert_still_serving(&server, pg, channel, &mut ws).await
 }
 
+/// A client that sends 1 kB text frames as fast as it can, from a thread of its own with
+/// blocking writes: an attacker independent of the test's runtime (which a task that never
+/// waits could starve).
+struct Flood {
+    stop: Arc<AtomicBool>,
+    sent: watch::Receiver<u64>,
+    thread: std::thread::JoinHandle<Result<u64>>,
+}
+
+impl Flood {
+    /// Starts flooding on `stream`, an upgraded websocket connection.
+    fn start(stream: RawWs) -> Result<Flood> {
+        let RawWs { stream, .. } = stream;
+        let mut stream = stream.into_std()?;
+        stream.set_nonblocking(false)?;
+        // A server that stops reading must not hang the thread (and the test) for good.
+        stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent_tx, sent) = watch::channel(0u64);
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let burst: Vec<u8> = (0..64)
+                    .flat_map(|i| client_frame(OP_TEXT, format!("{i:>1000}").as_bytes()))
+                    .collect();
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    std::io::Write::write_all(&mut stream, &burst)?;
+                    sent += burst.len() as u64;
+                    sent_tx.send_replace(sent);
+                }
+                Ok(sent)
+            }
+        });
+        Ok(Flood { stop, sent, thread })
+    }
+
+    /// Returns once the first burst is out.
+    async fn started(&mut self) -> Result<()> {
+        self.sent.wait_for(|&sent| sent > 0).await?;
+        Ok(())
+    }
+
+    fn sent(&self) -> u64 {
+        *self.sent.borrow()
+    }
+
+    /// Stops the flood; returns how many bytes it sent, or why it ended early.
+    async fn stop(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || self.thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
+    }
+}
+
 /// A client sending text frames as fast as it can does not slow delivery to others nor the HTTP
 /// side, and the server's memory does not grow with what it is sent. (`readable()` always
 /// resolves at once for such a client; a task that did not spend tokio's cooperative budget
@@ -127,67 +183,43 @@ async fn a_40_kb_header_gets_431() -> Result<()> {
 async fn frame_flood_does_not_stop_others_from_receiving() -> Result<()> {
     /// At least this much is flooded while notifications are being checked.
     const FLOOD_BYTES: u64 = 16 << 20;
+    /// A stall lasts as long as the flood, which goes on while we wait: a bound of seconds
+    /// catches it and leaves room for a loaded 2-core machine (about 1 s seen at worst).
+    const ROUND_BOUND: Duration = Duration::from_secs(5);
     let pg = PgCluster::shared().await;
     let channel = "hostile-flood";
     let (server, mut ws) = server_and_client(ServerOpts::with_db(pg, channel)).await?;
-    let RawWs {
-        stream: flooder, ..
-    } = RawWs::connect(server.port()).await?;
+    let flooder = RawWs::connect(server.port()).await?;
     server.wait_for_clients(2).await?;
     let (rss_before, _) = server.memory_kib()?;
-
-    // The flooder runs on a thread of its own with blocking writes: an attacker independent of
-    // this test's runtime, which a task that never waits could starve.
-    let flooder = flooder.into_std()?;
-    flooder.set_nonblocking(false)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent_tx, mut sent_rx) = watch::channel(0u64);
-    let flood = std::thread::spawn({
-        let stop = stop.clone();
-        move || {
-            let burst: Vec<u8> = (0..64)
-                .flat_map(|i| client_frame(OP_TEXT, format!("{i:>1000}").as_bytes()))
-                .collect();
-            let mut flooder = flooder;
-            let mut sent = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                std::io::Write::write_all(&mut flooder, &burst)?;
-                sent += burst.len() as u64;
-                sent_tx.send_replace(sent);
-            }
-            anyhow::Ok((flooder, sent))
-        }
-    });
-    sent_rx.wait_for(|&sent| sent > 0).await?;
+    let mut flood = Flood::start(flooder)?;
+    flood.started().await?;
 
     let db = pg.client().await?;
     let mut worst = Duration::ZERO;
     let mut i = 0;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while i < 20 || *sent_rx.borrow() < FLOOD_BYTES {
+    while i < 20 || flood.sent() < FLOOD_BYTES {
         ensure!(
             Instant::now() < deadline,
             "flood too slow: {} bytes",
-            *sent_rx.borrow()
+            flood.sent()
         );
         let payload = format!(r#"{{"action":"during-flood","seq":{i}}}"#);
         let sent = Instant::now();
         crate::harness::notify(&db, channel, &payload).await?;
-        let got = next_event_within(&mut ws, Duration::from_secs(2))
+        let got = next_event_within(&mut ws, ROUND_BOUND)
             .await
             .with_context(|| format!("notification {i} during the flood"))?;
         assert_eq!(got, payload);
-        let status = tokio::time::timeout(Duration::from_secs(2), server.status())
+        let status = tokio::time::timeout(ROUND_BOUND, server.status())
             .await
-            .with_context(|| format!("/status unanswered for 2 s during the flood (round {i})"))?;
+            .with_context(|| format!("/status unanswered during the flood (round {i})"))?;
         assert_eq!(status?["status"], "ok");
         worst = worst.max(sent.elapsed());
         i += 1;
     }
-    stop.store(true, Ordering::Relaxed);
-    let (_flooder, flooded) = tokio::task::spawn_blocking(move || flood.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+    let flooded = flood.stop().await?;
     let (rss_after, _) = server.memory_kib()?;
     assert!(
         rss_after < rss_before + 32 * 1024,
@@ -199,6 +231,39 @@ async fn frame_flood_does_not_stop_others_from_receiving() -> Result<()> {
         flooded >> 20
     );
     assert_still_serving(&server, pg, channel, &mut ws).await
+}
+
+/// SIGTERM while a client floods: the well-behaved client gets its 1001 and the process exits
+/// within the grace period (5 s). Today it exits only when the flood stops (same cause as the
+/// previous test: the flooding client's task never yields, and the runtime cannot shut down
+/// around it).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "server bug: a client that floods frames holds the shutdown until it stops"]
+async fn sigterm_during_a_frame_flood_exits_within_5_s() -> Result<()> {
+    let pg = PgCluster::shared().await;
+    let (mut server, mut ws) =
+        server_and_client(ServerOpts::with_db(pg, "hostile-flood-sigterm")).await?;
+    let flooder = RawWs::connect(server.port()).await?;
+    server.wait_for_clients(2).await?;
+    let mut flood = Flood::start(flooder)?;
+    flood.started().await?;
+    let signalled = Instant::now();
+    server.signal(libc::SIGTERM)?;
+    let exited = server.wait_exit(Duration::from_secs(15)).await;
+    let took = signalled.elapsed();
+    // The flood ends with the server (its writes fail), or here.
+    let _ = flood.stop().await;
+    let status = exited?;
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM"
+    );
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let frame = crate::harness::next_close(&mut ws)
+        .await?
+        .context("close frame without a code")?;
+    assert_eq!(u16::from(frame.code), 1001, "{frame:?}");
+    Ok(())
 }
 
 /// A single frame of 10 MB (MaxFrameSize is 64 KiB) closes that connection; the server neither
@@ -381,7 +446,7 @@ async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
         let payload = format!(r#"{{"action":"during-connect-storm","seq":{i}}}"#);
         crate::harness::notify(&db, channel, &payload).await?;
         assert_eq!(
-            next_event_within(&mut ws, Duration::from_secs(2)).await?,
+            next_event_within(&mut ws, Duration::from_secs(5)).await?,
             payload
         );
     }
