@@ -205,6 +205,9 @@ impl Subscriber {
     async fn await_close(&self, reader: &mut FrameReader) {
         let mut buf = [0u8; READ_CHUNK];
         loop {
+            // A client that floods never leaves `readable()` pending: spend the budget so that
+            // the caller's timeout gets polled.
+            tokio::task::consume_budget().await;
             if self.stream.readable().await.is_err() {
                 return;
             }
