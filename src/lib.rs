@@ -19,6 +19,7 @@
 //! wraps the original bytes; [`hub::Hub::publish`] queues that one buffer for every client
 //! without waiting on any; each [`subscriber::Subscriber`] writes its queue to its socket.
 
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod event;
