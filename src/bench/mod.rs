@@ -52,7 +52,7 @@ pub struct Output {
 
 /// Runs one command to completion on its own runtime.
 pub fn run(command: Command) -> Result<Output, BenchError> {
-    let (json, strict, threads) = match &command {
+    let output = match &command {
         Command::Targets(args) => {
             let (text, passed) = targets::run(args)?;
             return Ok(Output {
@@ -61,30 +61,31 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
                 problems: Vec::new(),
             });
         }
-        Command::Fanout(a) => (a.output.json, a.output.strict, a.output.threads),
-        Command::Idle(a) => (a.output.json, a.output.strict, a.output.threads),
-        Command::RawListen(a) => (a.output.json, a.output.strict, a.output.threads),
-        Command::Stuck(a) => (a.output.json, a.output.strict, a.output.threads),
-        Command::Soak(a) => (a.output.json, a.output.strict, a.output.threads),
+        Command::Fanout(a) => a.output.clone(),
+        Command::Idle(a) => a.output.clone(),
+        Command::RawListen(a) => a.output.clone(),
+        Command::Stuck(a) => a.output.clone(),
+        Command::Soak(a) => a.output.clone(),
     };
     // Thousands of sockets: the usual soft limit of 1024 files would stop us first.
     let _ = crate::limits::raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
+        .worker_threads(output.threads.max(1))
         .enable_all()
         .build()
         .map_err(|err| BenchError::Run(format!("cannot start the runtime: {err}")))?;
     let report = runtime.block_on(scenario::run(command))?;
     // Tens of thousands of sockets close faster without waiting for each task.
     runtime.shutdown_background();
-    let text = if json {
-        serde_json::to_string_pretty(&report).expect("reports serialise") + "\n"
-    } else {
-        report.table()
-    };
+    let json = serde_json::to_string_pretty(&report).expect("reports serialise") + "\n";
+    if let Some(path) = &output.save {
+        std::fs::write(path, &json)
+            .map_err(|err| BenchError::Run(format!("{}: {err}", path.display())))?;
+    }
+    let text = if output.json { json } else { report.table() };
     Ok(Output {
         text,
-        exit_code: if strict && !report.problems.is_empty() {
+        exit_code: if output.strict && !report.problems.is_empty() {
             3
         } else {
             0

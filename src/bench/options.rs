@@ -112,6 +112,9 @@ pub struct OutputArgs {
     /// The generator's worker threads (it shares the cores with the server).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Also write the JSON report to this file.
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
