@@ -251,10 +251,14 @@ pub async fn read(id: usize, mut ws: Ws, shared: Arc<Shared>) -> ClientResult {
     let mut latency = shared.latency.local(id);
     let progress = &shared.progress[id].0;
     let (mut unique, mut pings, mut other, mut last_new_ns) = (0u64, 0u64, 0u64, 0u64);
+    // One stop future for the whole session: creating one per frame costs a waiter
+    // registration each time.
+    let stopped = shared.stop.cancelled();
+    tokio::pin!(stopped);
     let end = loop {
         let message = tokio::select! {
             biased;
-            _ = shared.stop.cancelled() => break ClientEnd::Open,
+            _ = &mut stopped => break ClientEnd::Open,
             message = ws.next() => message,
         };
         match message {

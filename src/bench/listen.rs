@@ -63,10 +63,12 @@ impl RawListener {
                     error: None,
                 };
                 let mut unique = 0;
+                let stopped = stop.cancelled();
+                tokio::pin!(stopped);
                 loop {
                     let message = tokio::select! {
                         biased;
-                        _ = stop.cancelled() => break,
+                        _ = &mut stopped => break,
                         message = messages.next() => message,
                     };
                     match message {
