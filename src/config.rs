@@ -46,6 +46,10 @@ pub struct ReceiverConfig {
     pub ca: Option<CaCertificates>,
     /// The LISTEN channel, used as a quoted identifier (case-sensitive).
     pub channel: String,
+    /// How often the LISTEN connection is checked with a query.
+    pub health_interval: Duration,
+    /// How long that query may take before the connection counts as lost.
+    pub health_timeout: Duration,
 }
 
 /// Hand-written so that the password can never reach a log line or an error message.
@@ -60,6 +64,8 @@ impl fmt::Debug for ReceiverConfig {
             .field("sslmode", &self.sslmode)
             .field("ca", &self.ca)
             .field("channel", &self.channel)
+            .field("health_interval", &self.health_interval)
+            .field("health_timeout", &self.health_timeout)
             .finish()
     }
 }
@@ -160,6 +166,22 @@ impl Config {
             channel: s
                 .parse("Receiver", "StreamChannel", &["PG_CHANNEL"], parse_channel)?
                 .unwrap_or_else(|| "events".to_owned()),
+            health_interval: s
+                .parse(
+                    "Receiver",
+                    "HealthCheckInterval",
+                    &["PG_HEALTH_INTERVAL"],
+                    parse_seconds,
+                )?
+                .unwrap_or(Duration::from_secs(30)),
+            health_timeout: s
+                .parse(
+                    "Receiver",
+                    "HealthCheckTimeout",
+                    &["PG_HEALTH_TIMEOUT"],
+                    parse_seconds,
+                )?
+                .unwrap_or(Duration::from_secs(10)),
         };
         let ping_interval = s
             .parse("Sender", "PingInterval", &["PING_INTERVAL"], parse_seconds)?

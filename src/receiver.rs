@@ -4,7 +4,7 @@
 //! tokio-postgres delivers notifications only through `Connection::poll_message`, so this task
 //! drives the connection itself instead of spawning it. A loss is noticed by the connection
 //! ending or erroring, by TCP keepalive (see [`crate::pg`]), and by a health query every
-//! [`HEALTH_INTERVAL`] that must answer within [`HEALTH_TIMEOUT`]. Notifications sent while no
+//! `HealthCheckInterval` that must answer within `HealthCheckTimeout`. Notifications sent while no
 //! connection is listening are lost: PostgreSQL queues them only for sessions that LISTEN.
 
 use std::sync::Arc;
@@ -22,11 +22,6 @@ use crate::event::{self, frame_from_payload};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::pg::{self, PgConnection};
-
-/// How often the idle connection is checked with a query.
-pub const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
-/// How long the health query may take before the connection is declared lost.
-pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The listener's state as `/status` and `/ready` report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,8 +150,11 @@ impl Receiver {
 
     fn target(&self) -> String {
         format!(
-            "PostgreSQL {}:{}/{} (sslmode {:?})",
-            self.config.host, self.config.port, self.config.dbname, self.config.sslmode
+            "PostgreSQL {}:{}/{} (sslmode {})",
+            self.config.host,
+            self.config.port,
+            self.config.dbname,
+            self.config.sslmode.as_str()
         )
     }
 
@@ -209,14 +207,15 @@ impl Receiver {
             );
         }
         *listened_before = true;
-        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        let health_timeout = self.config.health_timeout;
+        let mut health = tokio::time::interval(self.config.health_interval);
         health.tick().await;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                 ended = &mut connection => return SessionEnd::Lost(ended),
                 _ = health.tick() => {
-                    let check = tokio::time::timeout(HEALTH_TIMEOUT, client.simple_query(""));
+                    let check = tokio::time::timeout(health_timeout, client.simple_query(""));
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                         ended = &mut connection => return SessionEnd::Lost(ended),
@@ -224,7 +223,7 @@ impl Receiver {
                             Ok(Ok(_)) => log::debug!("listener health check passed"),
                             Ok(Err(err)) => return SessionEnd::Lost(pg::describe_error(&err)),
                             Err(_) => return SessionEnd::Lost(format!(
-                                "health query unanswered after {HEALTH_TIMEOUT:?}"
+                                "health query unanswered after {health_timeout:?}"
                             )),
                         },
                     }

@@ -1,1 +1,17 @@
-//! Integration tests.
+//! Integration tests: the real binaries against a throwaway PostgreSQL.
+//!
+//! One shared cluster per test process (see `harness`); every test uses its own channel and its
+//! own server, so tests run in parallel.
+
+mod harness;
+
+mod config_errors;
+mod config_file;
+mod delivery;
+mod harness_selftest;
+mod http;
+mod image_contract;
+mod lifecycle;
+mod payloads;
+mod resilience;
+mod test_client;

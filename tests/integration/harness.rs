@@ -1,0 +1,1031 @@
+//! Test harness: a throwaway PostgreSQL cluster, the real binaries, a websocket client and a raw
+//! HTTP/1.1 client.
+//!
+//! Every wait is on an event (a log line, a readiness probe, a client count, a frame) bounded by a
+//! deadline; deadlines only turn a hang into a failure.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{OnceCell, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Failure guard for a single wait (a frame, a probe, a log line).
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// Database the tests' servers use.
+pub const DB_NAME: &str = "stream";
+/// The server binary under test.
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_vulcan-stream");
+/// The test client binary under test.
+pub const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_vulcan-stream-test-client");
+/// The text frame the server sends every PingInterval.
+pub const PING: &str = r#"{"action":"ping"}"#;
+
+/// How long PostgreSQL may take to accept connections (initdb and start on a slow machine).
+const PG_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Interval between readiness probes (a polled endpoint has no event to wait on).
+const PROBE_INTERVAL: Duration = Duration::from_millis(25);
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------------------------
+
+/// Directory holding `initdb` and `postgres`: `pg_config --bindir`, then PATH, then the highest
+/// version under /usr/lib/postgresql. Panics when none is found: the suite needs a database and
+/// must not pass by skipping.
+fn pg_bindir() -> &'static Path {
+    static BINDIR: OnceLock<PathBuf> = OnceLock::new();
+    BINDIR.get_or_init(|| {
+        let has_server =
+            |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if out.status.success() && has_server(&dir) {
+                return dir;
+            }
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            if let Some(dir) = std::env::split_paths(&path).find(|d| has_server(d)) {
+                return dir;
+            }
+        }
+        let mut versioned: Vec<(Vec<u32>, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let version = name
+                    .split('.')
+                    .map(|part| part.parse::<u32>().ok())
+                    .collect::<Option<Vec<u32>>>()?;
+                let bin = entry.path().join("bin");
+                has_server(&bin).then_some((version, bin))
+            })
+            .collect();
+        versioned.sort();
+        match versioned.pop() {
+            Some((_, dir)) => dir,
+            None => panic!(
+                "PostgreSQL server binaries (initdb, postgres) not found: tried `pg_config \
+                 --bindir`, PATH and /usr/lib/postgresql/*/bin. Install the PostgreSQL server \
+                 to run the integration tests."
+            ),
+        }
+    })
+}
+
+/// PostgreSQL refuses to run as root: as root, initdb and postgres run as user `postgres`.
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A port that was free a moment ago (bound on 127.0.0.1:0 and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Runs `argv` to completion (as `postgres` when root) and fails with its output on error.
+fn run_pg_tool(cwd: &Path, argv: &[&std::ffi::OsStr]) -> Result<()> {
+    let mut cmd = if running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]);
+        c.args(argv);
+        c
+    } else {
+        let mut c = Command::new(argv[0]);
+        c.args(&argv[1..]);
+        c
+    };
+    let out = cmd
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {argv:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{argv:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The reaper: runs postgres in the background and exits when it exits. A line on stdin stops
+/// postgres: `stop` keeps the data directory; anything else, or EOF (the test process exited, even
+/// if it was killed), also removes the cluster directory. SIGINT is PostgreSQL's fast shutdown: it
+/// does not wait for clients to disconnect.
+const REAPER: &str = r#"exec 3<&0
+"$@" </dev/null & pid=$!
+{ read -r cmd <&3; kill -INT "$pid"; [ "$cmd" = stop ]; } </dev/null & reader=$!
+wait "$pid"; code=$?
+kill "$reader" 2>/dev/null; wait "$reader"; how=$?
+[ "$how" = 1 ] && rm -rf -- "$VULCAN_TEST_PG_DIR"
+exit "$code""#;
+
+/// A throwaway PostgreSQL cluster (trust auth, user `postgres`, database `stream`).
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    /// The running reaper (see [`REAPER`]) and the write end of its stdin; `None` while stopped.
+    proc: Mutex<Option<(Child, ChildStdin)>>,
+}
+
+impl PgCluster {
+    /// The cluster shared by every ordinary test of this process. Tests keep apart by channel.
+    /// It lives until the process exits; the reaper then stops it and removes its directory.
+    pub async fn shared() -> &'static PgCluster {
+        static SHARED: OnceCell<PgCluster> = OnceCell::const_new();
+        SHARED
+            .get_or_init(|| async {
+                PgCluster::private()
+                    .await
+                    .expect("start the shared PostgreSQL cluster")
+            })
+            .await
+    }
+
+    /// A cluster of its own, for a test that stops and starts the database.
+    pub async fn private() -> Result<PgCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("vulcan-pg-")
+            .tempdir()
+            .context("create cluster directory")?;
+        if running_as_root() {
+            let status = Command::new("chown")
+                .arg("postgres:")
+                .arg(dir.path())
+                .status()
+                .context("chown cluster directory")?;
+            ensure!(
+                status.success(),
+                "chown postgres: {}: {status}",
+                dir.path().display()
+            );
+        }
+        let data = dir.path().join("data");
+        run_pg_tool(
+            dir.path(),
+            &[
+                pg_bindir().join("initdb").as_os_str(),
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "--auth=trust".as_ref(),
+                "-E".as_ref(),
+                "UTF8".as_ref(),
+                "--locale=C".as_ref(),
+                "--no-sync".as_ref(),
+            ],
+        )?;
+        let mut cluster = PgCluster {
+            dir,
+            port: free_port(),
+            proc: Mutex::new(None),
+        };
+        // A port picked by bind-and-release can be taken before postgres binds it: retry.
+        let mut attempt = 1;
+        while let Err(err) = cluster.start().await {
+            if attempt == 3 {
+                return Err(err);
+            }
+            attempt += 1;
+            cluster.port = free_port();
+        }
+        cluster.create_database(DB_NAME).await?;
+        Ok(cluster)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// libpq-style connection string for `dbname`.
+    pub fn conn_str(&self, dbname: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname} connect_timeout=5",
+            self.port
+        )
+    }
+
+    /// The environment pointing a binary at this cluster, database `stream`.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("PG_HOST", "127.0.0.1".to_string()),
+            ("PG_PORT", self.port.to_string()),
+            ("PG_DB", DB_NAME.to_string()),
+            ("PG_USER", "postgres".to_string()),
+            ("PG_SSLMODE", "disable".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// The server log (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts postgres on this cluster's port and data directory; returns once it accepts
+    /// connections.
+    pub async fn start(&self) -> Result<()> {
+        self.spawn_reaper()?;
+        self.wait_accepting().await
+    }
+
+    fn spawn_reaper(&self) -> Result<()> {
+        let mut guard = self.proc.lock().unwrap();
+        ensure!(guard.is_none(), "cluster already running");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("open postgres.log")?;
+        let postgres = pg_bindir().join("postgres");
+        let mut cmd = if running_as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "sh", "-c", REAPER, "sh"]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", REAPER, "sh"]);
+            c
+        };
+        cmd.arg(&postgres)
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-k")
+            .arg(self.dir.path())
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .env("VULCAN_TEST_PG_DIR", self.dir.path())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let mut child = cmd.spawn().context("spawn postgres")?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        *guard = Some((child, stdin));
+        Ok(())
+    }
+
+    /// Retries a connection until postgres accepts it, failing at once if postgres exits.
+    async fn wait_accepting(&self) -> Result<()> {
+        let deadline = Instant::now() + PG_START_TIMEOUT;
+        loop {
+            {
+                let mut guard = self.proc.lock().unwrap();
+                let (child, _) = guard.as_mut().context("cluster stopped while starting")?;
+                if let Some(status) = child.try_wait()? {
+                    *guard = None;
+                    bail!(
+                        "postgres on port {} exited early ({status}):\n{}",
+                        self.port,
+                        self.log()
+                    );
+                }
+            }
+            match tokio_postgres::connect(&self.conn_str("postgres"), tokio_postgres::NoTls).await {
+                Ok(_) => return Ok(()),
+                Err(err) if Instant::now() > deadline => {
+                    bail!(
+                        "postgres on port {} not ready after {PG_START_TIMEOUT:?}: {err}\n{}",
+                        self.port,
+                        self.log()
+                    )
+                }
+                Err(_) => tokio::time::sleep(PROBE_INTERVAL).await,
+            }
+        }
+    }
+
+    /// Stops postgres (fast shutdown), keeping the data directory; returns once it has exited.
+    pub async fn stop(&self) -> Result<()> {
+        let (mut child, mut stdin) = self
+            .proc
+            .lock()
+            .unwrap()
+            .take()
+            .context("cluster not running")?;
+        stdin.write_all(b"stop\n").context("signal the reaper")?;
+        drop(stdin);
+        let status =
+            tokio::time::timeout(TIMEOUT, tokio::task::spawn_blocking(move || child.wait()))
+                .await
+                .context("postgres did not stop in time")???;
+        ensure!(
+            status.success(),
+            "reaper exited with {status}:\n{}",
+            self.log()
+        );
+        Ok(())
+    }
+
+    async fn create_database(&self, name: &str) -> Result<()> {
+        let client = self.connect("postgres").await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .with_context(|| format!("create database {name}"))?;
+        Ok(())
+    }
+
+    /// A client on `dbname`; its connection runs on the current runtime.
+    pub async fn connect(&self, dbname: &str) -> Result<tokio_postgres::Client> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.conn_str(dbname), tokio_postgres::NoTls)
+                .await
+                .with_context(|| format!("connect to postgres on port {}", self.port))?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// A client on database `stream`.
+    pub async fn client(&self) -> Result<tokio_postgres::Client> {
+        self.connect(DB_NAME).await
+    }
+
+    /// `SELECT pg_notify(channel, payload)`, committed when this returns.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        notify(&self.client().await?, channel, payload).await
+    }
+
+    /// `count` notifications in one statement (one transaction), payload [`seq_payload`]`(i)`
+    /// for i in 0..count, in that order.
+    pub async fn notify_seq(&self, channel: &str, count: i32) -> Result<()> {
+        self.client()
+            .await?
+            .execute(
+                r#"SELECT pg_notify($1, format('{"action":"seq","seq":%s}', g))
+                   FROM generate_series(0, $2 - 1) AS g"#,
+                &[&channel, &count],
+            )
+            .await
+            .with_context(|| format!("notify {count} on {channel}"))?;
+        Ok(())
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let taken = self.proc.get_mut().map(Option::take).unwrap_or(None);
+        if let Some((mut child, stdin)) = taken {
+            // EOF on the reaper's stdin stops postgres.
+            drop(stdin);
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- postgres log ({}) ---\n{}",
+                self.log_path().display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// The payload [`PgCluster::notify_seq`] sends as number `i`.
+pub fn seq_payload(i: usize) -> String {
+    format!(r#"{{"action":"seq","seq":{i}}}"#)
+}
+
+/// `SELECT pg_notify(channel, payload)` on an existing client.
+pub async fn notify(client: &tokio_postgres::Client, channel: &str, payload: &str) -> Result<()> {
+    client
+        .execute("SELECT pg_notify($1, $2)", &[&channel, &payload])
+        .await
+        .with_context(|| format!("notify on {channel}: {payload:?}"))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server binary
+// ---------------------------------------------------------------------------------------------
+
+/// How to start a server. Environment starts clean: only PATH and what is set here.
+#[derive(Clone, Debug)]
+pub struct ServerOpts {
+    pub env: BTreeMap<String, String>,
+    /// Content of a config file passed as the first argument.
+    pub config: Option<String>,
+    /// Arguments after the config file.
+    pub args: Vec<String>,
+    /// Wait for `/ready` = 200 before returning.
+    pub wait_ready: bool,
+}
+
+impl ServerOpts {
+    /// PORT=0, LOG_LEVEL=info, no database settings, waits for readiness.
+    pub fn new() -> Self {
+        ServerOpts {
+            env: BTreeMap::new(),
+            config: None,
+            args: Vec::new(),
+            wait_ready: true,
+        }
+        .env("PORT", "0")
+        .env("LOG_LEVEL", "info")
+    }
+
+    /// [`ServerOpts::new`] plus the cluster's PG_* variables and PG_CHANNEL.
+    pub fn with_db(pg: &PgCluster, channel: &str) -> Self {
+        let mut opts = ServerOpts::new().env("PG_CHANNEL", channel);
+        opts.env.extend(pg.env());
+        opts
+    }
+
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    pub fn unset(mut self, key: &str) -> Self {
+        self.env.remove(key);
+        self
+    }
+
+    pub fn config(mut self, content: impl Into<String>) -> Self {
+        self.config = Some(content.into());
+        self
+    }
+
+    pub fn no_wait_ready(mut self) -> Self {
+        self.wait_ready = false;
+        self
+    }
+}
+
+/// The server's stderr so far, and whether it has closed (the process is exiting).
+#[derive(Default)]
+struct Log {
+    text: String,
+    eof: bool,
+}
+
+/// A running `vulcan-stream`. Killed on drop, then its stderr is printed (shown when the test
+/// fails).
+pub struct Server {
+    child: Child,
+    port: u16,
+    log: watch::Receiver<Log>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Spawns the server and waits for its `listening on` line (and `/ready` if asked).
+    pub async fn spawn(opts: ServerOpts) -> Result<Server> {
+        let dir = tempfile::tempdir().context("server temp dir")?;
+        let mut cmd = Command::new(SERVER_BIN);
+        if let Some(content) = &opts.config {
+            let path = dir.path().join("config.toml");
+            std::fs::write(&path, content).context("write config")?;
+            cmd.arg(path);
+        }
+        cmd.args(&opts.args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(&opts.env)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("spawn vulcan-stream")?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = watch::channel(Log::default());
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&line);
+                        tx.send_modify(|log| log.text.push_str(&text));
+                    }
+                }
+            }
+            tx.send_modify(|log| log.eof = true);
+        });
+        let mut server = Server {
+            child,
+            port: 0,
+            log: rx,
+            _dir: dir,
+        };
+        let text = server
+            .wait_log(|text| text.contains("listening on "))
+            .await
+            .context("waiting for the `listening on` line")?;
+        server.port = parse_listening_port(&text)?;
+        if opts.wait_ready {
+            server.wait_ready().await?;
+        }
+        Ok(server)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits in i32")
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.log.borrow().text.clone()
+    }
+
+    /// Waits until stderr satisfies `pred`; fails if stderr closes first or on timeout.
+    pub async fn wait_log(&self, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let mut rx = self.log.clone();
+        let res =
+            tokio::time::timeout(TIMEOUT, rx.wait_for(|log| pred(&log.text) || log.eof)).await;
+        let text = self.stderr();
+        match res {
+            Ok(_) if pred(&text) => Ok(text),
+            Ok(_) => bail!("server stderr closed (process exited) first; stderr:\n{text}"),
+            Err(_) => bail!("timed out after {TIMEOUT:?}; stderr:\n{text}"),
+        }
+    }
+
+    /// Polls `/ready` until it answers 200.
+    pub async fn wait_ready(&self) -> Result<()> {
+        self.wait_http(|r| r.status == 200, "/ready", "/ready = 200")
+            .await
+            .map(drop)
+    }
+
+    /// Polls `path` until `pred` holds for the response.
+    pub async fn wait_http(
+        &self,
+        pred: impl Fn(&HttpResponse) -> bool,
+        path: &str,
+        what: &str,
+    ) -> Result<HttpResponse> {
+        self.wait_http_within(TIMEOUT, pred, path, what).await
+    }
+
+    pub async fn wait_http_within(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&HttpResponse) -> bool,
+        path: &str,
+        what: &str,
+    ) -> Result<HttpResponse> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = http_get(self.port, path).await;
+            match last {
+                Ok(resp) if pred(&resp) => return Ok(resp),
+                _ if Instant::now() > deadline => {
+                    bail!("no {what} within {timeout:?}; last answer: {last:?}")
+                }
+                _ => tokio::time::sleep(PROBE_INTERVAL).await,
+            }
+        }
+    }
+
+    /// `/status` as JSON.
+    pub async fn status(&self) -> Result<serde_json::Value> {
+        let resp = http_get(self.port, "/status").await?;
+        ensure!(resp.status == 200, "/status: {resp:?}");
+        serde_json::from_slice(&resp.body).with_context(|| format!("/status body: {resp:?}"))
+    }
+
+    /// Polls `/status` until it reports `n` clients.
+    pub async fn wait_for_clients(&self, n: u64) -> Result<()> {
+        self.wait_http(
+            |r| {
+                r.status == 200
+                    && serde_json::from_slice::<serde_json::Value>(&r.body)
+                        .is_ok_and(|v| v["clients"].as_u64() == Some(n))
+            },
+            "/status",
+            &format!("\"clients\":{n}"),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        let resp = http_get(self.port, "/metrics").await?;
+        ensure!(resp.status == 200, "/metrics: {resp:?}");
+        Ok(resp.text())
+    }
+
+    /// The value of an unlabelled metric (sum over label sets if labelled).
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.metrics().await?;
+        metric_value(&text, name).with_context(|| format!("metric {name} in:\n{text}"))
+    }
+
+    /// A websocket client on `/stream`.
+    pub async fn ws(&self) -> Result<Ws> {
+        ws_connect(self.port, "/stream").await
+    }
+
+    /// Sends `signal` to the server.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our live child.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        ensure!(
+            rc == 0,
+            "kill({}, {signal}): {}",
+            self.pid(),
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+
+    /// Waits for the process to exit (its stderr closing is the event).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let mut rx = self.log.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|log| log.eof))
+            .await
+            .with_context(|| format!("server still running after {timeout:?}"))?
+            .ok();
+        // Stderr is closed; the exit itself follows at once.
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "server still running after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Printed whether the test failed by panicking or by returning an error; the test
+        // harness shows a test's output only when it fails.
+        eprintln!(
+            "--- vulcan-stream stderr (port {}) ---\n{}",
+            self.port,
+            self.stderr()
+        );
+    }
+}
+
+/// The port of the first `listening on <ip:port>` line.
+fn parse_listening_port(text: &str) -> Result<u16> {
+    let rest = text
+        .split_once("listening on ")
+        .map(|(_, rest)| rest)
+        .context("no `listening on` line")?;
+    let addr = rest.split_whitespace().next().unwrap_or_default();
+    let addr = addr.trim_end_matches(|c: char| !c.is_ascii_digit());
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no port in `listening on {addr}`"))
+}
+
+/// The value of metric `name` in Prometheus text (summed over label sets).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let rest = if let Some(labelled) = rest.strip_prefix('{') {
+            labelled.split_once('}')?.1
+        } else if rest.starts_with(' ') {
+            rest
+        } else {
+            continue;
+        };
+        let value: f64 = rest.split_whitespace().next()?.parse().ok()?;
+        found = Some(found.unwrap_or(0.0) + value);
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------------------------
+// Websocket client
+// ---------------------------------------------------------------------------------------------
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Connects to `ws://127.0.0.1:<port><path>`; returns after the 101.
+pub async fn ws_connect(port: u16, path: &str) -> Result<Ws> {
+    let url = format!("ws://127.0.0.1:{port}{path}");
+    let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(url.as_str()))
+        .await
+        .with_context(|| format!("connect {url}: timeout"))?
+        .with_context(|| format!("connect {url}"))?;
+    Ok(ws)
+}
+
+/// Reads messages until `pick` returns a value; fails after `timeout` naming `what`, on a
+/// stream that ends, or when `pick` fails. Websocket-level pings are answered by the library
+/// while reading.
+async fn read_until<T>(
+    ws: &mut Ws,
+    timeout: Duration,
+    what: &str,
+    mut pick: impl FnMut(Message) -> Result<Option<T>>,
+) -> Result<T> {
+    let read = async {
+        loop {
+            let msg = ws
+                .next()
+                .await
+                .context("websocket closed without a close frame")?
+                .context("websocket read")?;
+            if let Some(value) = pick(msg)? {
+                return Ok(value);
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .with_context(|| format!("no {what} within {timeout:?}"))?
+}
+
+/// The next text frame, pings included.
+pub async fn next_text_within(ws: &mut Ws, timeout: Duration) -> Result<String> {
+    read_until(ws, timeout, "text frame", |msg| match msg {
+        Message::Text(text) => Ok(Some(text.as_str().to_owned())),
+        Message::Ping(_) | Message::Pong(_) => Ok(None),
+        Message::Close(frame) => bail!("websocket closed: {frame:?}"),
+        other => bail!("unexpected websocket message: {other:?}"),
+    })
+    .await
+}
+
+/// The next text frame that is not `{"action":"ping"}`.
+pub async fn next_event(ws: &mut Ws) -> Result<String> {
+    next_event_within(ws, TIMEOUT).await
+}
+
+pub async fn next_event_within(ws: &mut Ws, timeout: Duration) -> Result<String> {
+    read_until(
+        ws,
+        timeout,
+        "text frame other than a ping",
+        |msg| match msg {
+            Message::Text(text) if text.as_str() == PING => Ok(None),
+            Message::Text(text) => Ok(Some(text.as_str().to_owned())),
+            Message::Ping(_) | Message::Pong(_) => Ok(None),
+            Message::Close(frame) => bail!("websocket closed: {frame:?}"),
+            other => bail!("unexpected websocket message: {other:?}"),
+        },
+    )
+    .await
+}
+
+/// Reads until a close frame arrives, skipping pings; fails on any other frame.
+pub async fn next_close(ws: &mut Ws) -> Result<Option<CloseFrame>> {
+    read_until(ws, TIMEOUT, "close frame", |msg| match msg {
+        Message::Close(frame) => Ok(Some(frame)),
+        Message::Text(text) if text.as_str() == PING => Ok(None),
+        Message::Ping(_) | Message::Pong(_) => Ok(None),
+        other => bail!("expected a close frame, got {other:?}"),
+    })
+    .await
+}
+
+/// Sends a text frame from the client.
+pub async fn ws_send(ws: &mut Ws, text: &str) -> Result<()> {
+    ws.send(Message::text(text)).await.context("websocket send")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw HTTP/1.1
+// ---------------------------------------------------------------------------------------------
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// First header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl fmt::Debug for HttpResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "HTTP {} {:?} {:?}",
+            self.status,
+            self.headers,
+            self.text()
+        )
+    }
+}
+
+/// `GET path` with `Connection: close`.
+pub async fn http_get(port: u16, path: &str) -> Result<HttpResponse> {
+    http_request(port, "GET", path, &[]).await
+}
+
+/// A request with extra header lines; `Connection: close` unless given.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpResponse> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("connection"))
+    {
+        req.push_str("Connection: close\r\n");
+    }
+    req.push_str("\r\n");
+    http_raw(port, req.as_bytes()).await
+}
+
+/// Sends `request` verbatim to 127.0.0.1:`port` and reads one response. The body is delimited by
+/// Content-Length, chunked encoding, or EOF; a 1xx/204/304 response has none.
+pub async fn http_raw(port: u16, request: &[u8]) -> Result<HttpResponse> {
+    tokio::time::timeout(TIMEOUT, http_raw_inner(port, request))
+        .await
+        .with_context(|| format!("HTTP request to port {port}: timeout"))?
+}
+
+async fn http_raw_inner(port: u16, request: &[u8]) -> Result<HttpResponse> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("connect 127.0.0.1:{port}"))?;
+    stream.write_all(request).await?;
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(pos) = find(&buf, b"\r\n\r\n") {
+            break pos;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        ensure!(
+            n > 0,
+            "connection closed before the response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut rest = buf[head_end + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut resp = HttpResponse {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(resp);
+    }
+    if let Some(len) = resp.header("content-length") {
+        let len: usize = len.parse().context("content-length")?;
+        while rest.len() < len {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await?;
+            ensure!(n > 0, "connection closed inside the body");
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        rest.truncate(len);
+        resp.body = rest;
+    } else if resp
+        .header("transfer-encoding")
+        .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+    {
+        stream.read_to_end(&mut rest).await?;
+        resp.body = decode_chunked(&rest)?;
+    } else {
+        stream.read_to_end(&mut rest).await?;
+        resp.body = rest;
+    }
+    Ok(resp)
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = find(data, b"\r\n").context("chunk size line")?;
+        let size_line = std::str::from_utf8(&data[..line_end])?;
+        let size_hex = size_line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_hex, 16)
+            .with_context(|| format!("chunk size {size_line:?}"))?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        ensure!(data.len() >= size + 2, "truncated chunk");
+        body.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a binary to completion
+// ---------------------------------------------------------------------------------------------
+
+pub struct BinOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl fmt::Debug for BinOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exit code {:?} after {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.code, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `bin args` with only PATH and `env` set; killed (and an error) after `timeout`.
+pub async fn run_bin<K: AsRef<str>, V: AsRef<str>>(
+    bin: &str,
+    args: &[&str],
+    env: &[(K, V)],
+    timeout: Duration,
+) -> Result<BinOutput> {
+    let started = Instant::now();
+    let child = tokio::process::Command::new(bin)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_ref(), v.as_ref())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn {bin}"))?;
+    let out = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| anyhow!("{bin} {args:?} still running after {timeout:?} (killed)"))??;
+    Ok(BinOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: started.elapsed(),
+    })
+}
