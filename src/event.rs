@@ -4,40 +4,48 @@
 //! `agent_id`, `scan_id`), matching keys case-insensitively as Go's `encoding/json` does; a frame
 //! they cannot decode breaks them. So a payload is forwarded only if it is one JSON object whose
 //! fields of those names are strings or null. The check runs once per notification; the
-//! original bytes are kept verbatim (no re-encoding) in a reference-counted buffer that every
-//! client's queue shares.
+//! original bytes are kept verbatim (no re-encoding), framed once as a websocket text frame, in
+//! a reference-counted buffer that every client's outbox shares.
 
 use std::fmt;
 
+use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-/// One websocket text frame's payload, cheap to clone (a reference count).
+use crate::wire;
+
+/// One websocket text frame, header included, encoded once; cloning is a reference count.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Frame(Utf8Bytes);
+pub struct Frame {
+    wire: Bytes,
+    payload_at: usize,
+}
 
 impl Frame {
     /// The periodic application-level heartbeat agents expect.
     pub fn ping() -> Frame {
-        Frame(Utf8Bytes::from_static(PING_PAYLOAD))
+        Frame {
+            wire: Bytes::from_static(PING_FRAME),
+            payload_at: 2,
+        }
+    }
+
+    fn text(payload: &str) -> Frame {
+        Frame {
+            wire: wire::encode(wire::opcode::TEXT, payload.as_bytes()),
+            payload_at: wire::header_len(payload.len()),
+        }
     }
 
     /// The payload, as sent.
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        std::str::from_utf8(&self.wire[self.payload_at..])
+            .expect("frames are built from &str payloads")
     }
 
-    /// The buffer handed to the websocket layer.
-    pub fn to_utf8_bytes(&self) -> Utf8Bytes {
-        self.0.clone()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// The whole frame as it goes on the wire.
+    pub fn wire(&self) -> &Bytes {
+        &self.wire
     }
 }
 
@@ -49,6 +57,9 @@ impl fmt::Debug for Frame {
 
 /// The text of the heartbeat frame, as the original sent it.
 pub const PING_PAYLOAD: &str = r#"{"action":"ping"}"#;
+
+/// [`PING_PAYLOAD`] as a text frame: FIN + text opcode, length 17.
+const PING_FRAME: &[u8] = b"\x81\x11{\"action\":\"ping\"}";
 
 /// Why a payload is not forwarded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,7 +73,7 @@ pub enum Rejected {
 /// Validates a payload and wraps its bytes, unchanged, for broadcast.
 pub fn frame_from_payload(payload: &str) -> Result<Frame, Rejected> {
     validate(payload)?;
-    Ok(Frame(Utf8Bytes::from(payload)))
+    Ok(Frame::text(payload))
 }
 
 /// Checks a payload without copying it.
@@ -192,6 +203,7 @@ mod tests {
         ] {
             let frame = frame_from_payload(payload).expect(payload);
             assert_eq!(frame.as_str(), payload);
+            assert_eq!(frame.wire()[0], 0x81);
         }
     }
 
@@ -223,6 +235,7 @@ mod tests {
     #[test]
     fn ping_is_the_original_heartbeat() {
         assert_eq!(Frame::ping().as_str(), r#"{"action":"ping"}"#);
+        assert_eq!(Frame::ping(), Frame::text(PING_PAYLOAD));
         assert!(validate(Frame::ping().as_str()).is_ok());
     }
 

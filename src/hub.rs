@@ -1,26 +1,29 @@
-//! The client registry and broadcast: every frame goes to every client's bounded queue.
+//! The client registry and broadcast: every frame goes to every client.
 //!
-//! [`Hub::publish`] never waits on a client: it `try_send`s a reference-counted [`Frame`] into
-//! each queue. A client whose queue is full is removed and told to close as too slow (policy
-//! violation, 1008), so one stuck agent costs the others nothing and the receiver never blocks.
-//! The registry is a `std` mutex because it is held only for that synchronous loop, never
-//! across an `.await`.
+//! [`Hub::publish`] never waits on a client: it hands the frames, encoded once and shared, to
+//! each client's [`ClientOut`], which writes them straight into the socket when it takes them
+//! and otherwise queues them in a bounded outbox. A client whose outbox is full is removed and
+//! told to close as too slow (policy violation, 1008), so one stuck agent costs the others
+//! nothing and the receiver never blocks. The registry is a `std` mutex because it is held only
+//! for that synchronous loop, never across an `.await`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::mpsc::{self, error::TrySendError};
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::{ClientOut, Delivery};
 use crate::event::Frame;
 use crate::metrics::Metrics;
+use crate::wire::close_code;
 
 /// Why the server ends a client's connection, and the close frame that says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// The client's queue overflowed: it does not read fast enough.
+    /// The client's outbox overflowed: it does not read fast enough.
     TooSlow,
     /// The server is shutting down.
     GoingAway,
@@ -30,8 +33,8 @@ impl CloseReason {
     /// RFC 6455 close code.
     pub fn code(self) -> u16 {
         match self {
-            CloseReason::TooSlow => 1008,
-            CloseReason::GoingAway => 1001,
+            CloseReason::TooSlow => close_code::POLICY_VIOLATION,
+            CloseReason::GoingAway => close_code::GOING_AWAY,
         }
     }
 
@@ -68,14 +71,16 @@ impl ClientControl {
     }
 }
 
-struct ClientEntry {
-    queue: mpsc::Sender<Frame>,
-    control: Arc<ClientControl>,
+/// What the hub and a client's task share.
+#[derive(Debug)]
+pub struct Client {
+    pub out: ClientOut,
+    pub control: ClientControl,
 }
 
 /// The set of connected clients.
 pub struct Hub {
-    clients: Mutex<HashMap<u64, ClientEntry>>,
+    clients: Mutex<HashMap<u64, Arc<Client>>>,
     next_id: AtomicU64,
     /// Registrations alive (including clients that were kicked and are still closing).
     live: AtomicUsize,
@@ -84,12 +89,10 @@ pub struct Hub {
     metrics: Arc<Metrics>,
 }
 
-/// One client's end of the hub: its queue, its stop signal, and its place in the registry,
-/// which it leaves when dropped.
+/// One client's place in the hub, which it leaves when dropped.
 pub struct Registration {
     pub id: u64,
-    pub frames: mpsc::Receiver<Frame>,
-    pub control: Arc<ClientControl>,
+    pub client: Arc<Client>,
     hub: Arc<Hub>,
 }
 
@@ -113,7 +116,7 @@ impl Hub {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, ClientEntry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Client>>> {
         // A panic while holding the lock cannot leave the map torn (each operation is a single
         // insert, remove or retain), so a poisoned lock is still safe to use.
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
@@ -122,24 +125,19 @@ impl Hub {
     /// Adds a client. From this moment it receives every published frame.
     pub fn register(self: &Arc<Self>) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (queue, frames) = mpsc::channel(self.queue_capacity);
-        let control = Arc::new(ClientControl {
-            stop: self.shutdown.child_token(),
-            reason: OnceLock::new(),
+        let client = Arc::new(Client {
+            out: ClientOut::new(self.queue_capacity),
+            control: ClientControl {
+                stop: self.shutdown.child_token(),
+                reason: OnceLock::new(),
+            },
         });
         self.live.fetch_add(1, Ordering::Relaxed);
         self.metrics.clients_connected.inc();
-        self.lock().insert(
-            id,
-            ClientEntry {
-                queue,
-                control: control.clone(),
-            },
-        );
+        self.lock().insert(id, client.clone());
         Registration {
             id,
-            frames,
-            control,
+            client,
             hub: self.clone(),
         }
     }
@@ -149,26 +147,39 @@ impl Hub {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Queues `frame` for every client; returns how many got it. Never blocks on a client.
+    /// Sends one frame to every client; returns how many took it.
     pub fn publish(&self, frame: &Frame) -> usize {
+        self.publish_batch(std::slice::from_ref(frame))
+    }
+
+    /// Sends frames, in order, to every client; returns how many clients took them. Never
+    /// blocks on a client: each gets at most one non-blocking write.
+    pub fn publish_batch(&self, frames: &[Frame]) -> usize {
+        if frames.is_empty() {
+            return 0;
+        }
+        let wires: Vec<Bytes> = frames.iter().map(|f| f.wire().clone()).collect();
         let mut kicked = Vec::new();
         let mut clients = self.lock();
-        clients.retain(|id, client| match client.queue.try_send(frame.clone()) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
+        clients.retain(|id, client| match client.out.send(&wires) {
+            Delivery::Accepted => true,
+            Delivery::Overflow => {
                 client.control.kick(CloseReason::TooSlow);
                 kicked.push(*id);
                 false
             }
-            // The client's task ended; its registration removes it too.
-            Err(TrySendError::Closed(_)) => false,
+            // The client's task ends on its own; its registration removes it too.
+            Delivery::Closed => false,
         });
         let delivered = clients.len();
         drop(clients);
+        self.metrics
+            .frames_sent
+            .inc_by((delivered * frames.len()) as u64);
         for id in kicked {
             self.metrics.clients_disconnected_slow.inc();
             log::warn!(
-                "client {id}: disconnected, its queue of {} frames is full (client too slow)",
+                "client {id}: disconnected, more than {} frames waiting (client too slow)",
                 self.queue_capacity
             );
         }
@@ -196,7 +207,9 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::test_support::socket_pair;
     use crate::event::frame_from_payload;
+    use tokio::io::AsyncReadExt;
 
     fn hub(capacity: usize) -> Arc<Hub> {
         Arc::new(Hub::new(
@@ -209,35 +222,44 @@ mod tests {
     #[tokio::test]
     async fn every_client_gets_every_frame_in_order() {
         let hub = hub(16);
-        let mut a = hub.register();
-        let mut b = hub.register();
+        let (a, b) = (hub.register(), hub.register());
+        let mut peers = Vec::new();
+        for reg in [&a, &b] {
+            let (server, peer) = socket_pair().await;
+            reg.client.out.attach(server);
+            peers.push(peer);
+        }
+        let mut expected = Vec::new();
         for i in 0..10 {
             let frame = frame_from_payload(&format!(r#"{{"n":{i}}}"#)).expect("valid");
+            expected.extend_from_slice(frame.wire());
             assert_eq!(hub.publish(&frame), 2);
         }
-        for reg in [&mut a, &mut b] {
-            for i in 0..10 {
-                let frame = reg.frames.recv().await.expect("frame");
-                assert_eq!(frame.as_str(), format!(r#"{{"n":{i}}}"#));
-            }
+        for peer in &mut peers {
+            let mut got = vec![0; expected.len()];
+            peer.read_exact(&mut got).await.expect("read");
+            assert_eq!(got, expected);
         }
         assert_eq!(hub.client_count(), 2);
         drop(a);
         assert_eq!(hub.client_count(), 1);
         assert_eq!(hub.publish(&Frame::ping()), 1);
+        assert_eq!(hub.metrics.frames_sent.get(), 21);
     }
 
     #[tokio::test]
-    async fn a_full_queue_kicks_only_that_client() {
+    async fn a_full_outbox_kicks_only_that_client() {
         let hub = hub(2);
-        let mut reader = hub.register();
+        let reader = hub.register();
+        let (server, _peer) = socket_pair().await;
+        reader.client.out.attach(server);
+        // Never upgraded, so nothing drains its outbox.
         let stuck = hub.register();
         for _ in 0..3 {
             hub.publish(&Frame::ping());
-            reader.frames.recv().await.expect("reader keeps up");
         }
-        stuck.control.stopped().await;
-        assert_eq!(stuck.control.reason(), CloseReason::TooSlow);
+        stuck.client.control.stopped().await;
+        assert_eq!(stuck.client.control.reason(), CloseReason::TooSlow);
         assert_eq!(hub.publish(&Frame::ping()), 1);
         assert_eq!(hub.metrics.clients_disconnected_slow.get(), 1);
     }
@@ -246,21 +268,25 @@ mod tests {
     async fn shutdown_stops_clients_as_going_away() {
         let root = CancellationToken::new();
         let hub = Arc::new(Hub::new(4, root.clone(), Arc::new(Metrics::new())));
-        let client = hub.register();
+        let reg = hub.register();
         root.cancel();
-        client.control.stopped().await;
-        assert_eq!(client.control.reason(), CloseReason::GoingAway);
+        reg.client.control.stopped().await;
+        assert_eq!(reg.client.control.reason(), CloseReason::GoingAway);
     }
 
     #[tokio::test(start_paused = true)]
     async fn pinger_sends_the_heartbeat_each_interval() {
         let root = CancellationToken::new();
         let hub = Arc::new(Hub::new(4, root.clone(), Arc::new(Metrics::new())));
-        let mut client = hub.register();
+        let reg = hub.register();
+        let (server, mut peer) = socket_pair().await;
+        reg.client.out.attach(server);
         let pinger = tokio::spawn(hub.clone().run_pinger(Duration::from_secs(5)));
+        let ping = Frame::ping();
         for _ in 0..2 {
-            let frame = client.frames.recv().await.expect("ping");
-            assert_eq!(frame, Frame::ping());
+            let mut got = vec![0; ping.wire().len()];
+            peer.read_exact(&mut got).await.expect("ping");
+            assert_eq!(&got[..], &ping.wire()[..]);
         }
         root.cancel();
         pinger.await.expect("pinger stops on shutdown");

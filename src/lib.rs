@@ -6,8 +6,10 @@
 //! - [`event`]: payload → validated, shared [`event::Frame`]; the ping frame.
 //! - [`pg`]: connection options and libpq's sslmodes on native-tls.
 //! - [`receiver`]: the LISTEN connection, its health checks and reconnects.
-//! - [`hub`]: connected clients, their bounded queues, `publish`, the heartbeat.
-//! - [`subscriber`]: one websocket: queue to socket, liveness, close.
+//! - [`hub`]: connected clients, `publish`, the heartbeat.
+//! - [`client`]: one client's outgoing side: direct writes, the bounded outbox.
+//! - [`subscriber`]: one client's task: reads, backlog flushes, liveness, close.
+//! - [`wire`]: websocket framing (encode server frames, parse client frames).
 //! - [`server`]: HTTP routes and the accept loop.
 //! - [`shutdown`]: signal handling.
 //! - [`limits`]: the open-files limit.
@@ -16,10 +18,12 @@
 //!
 //! # Flow
 //! A NOTIFY reaches [`receiver::Receiver`] as a notification; [`event`] checks it once and
-//! wraps the original bytes; [`hub::Hub::publish`] queues that one buffer for every client
-//! without waiting on any; each [`subscriber::Subscriber`] writes its queue to its socket.
+//! frames the original bytes once; [`hub::Hub::publish`] hands that one buffer to every client
+//! without waiting on any: [`client::ClientOut`] writes it into the socket directly, or queues
+//! what the socket did not take for the client's [`subscriber::Subscriber`] task to flush.
 
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod event;
@@ -33,6 +37,7 @@ pub mod server;
 pub mod shutdown;
 pub mod subscriber;
 pub mod test_client;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;

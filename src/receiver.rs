@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use postgres_native_tls::MakeTlsConnector;
 use rand::Rng;
 use tokio::sync::watch;
@@ -18,10 +18,14 @@ use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ReceiverConfig;
-use crate::event::{self, frame_from_payload};
+use crate::event::{self, Frame, frame_from_payload};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::pg::{self, PgConnection};
+
+/// At most this many notifications go out as one batch, so that a flood still reaches clients
+/// in bounded slices.
+const MAX_BATCH: usize = 256;
 
 /// The listener's state as `/status` and `/ready` report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,34 +237,69 @@ impl Receiver {
     }
 
     /// Drives the connection until it ends, broadcasting each notification on our channel.
-    /// Returns why it ended.
+    /// Notifications that arrived together (one read from the server) are published as one
+    /// batch, so that each client gets one write for all of them. Returns why it ended.
     async fn forward_notifications(&self, mut connection: PgConnection) -> String {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(n)) if n.channel() == self.config.channel => {
-                    self.on_payload(n.payload());
+        let mut batch = Vec::new();
+        loop {
+            let Some(mut message) = messages.next().await else {
+                return "connection closed by the server".to_owned();
+            };
+            loop {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) if n.channel() == self.config.channel => {
+                        if let Some(frame) = self.accept(n.payload()) {
+                            batch.push(frame);
+                        }
+                    }
+                    Ok(AsyncMessage::Notice(notice)) => {
+                        log::info!("PostgreSQL notice: {}", notice.message());
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        self.publish(&mut batch);
+                        return pg::describe_error(&err);
+                    }
                 }
-                Ok(AsyncMessage::Notice(notice)) => {
-                    log::info!("PostgreSQL notice: {}", notice.message());
+                if batch.len() >= MAX_BATCH {
+                    break;
                 }
-                Ok(_) => {}
-                Err(err) => return pg::describe_error(&err),
+                match messages.next().now_or_never() {
+                    Some(Some(next)) => message = next,
+                    Some(None) => {
+                        self.publish(&mut batch);
+                        return "connection closed by the server".to_owned();
+                    }
+                    None => break,
+                }
             }
+            self.publish(&mut batch);
         }
-        "connection closed by the server".to_owned()
     }
 
-    fn on_payload(&self, payload: &str) {
+    fn publish(&self, batch: &mut Vec<Frame>) {
+        if batch.is_empty() {
+            return;
+        }
+        let clients = self.hub.publish_batch(batch);
+        self.metrics
+            .notifications_forwarded
+            .inc_by(batch.len() as u64);
+        log::debug!(
+            "{} notification(s) forwarded to {clients} clients",
+            batch.len()
+        );
+        batch.clear();
+    }
+
+    /// Validates one payload; invalid ones are counted and logged, never forwarded.
+    fn accept(&self, payload: &str) -> Option<Frame> {
         self.metrics.notifications_received.inc();
         match frame_from_payload(payload) {
             Ok(frame) => {
-                let clients = self.hub.publish(&frame);
-                self.metrics.notifications_forwarded.inc();
-                log::debug!(
-                    "notification forwarded to {clients} clients: {}",
-                    event::preview(payload)
-                );
+                log::debug!("notification: {}", event::preview(payload));
+                Some(frame)
             }
             Err(rejected) => {
                 self.metrics.notifications_invalid.inc();
@@ -269,6 +308,7 @@ impl Receiver {
                     self.config.channel,
                     event::preview(payload)
                 );
+                None
             }
         }
     }

@@ -3,7 +3,8 @@
 //! warp routes each request, but the accept loop and the websocket upgrade are ours: hyper's
 //! connection builder is where the handshake timeout and the header size limit live, and
 //! completing the upgrade by hand lets the client join the hub *before* the 101 goes out (so a
-//! client that saw its 101 misses nothing) and lets us size tungstenite's buffers.
+//! client that saw its 101 misses nothing) and hands the raw socket to [`crate::client`], which
+//! writes shared, pre-encoded frames into it directly.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,9 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::Filter;
@@ -38,13 +37,6 @@ use crate::subscriber::{Liveness, Subscriber};
 
 /// The largest request head (request line plus headers) accepted; hyper's minimum is 8 KiB.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
-
-/// tungstenite reads into a buffer of this size; clients send only pongs and closes, so a small
-/// buffer keeps an idle connection cheap (its default is 128 KiB).
-const READ_BUFFER: usize = 4 * 1024;
-
-/// Frames are gathered up to this size before a write; a flush sends the rest at once.
-const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -226,7 +218,8 @@ fn metrics(state: &AppState) -> Response {
     let mut response = Response::new(state.metrics.render().into());
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        // prometheus-client writes OpenMetrics, which Prometheus scrapes when told so.
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
 }
@@ -306,8 +299,8 @@ fn upgrade(state: &Arc<AppState>, request: RequestParts) -> Response {
     let liveness = Liveness {
         ping_interval: state.sender.ping_interval,
         pong_timeout: state.sender.pong_timeout,
+        max_message: state.sender.max_frame_size,
     };
-    let ws_config = websocket_config(&state.sender);
     let metrics = state.metrics.clone();
     let shutdown = state.shutdown.clone();
     state.tasks.spawn(async move {
@@ -321,11 +314,18 @@ fn upgrade(state: &Arc<AppState>, request: RequestParts) -> Response {
                 }
             },
         };
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-                .await;
+        // The accept loop serves every connection as a `TokioIo<TcpStream>`, so the socket
+        // comes back as such; taking it whole lets the hub write to it directly.
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            log::error!(
+                "client {} ({peer}): upgraded connection is not a TCP stream",
+                registration.id
+            );
+            return;
+        };
         Subscriber {
-            socket,
+            stream: Arc::new(parts.io.into_inner()),
+            leftover: parts.read_buf,
             registration,
             peer,
             liveness,
@@ -439,15 +439,6 @@ fn is_valid_key(key: &[u8]) -> bool {
         && base64::engine::general_purpose::STANDARD
             .decode(key)
             .is_ok_and(|bytes| !bytes.is_empty())
-}
-
-fn websocket_config(sender: &SenderConfig) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER.max(sender.max_frame_size) * 4)
-        .max_message_size(Some(sender.max_frame_size))
-        .max_frame_size(Some(sender.max_frame_size))
 }
 
 #[cfg(test)]

@@ -1,47 +1,48 @@
-//! One websocket client: its queue to its socket, its reads discarded, its close.
+//! One websocket client's task: reads (to answer pings and closes, notice liveness and enforce
+//! limits), flushes what the hub could not write at once, pings, and closes.
 //!
-//! The task writes queued frames in batches (everything already queued goes out in one flush),
-//! reads and discards what the client sends (tungstenite answers pings and echoes closes while
-//! reading), sends a websocket Ping every interval and drops a client that has not been heard
-//! from within the pong timeout: that is how a vanished peer (pulled cable, expired NAT entry)
-//! is found. Every write races the stop signal, so a client whose socket is stuck can still be
-//! kicked or shut down.
+//! Frames normally reach the socket without this task: the hub writes them directly (see
+//! [`crate::client`]). The task wakes only for what the client sends, for a backlog to flush
+//! when the socket becomes writable again, for its ping timer, and to close. A client that has
+//! not been heard from (any bytes, pongs included) within the pong timeout is dropped: that is
+//! how a vanished peer (pulled cable, expired NAT entry) is found.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use bytes::Bytes;
+use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::hub::Registration;
+use crate::hub::{CloseReason, Registration};
 use crate::metrics::Metrics;
-
-/// The socket type after an HTTP upgrade.
-pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
-
-/// At most this many queued frames go into one flush, so that a steady stream still yields to
-/// reads and pings now and then.
-const MAX_BATCH: usize = 256;
+use crate::wire::{self, ClientEvent, FrameReader, ProtocolError};
 
 /// How long a close handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Liveness settings shared by every client.
+/// Bytes read from a client per `read`: clients send only pongs and closes, so a small buffer
+/// (part of the task, no allocation) keeps an idle connection cheap.
+const READ_CHUNK: usize = 512;
+
+/// A websocket Ping. It carries a payload so that no NUL byte goes out: a plain `curl` on the
+/// stream (the README's example) stops at the first NUL it would print to a terminal.
+const PING: &[u8] = b"\x89\x04ping";
+
+/// Liveness and limit settings shared by every client.
 #[derive(Debug, Clone, Copy)]
 pub struct Liveness {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
+    /// The largest message a client may send.
+    pub max_message: usize,
 }
 
 pub struct Subscriber {
-    pub socket: Socket,
+    pub stream: Arc<TcpStream>,
+    /// Bytes the client sent right after its handshake, already read by the HTTP layer.
+    pub leftover: Bytes,
     pub registration: Registration,
     pub peer: SocketAddr,
     pub liveness: Liveness,
@@ -50,9 +51,13 @@ pub struct Subscriber {
 
 /// How a client's session ended.
 enum End {
-    /// The hub or shutdown asked us to close: send a close frame with that reason.
-    Stopped,
-    /// The client closed, vanished or broke the protocol: nothing more to send.
+    /// The hub or shutdown asked us to close.
+    Stopped(CloseReason),
+    /// The client sent a close (with this code).
+    ClientClosed(Option<u16>),
+    /// The client broke the protocol or a limit.
+    Protocol(ProtocolError),
+    /// The connection ended or failed: nothing more to send.
     Gone(String),
     /// The client answered nothing within the pong timeout.
     Unresponsive,
@@ -62,104 +67,161 @@ impl Subscriber {
     pub async fn run(mut self) {
         let id = self.registration.id;
         let peer = self.peer;
+        let client = self.registration.client.clone();
+        client.out.attach(self.stream.clone());
         log::debug!("client {id} ({peer}): connected");
-        let end = self.serve().await;
-        let mut socket = self.socket;
+        let mut reader = FrameReader::new(self.liveness.max_message);
+        // The leftover may share hyper's whole request buffer: release it before serving.
+        let leftover = std::mem::take(&mut self.leftover);
+        let early_end = self.absorb(&mut reader, &leftover);
+        drop(leftover);
+        let end = match early_end {
+            Some(end) => end,
+            None => self.serve(&mut reader).await,
+        };
         match end {
-            End::Stopped => {
-                let reason = self.registration.control.reason();
-                let frame = CloseFrame {
-                    code: CloseCode::from(reason.code()),
-                    reason: reason.text().into(),
-                };
-                // A stuck client never drains the close; the timeout bounds the wait.
-                let _ = timeout(CLOSE_TIMEOUT, socket.close(Some(frame))).await;
-                let _ = timeout(CLOSE_TIMEOUT, drain(&mut socket)).await;
+            End::Stopped(reason) => {
+                let close = wire::close_frame(reason.code(), reason.text());
+                client.out.seal_with(close, reason == CloseReason::TooSlow);
+                let _ = timeout(CLOSE_TIMEOUT, self.drain_outbox()).await;
+                if reason == CloseReason::GoingAway {
+                    // Give the client the chance to answer, so it sees a clean close.
+                    let _ = timeout(CLOSE_TIMEOUT, self.await_close(&mut reader)).await;
+                }
                 log::debug!("client {id} ({peer}): closed ({})", reason.text());
             }
-            End::Gone(why) => {
-                // Flush the echo of the client's close, if that is how it left.
-                let _ = timeout(CLOSE_TIMEOUT, socket.flush()).await;
-                log::debug!("client {id} ({peer}): gone ({why})");
+            End::ClientClosed(code) => {
+                // Echo the client's close (RFC 6455 §5.5.1).
+                let echo = match code {
+                    Some(code) => wire::close_frame(code, ""),
+                    None => wire::encode(wire::opcode::CLOSE, b""),
+                };
+                client.out.seal_with(echo, false);
+                let _ = timeout(CLOSE_TIMEOUT, self.drain_outbox()).await;
+                log::debug!("client {id} ({peer}): closed by the client");
             }
+            End::Protocol(err) => {
+                client
+                    .out
+                    .seal_with(wire::close_frame(err.close_code(), &err.to_string()), true);
+                let _ = timeout(CLOSE_TIMEOUT, self.drain_outbox()).await;
+                log::info!("client {id} ({peer}): closed, {err}");
+            }
+            End::Gone(why) => log::debug!("client {id} ({peer}): gone ({why})"),
             End::Unresponsive => {
                 self.metrics.clients_disconnected_unresponsive.inc();
                 log::info!(
-                    "client {id} ({peer}): dropped, no answer within {:?}",
+                    "client {id} ({peer}): dropped, nothing heard within {:?}",
                     self.liveness.pong_timeout
                 );
             }
         }
     }
 
-    async fn serve(&mut self) -> End {
-        let control = self.registration.control.clone();
+    async fn serve(&self, reader: &mut FrameReader) -> End {
+        let client = &self.registration.client;
         let interval = self.liveness.ping_interval;
         let mut pinger = tokio::time::interval_at(Instant::now() + interval, interval);
         pinger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
+        let mut buf = [0u8; READ_CHUNK];
         loop {
+            // Readiness futures do not spend tokio's cooperative budget: without this, a client
+            // that floods frames would keep its worker thread (and what is queued on it, the
+            // receiver or the accept loop) to itself.
+            tokio::task::consume_budget().await;
+            let backlog = client.out.has_backlog();
             tokio::select! {
                 biased;
-                _ = control.stopped() => return End::Stopped,
-                incoming = self.socket.next() => match incoming {
-                    None => return End::Gone("connection closed".to_owned()),
-                    Some(Err(err)) => return End::Gone(err.to_string()),
-                    Some(Ok(Message::Close(_))) => return End::Gone("client closed".to_owned()),
-                    Some(Ok(_)) => last_heard = Instant::now(),
-                },
+                _ = client.control.stopped() => return End::Stopped(client.control.reason()),
+                readable = self.stream.readable() => {
+                    if let Err(err) = readable {
+                        return End::Gone(err.to_string());
+                    }
+                    match self.stream.try_read(&mut buf) {
+                        Ok(0) => return End::Gone("connection closed".to_owned()),
+                        Ok(n) => {
+                            last_heard = Instant::now();
+                            if let Some(end) = self.absorb(reader, &buf[..n]) {
+                                return end;
+                            }
+                        }
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(err) => return End::Gone(err.to_string()),
+                    }
+                }
+                writable = self.stream.writable(), if backlog => {
+                    if let Err(err) = writable.and_then(|()| client.out.flush()) {
+                        return End::Gone(err.to_string());
+                    }
+                }
+                _ = client.out.backlog_signalled(), if !backlog => {}
                 _ = pinger.tick() => {
                     if last_heard.elapsed() > self.liveness.pong_timeout {
                         return End::Unresponsive;
                     }
-                    let ping = self.socket.send(Message::Ping(Default::default()));
-                    tokio::select! {
-                        _ = control.stopped() => return End::Stopped,
-                        sent = ping => if let Err(err) = sent {
-                            return End::Gone(err.to_string());
-                        },
-                    }
+                    client.out.send_control(Bytes::from_static(PING));
                 }
-                frame = self.registration.frames.recv() => {
-                    // The hub dropped our queue: we were kicked (the stop arm says why).
-                    let Some(frame) = frame else { return End::Stopped };
-                    tokio::select! {
-                        _ = control.stopped() => return End::Stopped,
-                        written = write_batch(&mut self.socket, &mut self.registration, frame) => {
-                            match written {
-                                Ok(n) => { self.metrics.frames_sent.inc_by(n); }
-                                Err(err) => return End::Gone(err.to_string()),
-                            }
-                        }
+            }
+        }
+    }
+
+    /// Parses what the client sent, answering pings; `Some` when the session must end.
+    fn absorb(&self, reader: &mut FrameReader, data: &[u8]) -> Option<End> {
+        let out = &self.registration.client.out;
+        let mut closed = None;
+        let parsed = reader.feed(data, &mut |event| match event {
+            ClientEvent::Ping(payload) if closed.is_none() => {
+                out.send_control(wire::encode(wire::opcode::PONG, &payload));
+            }
+            ClientEvent::Close(code) => {
+                closed.get_or_insert(code);
+            }
+            _ => {}
+        });
+        match (closed, parsed) {
+            (Some(code), _) => Some(End::ClientClosed(code)),
+            (None, Err(err)) => Some(End::Protocol(err)),
+            (None, Ok(())) => None,
+        }
+    }
+
+    /// Writes the outbox out as the socket allows.
+    async fn drain_outbox(&self) {
+        let out = &self.registration.client.out;
+        loop {
+            match out.flush() {
+                Ok(true) | Err(_) => return,
+                Ok(false) => {
+                    if self.stream.writable().await.is_err() {
+                        return;
                     }
                 }
             }
         }
     }
-}
 
-/// Writes `first` and whatever else is already queued, then flushes once.
-async fn write_batch(
-    socket: &mut Socket,
-    registration: &mut Registration,
-    first: crate::event::Frame,
-) -> Result<u64, tokio_tungstenite::tungstenite::Error> {
-    socket.feed(Message::Text(first.to_utf8_bytes())).await?;
-    let mut written = 1;
-    while written < MAX_BATCH as u64 {
-        match registration.frames.try_recv() {
-            Ok(frame) => {
-                socket.feed(Message::Text(frame.to_utf8_bytes())).await?;
-                written += 1;
+    /// Reads until the client's close arrives or the connection ends.
+    async fn await_close(&self, reader: &mut FrameReader) {
+        let mut buf = [0u8; READ_CHUNK];
+        loop {
+            if self.stream.readable().await.is_err() {
+                return;
             }
-            Err(_) => break,
+            match self.stream.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let mut closed = false;
+                    let parsed = reader.feed(&buf[..n], &mut |event| {
+                        closed |= matches!(event, ClientEvent::Close(_));
+                    });
+                    if closed || parsed.is_err() {
+                        return;
+                    }
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
         }
     }
-    socket.flush().await?;
-    Ok(written)
-}
-
-/// Reads until the peer's close arrives or the connection ends.
-async fn drain(socket: &mut Socket) {
-    while let Some(Ok(_)) = socket.next().await {}
 }

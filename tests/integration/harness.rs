@@ -388,6 +388,103 @@ impl PgCluster {
             .with_context(|| format!("notify {count} on {channel}"))?;
         Ok(())
     }
+
+    /// Replaces `pg_hba.conf` with `content` and asks postgres to reload it. A reload is
+    /// asynchronous: the caller waits for its effect.
+    pub async fn set_hba(&self, content: &str) -> Result<()> {
+        let path = self.dir.path().join("data").join("pg_hba.conf");
+        // Truncating the existing file keeps its owner (postgres) and mode.
+        std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
+        self.connect("postgres")
+            .await?
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .context("pg_reload_conf")?;
+        Ok(())
+    }
+
+    /// Pids of the backends whose `application_name` is `name`, oldest first.
+    pub async fn backend_pids(&self, application_name: &str) -> Result<Vec<i32>> {
+        let rows = self
+            .connect("postgres")
+            .await?
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
+                 ORDER BY backend_start",
+                &[&application_name],
+            )
+            .await
+            .context("query pg_stat_activity")?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+}
+
+/// Settings and files of a cluster that speaks TLS (see [`PgCluster::private_tls`]).
+#[derive(Clone, Debug, Default)]
+pub struct PgTlsOpts {
+    /// The server certificate (PEM), installed as `ssl_cert_file`.
+    pub cert_pem: String,
+    /// Its private key (PEM), installed as `ssl_key_file` (mode 0600, owned by the server user).
+    pub key_pem: String,
+    /// `pg_hba.conf` lines placed before initdb's rules (which trust every local TCP client,
+    /// with or without TLS), e.g. `host all alice 127.0.0.1/32 scram-sha-256`.
+    pub hba_first: Vec<String>,
+}
+
+impl PgCluster {
+    /// A cluster of its own with `ssl = on`, listening on 127.0.0.1 only. Plain TCP stays
+    /// allowed (initdb's `host all all 127.0.0.1/32 trust` rule matches both), so one cluster
+    /// serves every sslmode; [`PgCluster::connect`] keeps working without TLS.
+    pub async fn private_tls(opts: &PgTlsOpts) -> Result<PgCluster> {
+        let cluster = PgCluster::private().await?;
+        cluster.stop().await?;
+        let data = cluster.dir.path().join("data");
+        for (name, content) in [
+            ("server.crt", &opts.cert_pem),
+            ("server.key", &opts.key_pem),
+        ] {
+            let path = data.join(name);
+            std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("chmod 0600 {}", path.display()))?;
+            if running_as_root() {
+                let status = Command::new("chown")
+                    .arg("postgres:")
+                    .arg(&path)
+                    .status()
+                    .context("chown TLS file")?;
+                ensure!(
+                    status.success(),
+                    "chown postgres: {}: {status}",
+                    path.display()
+                );
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut file = File::options()
+            .append(true)
+            .open(&conf)
+            .with_context(|| format!("open {}", conf.display()))?;
+        file.write_all(
+            b"\n# vulcan-stream tests: TLS\n\
+              ssl = on\n\
+              ssl_cert_file = 'server.crt'\n\
+              ssl_key_file = 'server.key'\n\
+              listen_addresses = '127.0.0.1'\n",
+        )
+        .context("append TLS settings to postgresql.conf")?;
+        if !opts.hba_first.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let old = std::fs::read_to_string(&hba).context("read pg_hba.conf")?;
+            let mut new = opts.hba_first.join("\n");
+            new.push('\n');
+            new.push_str(&old);
+            // Rewritten in place: owner and mode stay.
+            std::fs::write(&hba, new).context("write pg_hba.conf")?;
+        }
+        cluster.start().await?;
+        Ok(cluster)
+    }
 }
 
 impl Drop for PgCluster {
@@ -436,6 +533,9 @@ pub struct ServerOpts {
     pub args: Vec<String>,
     /// Wait for `/ready` = 200 before returning.
     pub wait_ready: bool,
+    /// The open-files soft limit the process starts with (`RLIMIT_NOFILE`, hard limit kept);
+    /// `None` inherits the test process's.
+    pub open_files_soft: Option<u64>,
 }
 
 impl ServerOpts {
@@ -446,6 +546,7 @@ impl ServerOpts {
             config: None,
             args: Vec::new(),
             wait_ready: true,
+            open_files_soft: None,
         }
         .env("PORT", "0")
         .env("LOG_LEVEL", "info")
@@ -475,6 +576,12 @@ impl ServerOpts {
 
     pub fn no_wait_ready(mut self) -> Self {
         self.wait_ready = false;
+        self
+    }
+
+    /// Starts the server with this open-files soft limit (e.g. the usual default, 1024).
+    pub fn open_files_soft_limit(mut self, soft: u64) -> Self {
+        self.open_files_soft = Some(soft);
         self
     }
 }
@@ -513,6 +620,9 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if let Some(soft) = opts.open_files_soft {
+            set_open_files_soft_limit(&mut cmd, soft);
+        }
         let mut child = cmd.spawn().context("spawn vulcan-stream")?;
         let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, rx) = watch::channel(Log::default());
@@ -684,6 +794,68 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+
+    /// [`Server::wait_log`] with its own deadline.
+    pub async fn wait_log_within(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        let mut rx = self.log.clone();
+        let res =
+            tokio::time::timeout(timeout, rx.wait_for(|log| pred(&log.text) || log.eof)).await;
+        let text = self.stderr();
+        match res {
+            Ok(_) if pred(&text) => Ok(text),
+            Ok(_) => bail!("server stderr closed (process exited) first; stderr:\n{text}"),
+            Err(_) => bail!("timed out after {timeout:?}; stderr:\n{text}"),
+        }
+    }
+
+    /// The stderr lines containing every one of `needles`.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        self.stderr()
+            .lines()
+            .filter(|line| needles.iter().all(|n| line.contains(n)))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Polls `/metrics` until metric `name` satisfies `pred`; returns its value.
+    pub async fn wait_metric(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(f64) -> bool,
+    ) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.metric(name).await?;
+            if pred(value) {
+                return Ok(value);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{name} is still {value} after {timeout:?}"
+            );
+            tokio::time::sleep(PROBE_INTERVAL).await;
+        }
+    }
+
+    /// The process's resident set size and its peak, in KiB (`VmRSS`, `VmHWM`).
+    pub fn memory_kib(&self) -> Result<(u64, u64)> {
+        let path = format!("/proc/{}/status", self.pid());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+        let field = |name: &str| -> Result<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{name} in {path}"))
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
 }
 
 impl Drop for Server {
@@ -698,6 +870,57 @@ impl Drop for Server {
             self.stderr()
         );
     }
+}
+
+/// Makes `cmd`'s process start with an open-files soft limit of `soft` (its hard limit
+/// unchanged; `soft` is capped at it).
+fn set_open_files_soft_limit(cmd: &mut Command, soft: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and calls only getrlimit and
+    // setrlimit, which are async-signal-safe; it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            limit.rlim_cur = soft.min(limit.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Raises this process's open-files soft limit to its hard limit (for tests that open many
+/// sockets); returns the new soft limit.
+pub fn raise_own_open_files_limit() -> Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own; the resource is valid.
+    unsafe {
+        ensure!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0,
+            "getrlimit(RLIMIT_NOFILE): {}",
+            std::io::Error::last_os_error()
+        );
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            ensure!(
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0,
+                "setrlimit(RLIMIT_NOFILE, {}): {}",
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// The port of the first `listening on <ip:port>` line.
@@ -747,6 +970,26 @@ pub async fn ws_connect(port: u16, path: &str) -> Result<Ws> {
         .await
         .with_context(|| format!("connect {url}: timeout"))?
         .with_context(|| format!("connect {url}"))?;
+    Ok(ws)
+}
+
+/// Connects to `ws://127.0.0.1:<port><path>` with extra request headers (e.g. `Authorization`,
+/// `Origin`); returns after the 101.
+pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Ws> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+    let url = format!("ws://127.0.0.1:{port}{path}");
+    let mut request = url.as_str().into_client_request()?;
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            HeaderName::from_bytes(name.as_bytes())?,
+            HeaderValue::from_str(value)?,
+        );
+    }
+    let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
+        .await
+        .with_context(|| format!("connect {url}: timeout"))?
+        .with_context(|| format!("connect {url} with {headers:?}"))?;
     Ok(ws)
 }
 
@@ -1028,4 +1271,299 @@ pub async fn run_bin<K: AsRef<str>, V: AsRef<str>>(
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         elapsed: started.elapsed(),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw websocket client: the test decides when, and whether, it reads
+// ---------------------------------------------------------------------------------------------
+
+/// Websocket opcodes (RFC 6455 §5.2).
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_CLOSE: u8 = 0x8;
+
+/// The request head of a valid websocket upgrade of `/stream`.
+pub fn upgrade_request(port: u16) -> String {
+    format!(
+        "GET /stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+/// The mask every raw client frame uses (clients must mask; the value does not matter).
+const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// The head of a client frame (FIN set, masked) announcing `len` payload bytes.
+pub fn client_frame_head(opcode: u8, len: u64) -> Vec<u8> {
+    let mut head = vec![0x80 | opcode];
+    if len < 126 {
+        head.push(0x80 | len as u8);
+    } else if len <= u64::from(u16::MAX) {
+        head.push(0x80 | 126);
+        head.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        head.push(0x80 | 127);
+        head.extend_from_slice(&len.to_be_bytes());
+    }
+    head.extend_from_slice(&MASK);
+    head
+}
+
+/// Masks (or unmasks) `data` in place, `offset` bytes into a payload.
+pub fn apply_mask(data: &mut [u8], offset: usize) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte ^= MASK[(offset + i) % 4];
+    }
+}
+
+/// A complete client frame: head and masked payload.
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = client_frame_head(opcode, payload.len() as u64);
+    let start = frame.len();
+    frame.extend_from_slice(payload);
+    apply_mask(&mut frame[start..], 0);
+    frame
+}
+
+/// One frame from the server.
+#[derive(Debug)]
+pub struct RawFrame {
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The status code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == OP_CLOSE && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+/// How a connection ended, seen from the reading side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// A websocket close frame with this code (None: no code).
+    Close(Option<u16>),
+    /// End of stream, possibly in the middle of a frame.
+    Eof,
+    /// The connection was reset (or otherwise broke) while reading.
+    Reset,
+}
+
+/// A websocket client on a bare TCP stream: it reads only when the test asks it to, and answers
+/// nothing by itself (no pongs, no close echo).
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawWs {
+    /// Upgrades a new connection to `/stream`; returns after the 101.
+    pub async fn connect(port: u16) -> Result<RawWs> {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("connect 127.0.0.1:{port}"))?;
+        RawWs::upgrade(stream, port).await
+    }
+
+    /// As [`RawWs::connect`] with the socket's receive buffer set to `bytes` before connecting,
+    /// so that the window it advertises stays small and the server's writes back up early.
+    pub async fn connect_with_recv_buffer(port: u16, bytes: u32) -> Result<RawWs> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(bytes)?;
+        let stream = socket
+            .connect(([127, 0, 0, 1], port).into())
+            .await
+            .with_context(|| format!("connect 127.0.0.1:{port}"))?;
+        RawWs::upgrade(stream, port).await
+    }
+
+    async fn upgrade(mut stream: TcpStream, port: u16) -> Result<RawWs> {
+        let handshake = async {
+            stream.write_all(upgrade_request(port).as_bytes()).await?;
+            let mut buf = Vec::new();
+            loop {
+                if let Some(pos) = find(&buf, b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..pos]).into_owned();
+                    ensure!(
+                        head.starts_with("HTTP/1.1 101"),
+                        "upgrade refused: {head:?}"
+                    );
+                    return Ok(buf.split_off(pos + 4));
+                }
+                let mut chunk = [0u8; 1024];
+                let n = stream.read(&mut chunk).await?;
+                ensure!(n > 0, "connection closed during the upgrade");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        let buf = tokio::time::timeout(TIMEOUT, handshake)
+            .await
+            .context("websocket upgrade: timeout")??;
+        Ok(RawWs { stream, buf })
+    }
+
+    /// The next frame from the server; `None` at end of stream. I/O errors are returned.
+    pub async fn next_frame(&mut self) -> std::io::Result<Option<RawFrame>> {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Ok(Some(frame));
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads until a close frame, end of stream or an error; returns how it ended and how many
+    /// other frames came before. Fails after `timeout`.
+    pub async fn read_to_end(&mut self, timeout: Duration) -> Result<(Ending, u64)> {
+        let mut frames = 0;
+        let read = async {
+            loop {
+                match self.next_frame().await {
+                    Ok(Some(frame)) if frame.opcode == OP_CLOSE => {
+                        return Ending::Close(frame.close_code());
+                    }
+                    Ok(Some(_)) => frames += 1,
+                    Ok(None) => return Ending::Eof,
+                    Err(_) => return Ending::Reset,
+                }
+            }
+        };
+        let ending = tokio::time::timeout(timeout, read)
+            .await
+            .with_context(|| format!("connection still open after {timeout:?}"))?;
+        Ok((ending, frames))
+    }
+}
+
+/// Parses one unmasked server frame at the start of `buf`: the frame and its length in bytes.
+fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+    let (len, mut pos) = match b1 & 0x7f {
+        126 => (
+            u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+            4,
+        ),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
+        n => (u64::from(n), 2),
+    };
+    let mask = if b1 & 0x80 != 0 {
+        let key: [u8; 4] = buf.get(pos..pos + 4)?.try_into().ok()?;
+        pos += 4;
+        Some(key)
+    } else {
+        None
+    };
+    let end = pos + usize::try_from(len).ok()?;
+    let mut payload = buf.get(pos..end)?.to_vec();
+    if let Some(key) = mask {
+        for (i, byte) in payload.iter_mut().enumerate() {
+            *byte ^= key[i % 4];
+        }
+    }
+    Some((
+        RawFrame {
+            opcode: b0 & 0x0f,
+            payload,
+        },
+        end,
+    ))
+}
+
+/// Reads and discards from `stream` until the peer closes it; returns the bytes received and
+/// whether it ended with EOF ([`Ending::Eof`]) or an error ([`Ending::Reset`]). Fails after
+/// `timeout`.
+pub async fn read_until_closed(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    timeout: Duration,
+) -> Result<(Vec<u8>, Ending)> {
+    let mut received = Vec::new();
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 16 * 1024];
+            match stream.read(&mut chunk).await {
+                Ok(0) => return Ending::Eof,
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
+                Err(_) => return Ending::Reset,
+            }
+        }
+    };
+    let ending = tokio::time::timeout(timeout, read)
+        .await
+        .with_context(|| format!("connection still open after {timeout:?}"))?;
+    Ok((received, ending))
+}
+
+/// Raises this process's open-files soft limit to at least `wanted` (up to the hard limit);
+/// fails when the hard limit is lower.
+pub fn ensure_open_files(wanted: u64) -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    ensure!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0,
+        "getrlimit: {}",
+        std::io::Error::last_os_error()
+    );
+    ensure!(
+        limit.rlim_max >= wanted,
+        "open-files hard limit {} is below the {wanted} this test needs",
+        limit.rlim_max
+    );
+    if limit.rlim_cur < wanted {
+        limit.rlim_cur = wanted;
+        // SAFETY: setrlimit reads the struct we own; the soft limit stays within the hard one.
+        ensure!(
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0,
+            "setrlimit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// TCP sockets on local port `port` (from /proc/net/tcp and tcp6) in state `state` (kernel
+/// code: 01 ESTABLISHED, 0A LISTEN), each with its receive queue (for a listener: connections
+/// waiting to be accepted).
+fn sockets_on_port(port: u16, state: &str) -> Result<Vec<u64>> {
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).with_context(|| format!("read {table}"))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields
+                .get(1)
+                .and_then(|addr| addr.rsplit(':').next())
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            if local_port == Some(port) && fields.get(3) == Some(&state) {
+                let rx_queue = fields
+                    .get(4)
+                    .and_then(|queues| queues.split(':').nth(1))
+                    .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                    .unwrap_or(0);
+                found.push(rx_queue);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// TCP connections in state ESTABLISHED whose local port is `port`: the server's side of its
+/// connections, including those the kernel completed but the server has not accepted yet.
+pub fn established_on_port(port: u16) -> Result<usize> {
+    Ok(sockets_on_port(port, "01")?.len())
+}
+
+/// Connections waiting in the accept queue of the listener on `port`.
+pub fn accept_queue_on_port(port: u16) -> Result<u64> {
+    Ok(sockets_on_port(port, "0A")?.iter().sum())
 }

@@ -1,0 +1,415 @@
+//! The websocket wire format (RFC 6455 §5), server side only.
+//!
+//! The server writes frames that it encodes once and shares between clients (unmasked, one
+//! buffer per message whatever the number of clients), and reads client frames only to answer
+//! pings and closes, to notice liveness, and to enforce limits: data is discarded as it
+//! streams past, so a client frame costs no buffer beyond a control frame's 125 bytes.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Frame opcodes (RFC 6455 §5.2).
+pub mod opcode {
+    pub const CONTINUATION: u8 = 0x0;
+    pub const TEXT: u8 = 0x1;
+    pub const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xA;
+}
+
+/// Close codes the server sends (RFC 6455 §7.4.1).
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// Encodes one unmasked, final frame.
+pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    out.put_u8(0x80 | opcode);
+    match payload.len() {
+        len if len < 126 => out.put_u8(len as u8),
+        len if len <= usize::from(u16::MAX) => {
+            out.put_u8(126);
+            out.put_u16(len as u16);
+        }
+        len => {
+            out.put_u8(127);
+            out.put_u64(len as u64);
+        }
+    }
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// How many header bytes [`encode`] puts before a payload of `len` bytes.
+pub fn header_len(len: usize) -> usize {
+    match len {
+        len if len < 126 => 2,
+        len if len <= usize::from(u16::MAX) => 4,
+        _ => 10,
+    }
+}
+
+/// A close frame with a code and a reason (the reason is cut to fit a control frame).
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut payload = Vec::with_capacity(2 + reason.len());
+    payload.extend_from_slice(&code.to_be_bytes());
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    encode(opcode::CLOSE, &payload)
+}
+
+/// What a client said, as far as the server cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// A ping: answer with a pong carrying the same payload.
+    Ping(Vec<u8>),
+    Pong,
+    /// A close, with its status code if it carried one.
+    Close(Option<u16>),
+    /// A complete data frame (its content was discarded).
+    Data,
+}
+
+/// Why a client's byte stream is not acceptable websocket; each maps to a close code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("unmasked frame from a client")]
+    Unmasked,
+    #[error("reserved bits set")]
+    ReservedBits,
+    #[error("unknown opcode {0:#x}")]
+    UnknownOpcode(u8),
+    #[error("control frame fragmented or longer than 125 bytes")]
+    BadControlFrame,
+    #[error("continuation frame outside a fragmented message, or a new message inside one")]
+    BadFragmentation,
+    #[error("close frame with a 1-byte payload")]
+    BadClose,
+    #[error("message of {size} bytes exceeds the limit of {max}")]
+    TooBig { size: u64, max: u64 },
+}
+
+impl ProtocolError {
+    pub fn close_code(&self) -> u16 {
+        match self {
+            ProtocolError::TooBig { .. } => close_code::TOO_BIG,
+            _ => close_code::PROTOCOL_ERROR,
+        }
+    }
+}
+
+/// Incremental parser of client frames: feed it whatever the socket returned.
+#[derive(Debug)]
+pub struct FrameReader {
+    max_message: u64,
+    header: [u8; 14],
+    header_len: usize,
+    /// Set once the whole header is in: (opcode, fin, mask, payload length).
+    frame: Option<FrameHead>,
+    /// Payload bytes of the current frame consumed so far.
+    consumed: u64,
+    control: Vec<u8>,
+    /// Bytes of the fragmented data message in progress, if one is.
+    message: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FrameHead {
+    opcode: u8,
+    fin: bool,
+    mask: [u8; 4],
+    len: u64,
+}
+
+impl FrameReader {
+    /// `max_message` bounds a data frame and a fragmented message alike.
+    pub fn new(max_message: usize) -> FrameReader {
+        FrameReader {
+            max_message: max_message as u64,
+            header: [0; 14],
+            header_len: 0,
+            frame: None,
+            consumed: 0,
+            control: Vec::new(),
+            message: None,
+        }
+    }
+
+    /// Consumes `data`, reporting each complete frame to `on_event`.
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        on_event: &mut impl FnMut(ClientEvent),
+    ) -> Result<(), ProtocolError> {
+        while !data.is_empty() {
+            let Some(head) = self.frame else {
+                let taken = self.read_header(data)?;
+                data = &data[taken..];
+                if let Some(head) = self.frame.filter(|h| h.len == 0) {
+                    self.finish_frame(head, on_event)?;
+                }
+                continue;
+            };
+            let wanted = head.len - self.consumed;
+            let take = usize::try_from(wanted)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            if head.opcode >= opcode::CLOSE {
+                for (i, byte) in data[..take].iter().enumerate() {
+                    let index = (self.consumed as usize + i) % 4;
+                    self.control.push(byte ^ head.mask[index]);
+                }
+            }
+            self.consumed += take as u64;
+            data = &data[take..];
+            if self.consumed == head.len {
+                self.finish_frame(head, on_event)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes header bytes from `data`; returns how many it took. Validates the header once
+    /// complete, before any payload is accepted.
+    fn read_header(&mut self, data: &[u8]) -> Result<usize, ProtocolError> {
+        let mut taken = 0;
+        loop {
+            let needed = self.header_needed();
+            if self.header_len == needed {
+                break;
+            }
+            let Some(&byte) = data.get(taken) else {
+                return Ok(taken);
+            };
+            self.header[self.header_len] = byte;
+            self.header_len += 1;
+            taken += 1;
+        }
+        let h = &self.header;
+        let fin = h[0] & 0x80 != 0;
+        if h[0] & 0x70 != 0 {
+            return Err(ProtocolError::ReservedBits);
+        }
+        let opcode = h[0] & 0x0F;
+        if h[1] & 0x80 == 0 {
+            return Err(ProtocolError::Unmasked);
+        }
+        let (len, mask_at) = match h[1] & 0x7F {
+            126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), 4),
+            127 => (
+                u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+                10,
+            ),
+            short => (u64::from(short), 2),
+        };
+        let mask = [h[mask_at], h[mask_at + 1], h[mask_at + 2], h[mask_at + 3]];
+        match opcode {
+            opcode::CLOSE | opcode::PING | opcode::PONG => {
+                if !fin || len > 125 {
+                    return Err(ProtocolError::BadControlFrame);
+                }
+            }
+            opcode::TEXT | opcode::BINARY | opcode::CONTINUATION => {
+                let so_far = match (opcode, self.message) {
+                    (opcode::CONTINUATION, Some(so_far)) => so_far,
+                    (opcode::CONTINUATION, None) | (_, Some(_)) => {
+                        return Err(ProtocolError::BadFragmentation);
+                    }
+                    (_, None) => 0,
+                };
+                let size = so_far.saturating_add(len);
+                if size > self.max_message {
+                    return Err(ProtocolError::TooBig {
+                        size,
+                        max: self.max_message,
+                    });
+                }
+                self.message = (!fin).then_some(size);
+            }
+            other => return Err(ProtocolError::UnknownOpcode(other)),
+        }
+        self.frame = Some(FrameHead {
+            opcode,
+            fin,
+            mask,
+            len,
+        });
+        self.consumed = 0;
+        Ok(taken)
+    }
+
+    /// Header bytes needed, as far as the bytes read so far tell.
+    fn header_needed(&self) -> usize {
+        if self.header_len < 2 {
+            return 2;
+        }
+        match self.header[1] & 0x7F {
+            126 => 2 + 2 + 4,
+            127 => 2 + 8 + 4,
+            _ => 2 + 4,
+        }
+    }
+
+    fn finish_frame(
+        &mut self,
+        head: FrameHead,
+        on_event: &mut impl FnMut(ClientEvent),
+    ) -> Result<(), ProtocolError> {
+        self.frame = None;
+        self.header_len = 0;
+        let control = std::mem::take(&mut self.control);
+        let event = match head.opcode {
+            opcode::PING => ClientEvent::Ping(control),
+            opcode::PONG => ClientEvent::Pong,
+            opcode::CLOSE => match control.len() {
+                0 => ClientEvent::Close(None),
+                1 => return Err(ProtocolError::BadClose),
+                _ => ClientEvent::Close(Some(u16::from_be_bytes([control[0], control[1]]))),
+            },
+            _ if head.fin => ClientEvent::Data,
+            // A fragment of a message still in progress: nothing to report yet.
+            _ => return Ok(()),
+        };
+        on_event(event);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client frame as a browser would send it.
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut out = vec![first];
+        match payload.len() {
+            len if len < 126 => out.push(0x80 | len as u8),
+            len if len <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn events(reader: &mut FrameReader, bytes: &[u8]) -> Result<Vec<ClientEvent>, ProtocolError> {
+        let mut seen = Vec::new();
+        reader.feed(bytes, &mut |e| seen.push(e))?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn encodes_each_length_form() {
+        assert_eq!(&encode(opcode::TEXT, b"hi")[..], b"\x81\x02hi");
+        let mid = encode(opcode::TEXT, &[b'a'; 300]);
+        assert_eq!(&mid[..4], &[0x81, 126, 0x01, 0x2C]);
+        assert_eq!(mid.len(), 304);
+        let big = encode(opcode::BINARY, &vec![0; 70_000]);
+        assert_eq!(&big[..2], &[0x82, 127]);
+        assert_eq!(big.len(), 70_010);
+        for len in [0, 125, 126, 65_535, 65_536] {
+            assert_eq!(
+                encode(opcode::TEXT, &vec![0; len]).len(),
+                header_len(len) + len
+            );
+        }
+    }
+
+    #[test]
+    fn close_frame_carries_code_and_reason() {
+        let frame = close_frame(1001, "bye");
+        assert_eq!(&frame[..], b"\x88\x05\x03\xe9bye");
+        assert!(close_frame(1008, &"é".repeat(100)).len() <= 127);
+    }
+
+    #[test]
+    fn reports_control_frames_and_discards_data() {
+        let mut reader = FrameReader::new(1024);
+        let mut bytes = masked(0x81, b"hello");
+        bytes.extend(masked(0x89, b"abc"));
+        bytes.extend(masked(0x8A, b""));
+        bytes.extend(masked(0x88, &1000u16.to_be_bytes()));
+        assert_eq!(
+            events(&mut reader, &bytes).expect("valid"),
+            [
+                ClientEvent::Data,
+                ClientEvent::Ping(b"abc".to_vec()),
+                ClientEvent::Pong,
+                ClientEvent::Close(Some(1000)),
+            ]
+        );
+    }
+
+    #[test]
+    fn parses_byte_by_byte() {
+        let mut reader = FrameReader::new(100_000);
+        let mut bytes = masked(0x82, &[7; 70_000]);
+        bytes.extend(masked(0x89, b"p"));
+        let mut seen = Vec::new();
+        for byte in &bytes {
+            reader
+                .feed(std::slice::from_ref(byte), &mut |e| seen.push(e))
+                .expect("valid");
+        }
+        assert_eq!(seen, [ClientEvent::Data, ClientEvent::Ping(b"p".to_vec())]);
+    }
+
+    #[test]
+    fn fragmented_messages_count_against_the_limit() {
+        let mut reader = FrameReader::new(10);
+        let mut bytes = masked(0x01, b"12345");
+        bytes.extend(masked(0x89, b""));
+        bytes.extend(masked(0x80, b"678"));
+        assert_eq!(
+            events(&mut reader, &bytes).expect("valid"),
+            [ClientEvent::Ping(Vec::new()), ClientEvent::Data]
+        );
+        let mut bytes = masked(0x01, b"12345");
+        bytes.extend(masked(0x80, b"678901"));
+        assert!(matches!(
+            events(&mut reader, &bytes),
+            Err(ProtocolError::TooBig { size: 11, max: 10 })
+        ));
+    }
+
+    #[test]
+    fn rejects_protocol_violations_before_reading_payloads() {
+        let cases: [(Vec<u8>, ProtocolError); 6] = [
+            (b"\x81\x05hello".to_vec(), ProtocolError::Unmasked),
+            (masked(0xC1, b"x"), ProtocolError::ReservedBits),
+            (masked(0x83, b"x"), ProtocolError::UnknownOpcode(3)),
+            (masked(0x09, b"x"), ProtocolError::BadControlFrame),
+            (masked(0x80, b"x"), ProtocolError::BadFragmentation),
+            (masked(0x88, b"x"), ProtocolError::BadClose),
+        ];
+        for (bytes, expected) in cases {
+            let mut reader = FrameReader::new(1024);
+            assert_eq!(events(&mut reader, &bytes), Err(expected));
+        }
+        // A 10 MB frame is refused from its header alone.
+        let mut reader = FrameReader::new(65_536);
+        let header = [0x82, 0xFF, 0, 0, 0, 0, 0, 0xA0, 0, 0, 1, 2, 3, 4];
+        assert_eq!(
+            events(&mut reader, &header),
+            Err(ProtocolError::TooBig {
+                size: 10_485_760,
+                max: 65_536
+            })
+        );
+    }
+}

@@ -1,0 +1,416 @@
+//! Hostile input: malformed upgrades, huge headers, frame floods, oversized frames, slow and
+//! silent connections, thousands of idle connections. After each, the server still answers
+//! `/status` and a NOTIFY still reaches a well-behaved client.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use futures::{StreamExt, TryStreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{
+    OP_TEXT, PING, PgCluster, RawWs, Server, ServerOpts, TIMEOUT, Ws, accept_queue_on_port,
+    client_frame, client_frame_head, ensure_open_files, established_on_port, http_request,
+    next_event, next_event_within, read_until_closed, upgrade_request,
+};
+
+/// The server still works: `/status` answers, a new client connects, and it and `ws` (a client
+/// that was connected throughout) receive a NOTIFY.
+async fn assert_still_serving(
+    server: &Server,
+    pg: &PgCluster,
+    channel: &str,
+    ws: &mut Ws,
+) -> Result<()> {
+    let status = server.status().await.context("/status after the attack")?;
+    assert_eq!(status["status"], "ok", "{status}");
+    let mut fresh = server.ws().await.context("a new client after the attack")?;
+    let payload = format!(r#"{{"action":"still-serving","channel":"{channel}"}}"#);
+    pg.notify(channel, &payload).await?;
+    assert_eq!(
+        next_event(ws).await?,
+        payload,
+        "the client connected throughout"
+    );
+    assert_eq!(next_event(&mut fresh).await?, payload, "a new client");
+    Ok(())
+}
+
+/// A server and one well-behaved client.
+async fn server_and_client(opts: ServerOpts) -> Result<(Server, Ws)> {
+    let server = Server::spawn(opts).await?;
+    let ws = server.ws().await?;
+    server.wait_for_clients(1).await?;
+    Ok((server, ws))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_upgrades_are_refused() -> Result<()> {
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-malformed";
+    let (server, mut ws) = server_and_client(ServerOpts::with_db(pg, channel)).await?;
+    let base = [("Connection", "Upgrade"), ("Upgrade", "websocket")];
+    let version_13 = ("Sec-WebSocket-Version", "13");
+    let good_key = ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==");
+    type Headers<'a> = Vec<(&'a str, &'a str)>;
+    let cases: [(&str, Headers, u16); 5] = [
+        ("missing Sec-WebSocket-Key", vec![version_13], 400),
+        (
+            "invalid Sec-WebSocket-Key",
+            vec![version_13, ("Sec-WebSocket-Key", "not base64!")],
+            400,
+        ),
+        (
+            "empty Sec-WebSocket-Key",
+            vec![version_13, ("Sec-WebSocket-Key", "")],
+            400,
+        ),
+        (
+            "Sec-WebSocket-Version: 8",
+            vec![("Sec-WebSocket-Version", "8"), good_key],
+            426,
+        ),
+        ("missing Sec-WebSocket-Version", vec![good_key], 426),
+    ];
+    for (what, extra, expected) in cases {
+        let headers: Vec<(&str, &str)> = base.iter().copied().chain(extra).collect();
+        let resp = http_request(server.port(), "GET", "/stream", &headers).await?;
+        assert_eq!(resp.status, expected, "{what}: {resp:?}");
+        if expected == 426 {
+            assert_eq!(
+                resp.header("sec-websocket-version"),
+                Some("13"),
+                "{what}: 426 names the supported version: {resp:?}"
+            );
+        }
+    }
+    assert_eq!(
+        server.status().await?["clients"],
+        1,
+        "no refused client joined"
+    );
+    assert_still_serving(&server, pg, channel, &mut ws).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_40_kb_header_gets_431() -> Result<()> {
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-big-header";
+    let (server, mut ws) = server_and_client(ServerOpts::with_db(pg, channel)).await?;
+    let request = format!(
+        "GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(40 * 1024)
+    );
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port())).await?;
+    // The server may answer and close before it has read everything: a failed write is fine.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let (answer, _) = read_until_closed(&mut stream, TIMEOUT).await?;
+    let head = String::from_utf8_lossy(&answer);
+    assert!(
+        head.starts_with("HTTP/1.1 431"),
+        "expected 431, got {:?}",
+        head.lines().next()
+    );
+    assert_still_serving(&server, pg, channel, &mut ws).await
+}
+
+/// A client sending text frames as fast as it can does not slow delivery to others nor the HTTP
+/// side, and the server's memory does not grow with what it is sent. (`readable()` always
+/// resolves at once for such a client; a task that did not spend tokio's cooperative budget
+/// would keep its worker, and the receiver or accept loop queued on it, to itself.)
+#[tokio::test(flavor = "multi_thread")]
+async fn frame_flood_does_not_stop_others_from_receiving() -> Result<()> {
+    /// At least this much is flooded while notifications are being checked.
+    const FLOOD_BYTES: u64 = 16 << 20;
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-flood";
+    let (server, mut ws) = server_and_client(ServerOpts::with_db(pg, channel)).await?;
+    let RawWs {
+        stream: flooder, ..
+    } = RawWs::connect(server.port()).await?;
+    server.wait_for_clients(2).await?;
+    let (rss_before, _) = server.memory_kib()?;
+
+    // The flooder runs on a thread of its own with blocking writes: an attacker independent of
+    // this test's runtime, which a task that never waits could starve.
+    let flooder = flooder.into_std()?;
+    flooder.set_nonblocking(false)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent_tx, mut sent_rx) = watch::channel(0u64);
+    let flood = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let burst: Vec<u8> = (0..64)
+                .flat_map(|i| client_frame(OP_TEXT, format!("{i:>1000}").as_bytes()))
+                .collect();
+            let mut flooder = flooder;
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                std::io::Write::write_all(&mut flooder, &burst)?;
+                sent += burst.len() as u64;
+                sent_tx.send_replace(sent);
+            }
+            anyhow::Ok((flooder, sent))
+        }
+    });
+    sent_rx.wait_for(|&sent| sent > 0).await?;
+
+    let db = pg.client().await?;
+    let mut worst = Duration::ZERO;
+    let mut i = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while i < 20 || *sent_rx.borrow() < FLOOD_BYTES {
+        ensure!(
+            Instant::now() < deadline,
+            "flood too slow: {} bytes",
+            *sent_rx.borrow()
+        );
+        let payload = format!(r#"{{"action":"during-flood","seq":{i}}}"#);
+        let sent = Instant::now();
+        crate::harness::notify(&db, channel, &payload).await?;
+        let got = next_event_within(&mut ws, Duration::from_secs(2))
+            .await
+            .with_context(|| format!("notification {i} during the flood"))?;
+        assert_eq!(got, payload);
+        let status = tokio::time::timeout(Duration::from_secs(2), server.status())
+            .await
+            .with_context(|| format!("/status unanswered for 2 s during the flood (round {i})"))?;
+        assert_eq!(status?["status"], "ok");
+        worst = worst.max(sent.elapsed());
+        i += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (_flooder, flooded) = tokio::task::spawn_blocking(move || flood.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+    let (rss_after, _) = server.memory_kib()?;
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB while {flooded} bytes were flooded"
+    );
+    eprintln!(
+        "flood of {} MiB: {i} notifications and /status requests, worst round trip {worst:?}; \
+         RSS {rss_before} -> {rss_after} KiB",
+        flooded >> 20
+    );
+    assert_still_serving(&server, pg, channel, &mut ws).await
+}
+
+/// A single frame of 10 MB (MaxFrameSize is 64 KiB) closes that connection; the server neither
+/// buffers it nor stops serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_megabyte_frame_closes_the_connection() -> Result<()> {
+    const SIZE: usize = 10 << 20;
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-big-frame";
+    let (server, mut ws) = server_and_client(ServerOpts::with_db(pg, channel)).await?;
+    let mut raw = RawWs::connect(server.port()).await?;
+    server.wait_for_clients(2).await?;
+    let (_, peak_before) = server.memory_kib()?;
+
+    let (mut rd, mut wr) = raw.stream.split();
+    let write = async {
+        // The head announces 10 MB; the payload follows in chunks until the server hangs up.
+        let mut sent = 0;
+        if wr
+            .write_all(&client_frame_head(OP_TEXT, SIZE as u64))
+            .await
+            .is_ok()
+        {
+            let chunk = vec![0u8; 64 * 1024];
+            while sent < SIZE && wr.write_all(&chunk).await.is_ok() {
+                sent += chunk.len();
+            }
+        }
+        sent
+    };
+    let started = Instant::now();
+    let (sent, closed) = tokio::join!(write, read_until_closed(&mut rd, TIMEOUT));
+    let (_, ending) = closed.context("the connection that sent 10 MB stays open")?;
+    let took = started.elapsed();
+    server.wait_for_clients(1).await?;
+    let (_, peak_after) = server.memory_kib()?;
+    assert!(
+        peak_after < peak_before + 8 * 1024,
+        "peak RSS grew from {peak_before} KiB to {peak_after} KiB: the frame was buffered"
+    );
+    eprintln!(
+        "10 MB frame: connection ended ({ending:?}) after {took:?}, {sent} payload bytes \
+         written; peak RSS {peak_before} -> {peak_after} KiB"
+    );
+    assert_still_serving(&server, pg, channel, &mut ws).await
+}
+
+/// Opens a connection that sends nothing: returns when the server closes it, how long that
+/// took and what the server sent first.
+async fn silent_connection(port: u16) -> Result<(Duration, Vec<u8>)> {
+    let opened = Instant::now();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let (received, _) = read_until_closed(&mut stream, Duration::from_secs(10))
+        .await
+        .context("silent connection")?;
+    Ok((opened.elapsed(), received))
+}
+
+/// Opens a connection that sends a valid upgrade request one byte every 500 ms: returns when
+/// the server closes it and how long that took; an error if the server takes the whole request.
+async fn trickling_connection(port: u16) -> Result<Duration> {
+    let request = upgrade_request(port).into_bytes();
+    let opened = Instant::now();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut rd, mut wr) = stream.split();
+    let trickle = async {
+        let mut sent = 0;
+        for byte in &request {
+            if wr.write_all(std::slice::from_ref(byte)).await.is_err() {
+                break;
+            }
+            sent += 1;
+            // The attack itself: one byte every 500 ms.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        sent
+    };
+    // The trickle would take request.len() / 2 s; the server must hang up long before.
+    tokio::select! {
+        closed = read_until_closed(&mut rd, Duration::from_secs(10)) => {
+            closed.context("byte-by-byte connection")?;
+            Ok(opened.elapsed())
+        }
+        sent = trickle => anyhow::bail!("the server took all {sent} bytes, one per 500 ms"),
+    }
+}
+
+/// A connection that sends nothing and one that sends its request head one byte every 500 ms
+/// are both dropped at the handshake timeout (2 s here), not before the timeout and not later.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_byte_by_byte_request_heads_are_dropped_after_the_handshake_timeout()
+-> Result<()> {
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-slow-head";
+    let opts = ServerOpts::with_db(pg, channel).env("HANDSHAKE_TIMEOUT", "2");
+    let (server, mut ws) = server_and_client(opts).await?;
+    let (silent, trickling) = while_reading(&mut ws, async {
+        tokio::join!(
+            silent_connection(server.port()),
+            trickling_connection(server.port())
+        )
+    })
+    .await?;
+    let ((silent, received), trickling) = (silent?, trickling?);
+    for (what, took) in [("silent", silent), ("byte-by-byte", trickling)] {
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+            "{what} connection closed after {took:?} (HandshakeTimeout 2 s)"
+        );
+    }
+    eprintln!(
+        "silent connection closed after {silent:?} (it received {:?}); byte-by-byte request \
+         head dropped after {trickling:?}",
+        String::from_utf8_lossy(&received)
+    );
+    assert_still_serving(&server, pg, channel, &mut ws).await
+}
+
+/// Runs `work` while reading `ws`, so that the client answers the server's pings meanwhile;
+/// anything but a heartbeat or a ping on `ws` is an error.
+async fn while_reading<T>(ws: &mut Ws, work: impl std::future::Future<Output = T>) -> Result<T> {
+    let mut work = std::pin::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return Ok(done),
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(text))) if text.as_str() == PING => {}
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => anyhow::bail!("unexpected on the well-behaved client: {other:?}"),
+            },
+        }
+    }
+}
+
+/// 2,000 TCP connections that never send a byte, opened as fast as the listen backlog allows:
+/// a client connected throughout keeps receiving, new clients are served, and the server lets
+/// go of every idle connection at the handshake timeout (the default, 10 s: opening them can
+/// take seconds on a loaded machine, and all of them must be open at the same time).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
+    const IDLE: usize = 2000;
+    const HANDSHAKE_TIMEOUT: u64 = 10;
+    /// Connection attempts in flight at once. More than the listen backlog (128, the tokio
+    /// default) would overflow it: the kernel then answers with SYN cookies, and an idle client
+    /// whose final ACK found the accept queue full believes it is connected while the server
+    /// never hears of it. Real clients send their request at once, which repairs that.
+    const IN_FLIGHT: usize = 64;
+    ensure_open_files(IDLE as u64 + 1024)?;
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-idle";
+    let (server, mut ws) = server_and_client(ServerOpts::with_db(pg, channel)).await?;
+    let (rss_before, _) = server.memory_kib()?;
+    let port = server.port();
+
+    let started = Instant::now();
+    let opening = tokio::spawn(async move {
+        let idle: Vec<TcpStream> = futures::stream::iter(0..IDLE)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)))
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect()
+            .await?;
+        // Every one of them reaches the server: established, and none left in the queue.
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let (established, queued) = (established_on_port(port)?, accept_queue_on_port(port)?);
+            if established >= IDLE && queued == 0 {
+                return anyhow::Ok((idle, established));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{established} of {IDLE} connections established on the server side, {queued} \
+                 not accepted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    // Delivery goes on while the connections pile in.
+    let db = pg.client().await?;
+    for i in 0..20 {
+        let payload = format!(r#"{{"action":"during-connect-storm","seq":{i}}}"#);
+        crate::harness::notify(&db, channel, &payload).await?;
+        assert_eq!(
+            next_event_within(&mut ws, Duration::from_secs(2)).await?,
+            payload
+        );
+    }
+    let (idle, held) = opening.await?.context("open the idle connections")?;
+    let opened = started.elapsed();
+    let (rss_during, _) = server.memory_kib()?;
+    assert_still_serving(&server, pg, channel, &mut ws).await?;
+
+    // The server lets go of all of them: only the websocket client stays established.
+    let released = while_reading(&mut ws, async {
+        let deadline = Instant::now() + Duration::from_secs(HANDSHAKE_TIMEOUT + 5);
+        loop {
+            let left = established_on_port(port)?;
+            if left <= 1 {
+                return Ok(started.elapsed());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{left} connections still established {:?} after opening",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
+    eprintln!(
+        "{IDLE} idle connections opened in {opened:?}, {held} held by the server at once; RSS \
+         {rss_before} -> {rss_during} KiB; all released {released:?} after the first connect"
+    );
+    drop(idle);
+    assert_still_serving(&server, pg, channel, &mut ws).await
+}
