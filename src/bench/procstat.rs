@@ -53,6 +53,8 @@ pub fn own() -> ProcSample {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MachineTicks {
     pub busy: u64,
+    /// Interrupt and softirq time: loopback TCP is processed there, and no process is charged.
+    pub irq: u64,
     pub total: u64,
 }
 
@@ -65,11 +67,28 @@ pub fn machine() -> MachineTicks {
 
 /// The share of all CPUs that was busy between two readings, in percent.
 pub fn busy_percent(before: MachineTicks, after: MachineTicks) -> f64 {
-    let total = after.total.saturating_sub(before.total);
+    share(
+        before.total,
+        after.total,
+        after.busy.saturating_sub(before.busy),
+    )
+}
+
+/// The share of all CPUs spent in interrupts and softirqs between two readings, in percent.
+pub fn irq_percent(before: MachineTicks, after: MachineTicks) -> f64 {
+    share(
+        before.total,
+        after.total,
+        after.irq.saturating_sub(before.irq),
+    )
+}
+
+fn share(total_before: u64, total_after: u64, part: u64) -> f64 {
+    let total = total_after.saturating_sub(total_before);
     if total == 0 {
         return 0.0;
     }
-    after.busy.saturating_sub(before.busy) as f64 * 100.0 / total as f64
+    part as f64 * 100.0 / total as f64
 }
 
 fn invalid(what: &str, pid: u32) -> io::Error {
@@ -110,8 +129,10 @@ fn parse_machine(stat: &str) -> Option<MachineTicks> {
     // user nice system idle iowait irq softirq steal ...
     let idle = values.get(3).copied()? + values.get(4).copied().unwrap_or(0);
     let total: u64 = values.iter().take(8).sum();
+    let irq = values.get(5).copied().unwrap_or(0) + values.get(6).copied().unwrap_or(0);
     Some(MachineTicks {
         busy: total.saturating_sub(idle),
+        irq,
         total,
     })
 }
@@ -126,9 +147,9 @@ mod tests {
         assert_eq!(parse_vm_rss(status), Some(4242));
         let stat = "123 (a b) c) S 1 123 123 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
-        let machine = "cpu  10 0 5 80 5 0 0 0 0 0\ncpu0 1 2 3 4\n";
+        let machine = "cpu  10 0 5 75 5 2 3 0 0 0\ncpu0 1 2 3 4\n";
         let ticks = parse_machine(machine).expect("cpu line");
-        assert_eq!((ticks.busy, ticks.total), (15, 100));
+        assert_eq!((ticks.busy, ticks.irq, ticks.total), (20, 5, 100));
     }
 
     #[test]

@@ -30,7 +30,10 @@ pub struct Report {
     /// Share of all CPUs busy during the measured window (server, generator, PostgreSQL and
     /// anything else).
     pub machine_busy_pct: f64,
-    /// CPU time of everything but the server and the generator during the window
+    /// Interrupt and softirq time during the window (where the kernel processes loopback
+    /// TCP; charged to no process), in percent of one core.
+    pub irq_pct_of_core: f64,
+    /// CPU time of every process but the server and the generator during the window
     /// (PostgreSQL, and whatever else runs on the machine), in percent of one core.
     pub others_pct_of_core: f64,
     pub cpus: usize,
@@ -434,8 +437,8 @@ impl Report {
         rows.push((
             "machine",
             format!(
-                "{:.0} % of {} CPUs busy during the run; others (PostgreSQL, other processes) {:.0} % of one core",
-                self.machine_busy_pct, self.cpus, self.others_pct_of_core
+                "{:.0} % of {} CPUs busy during the run; softirq {:.0} % and other processes (PostgreSQL...) {:.0} % of one core",
+                self.machine_busy_pct, self.cpus, self.irq_pct_of_core, self.others_pct_of_core
             ),
         ));
         for note in &self.notes {

@@ -637,6 +637,8 @@ async fn load(spec: LoadSpec) -> Result<Report, BenchError> {
         cpu_us_per_frame: (delivered > 0).then(|| cpu_s * 1e6 / delivered as f64),
     };
     report.machine_busy_pct = procstat::busy_percent(machine_before, machine_after);
+    report.irq_pct_of_core =
+        procstat::irq_percent(machine_before, machine_after) * report.cpus as f64;
     report.others_pct_of_core = others_pct(&report);
     report.published = Some(published);
     Ok(report)
@@ -755,21 +757,24 @@ async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
         cpu_us_per_frame: None,
     };
     report.machine_busy_pct = procstat::busy_percent(machine_before, machine_after);
+    report.irq_pct_of_core =
+        procstat::irq_percent(machine_before, machine_after) * report.cpus as f64;
     report.others_pct_of_core = others_pct(&report);
     Ok(report)
 }
 
-/// What neither the server nor the generator used of the busy CPU time, in percent of one
-/// core (the server counts only when its PID was given).
+/// What neither the server, the generator nor interrupts used of the busy CPU time, in percent
+/// of one core (the server counts only when its PID was given).
 fn others_pct(report: &Report) -> f64 {
     let wall = report.generator.wall_s;
     if wall <= 0.0 {
         return 0.0;
     }
     let busy_cores = report.machine_busy_pct / 100.0 * report.cpus as f64;
+    let irq = report.irq_pct_of_core / 100.0;
     let server = report.server.as_ref().map_or(0.0, |s| s.cpu_s / wall);
     let generator = report.generator.cpu_s / wall;
-    ((busy_cores - server - generator) * 100.0).max(0.0)
+    ((busy_cores - irq - server - generator) * 100.0).max(0.0)
 }
 
 #[cfg(test)]
