@@ -22,6 +22,7 @@
 //! without waiting on any: [`client::ClientOut`] writes it into the socket directly, or queues
 //! what the socket did not take for the client's [`subscriber::Subscriber`] task to flush.
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -1,0 +1,112 @@
+//! The PostgreSQL side: connection settings, publisher connections and the channel name.
+
+use tokio_postgres::{Client, NoTls};
+
+use super::error::BenchError;
+
+/// Where the publishers and the bare listener connect.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pub config: tokio_postgres::Config,
+    /// `host:port/dbname`, for messages (never the password).
+    pub target: String,
+    pub channel: String,
+}
+
+impl Db {
+    /// From a libpq-style connection string, or else from the server's own environment
+    /// variables (PG_HOST, PG_PORT, PG_DB, PG_USER, PG_PASSWORD or PG_PWD, PG_CHANNEL).
+    pub fn new(conninfo: Option<&str>, channel: Option<&str>) -> Result<Db, BenchError> {
+        let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
+        let config = match conninfo {
+            Some(s) => s
+                .parse::<tokio_postgres::Config>()
+                .map_err(|err| BenchError::Usage(format!("--db: {err}")))?,
+            None => {
+                let mut config = tokio_postgres::Config::new();
+                config.host(env("PG_HOST").as_deref().unwrap_or("127.0.0.1"));
+                let port = env("PG_PORT").unwrap_or_else(|| "5432".to_owned());
+                config.port(port.parse().map_err(|_| {
+                    BenchError::Usage(format!("PG_PORT={port:?} is not a port number"))
+                })?);
+                config.user(env("PG_USER").as_deref().unwrap_or("postgres"));
+                config.dbname(env("PG_DB").as_deref().unwrap_or("stream"));
+                if let Some(password) = env("PG_PASSWORD").or_else(|| env("PG_PWD")) {
+                    config.password(password);
+                }
+                config
+            }
+        };
+        let channel = channel
+            .map(str::to_owned)
+            .or_else(|| env("PG_CHANNEL"))
+            .unwrap_or_else(|| "events".to_owned());
+        if channel.is_empty() {
+            return Err(BenchError::Usage("--channel must not be empty".to_owned()));
+        }
+        let host = config
+            .get_hosts()
+            .first()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .unwrap_or_else(|| "localhost".to_owned());
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let target = format!(
+            "{host}:{port}/{}",
+            config.get_dbname().unwrap_or("(default database)")
+        );
+        Ok(Db {
+            config,
+            target,
+            channel,
+        })
+    }
+
+    /// Opens a connection whose messages are driven by a background task (used by
+    /// publishers, which need no notifications).
+    pub async fn connect(&self) -> Result<Client, BenchError> {
+        let (client, connection) =
+            self.config
+                .connect(NoTls)
+                .await
+                .map_err(|err| BenchError::Database {
+                    target: self.target.clone(),
+                    cause: format!("{err:#}"),
+                })?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// `LISTEN` on the channel, quoted as an identifier (so `My-Events` works).
+    pub fn listen_sql(&self) -> String {
+        format!("LISTEN \"{}\"", self.channel.replace('"', "\"\""))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_strings_and_channels() {
+        let db = Db::new(
+            Some("host=db port=6543 user=u dbname=d password=secret"),
+            Some("My\"Events"),
+        )
+        .expect("valid");
+        assert_eq!(db.target, "db:6543/d");
+        assert_eq!(db.listen_sql(), r#"LISTEN "My""Events""#);
+        assert!(matches!(
+            Db::new(Some("port=notaport"), None),
+            Err(BenchError::Usage(_))
+        ));
+        assert!(matches!(
+            Db::new(Some("host=x"), Some("")),
+            Err(BenchError::Usage(_))
+        ));
+    }
+}

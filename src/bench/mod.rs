@@ -1,0 +1,95 @@
+//! `vulcan-stream-bench`: a load generator for any server of this protocol (PostgreSQL
+//! NOTIFY in, one websocket text frame per notification out), and the judge of the project's
+//! performance targets.
+//!
+//! # Layout
+//! - [`options`]: the command line (clap) and its checks.
+//! - [`payload`]: the stamped, padded JSON payload, its parser, the shared monotonic clock.
+//! - [`clients`]: connecting many websockets, reading and checking frames, stuck clients.
+//! - [`db`], [`publisher`]: PostgreSQL connections; batched, paced, flow-controlled
+//!   `pg_notify`.
+//! - [`listen`]: a bare LISTEN connection, the ceiling the server is compared with.
+//! - [`stats`]: lost / duplicated / out-of-order bookkeeping and latency histograms.
+//! - [`procstat`]: RSS and CPU time from `/proc` and `getrusage`.
+//! - [`status`]: the server's `/status` client count.
+//! - [`scenario`]: the modes, each one measured window.
+//! - [`report`]: the result as JSON or a table.
+//! - [`targets`]: the project's targets judged from the reports of the standard scenarios.
+//!
+//! # Measuring
+//! Payloads carry the send time on the generator's monotonic clock, so NOTIFY → frame latency
+//! needs no clock synchronisation. The generator shares the machine with the server and
+//! PostgreSQL, so it reports its own CPU time next to the server's, and the server's CPU per
+//! delivered frame, which does not depend on how the cores were shared.
+
+pub mod clients;
+pub mod db;
+pub mod error;
+pub mod listen;
+pub mod options;
+pub mod payload;
+pub mod procstat;
+pub mod publisher;
+pub mod report;
+pub mod scenario;
+pub mod stats;
+pub mod status;
+pub mod targets;
+
+pub use error::BenchError;
+pub use options::Command;
+pub use report::Report;
+
+/// What to print and how to exit.
+#[derive(Debug)]
+pub struct Output {
+    pub text: String,
+    /// 0: fine; 3: `--strict` and something was lost, or a target failed.
+    pub exit_code: u8,
+    /// One line per problem, for stderr.
+    pub problems: Vec<String>,
+}
+
+/// Runs one command to completion on its own runtime.
+pub fn run(command: Command) -> Result<Output, BenchError> {
+    let output = match &command {
+        Command::Targets(args) => {
+            let (text, passed) = targets::run(args)?;
+            return Ok(Output {
+                text,
+                exit_code: if passed { 0 } else { 3 },
+                problems: Vec::new(),
+            });
+        }
+        Command::Fanout(a) => a.output.clone(),
+        Command::Idle(a) => a.output.clone(),
+        Command::RawListen(a) => a.output.clone(),
+        Command::Stuck(a) => a.output.clone(),
+        Command::Soak(a) => a.output.clone(),
+    };
+    // Thousands of sockets: the usual soft limit of 1024 files would stop us first.
+    let _ = crate::limits::raise_open_files_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(output.threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(|err| BenchError::Run(format!("cannot start the runtime: {err}")))?;
+    let report = runtime.block_on(scenario::run(command))?;
+    // Tens of thousands of sockets close faster without waiting for each task.
+    runtime.shutdown_background();
+    let json = serde_json::to_string_pretty(&report).expect("reports serialise") + "\n";
+    if let Some(path) = &output.save {
+        std::fs::write(path, &json)
+            .map_err(|err| BenchError::Run(format!("{}: {err}", path.display())))?;
+    }
+    let text = if output.json { json } else { report.table() };
+    Ok(Output {
+        text,
+        exit_code: if output.strict && !report.problems.is_empty() {
+            3
+        } else {
+            0
+        },
+        problems: report.problems,
+    })
+}

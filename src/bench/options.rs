@@ -1,0 +1,378 @@
+//! Command-line options, parsed by clap in the binary and checked here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use super::error::BenchError;
+use super::payload;
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// N clients; publish M messages (or for a duration) as fast as the slowest client allows
+    /// (flow-controlled by --window) or at --rate.
+    Fanout(FanoutArgs),
+    /// Connect N clients, wait until the server has registered them, and measure the server's
+    /// RSS per connection.
+    Idle(IdleArgs),
+    /// The LISTEN ceiling: a bare LISTEN connection receives what the publishers send; no
+    /// server involved.
+    RawListen(RawListenArgs),
+    /// N reading clients plus S that connect and never read.
+    Stuck(StuckArgs),
+    /// Steady traffic for --duration, sampling the server's RSS.
+    Soak(SoakArgs),
+    /// Judges the performance targets from the JSON reports of the standard scenarios.
+    Targets(TargetsArgs),
+}
+
+/// The server under test.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The websocket stream.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/stream")]
+    pub url: String,
+    /// The server's status JSON with a "clients" count [default: /status beside --url].
+    #[arg(long)]
+    pub status_url: Option<String>,
+    /// The server's process: its RSS and CPU time are read from /proc/<PID>.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+}
+
+/// The websocket clients.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Reading websocket clients.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    pub clients: usize,
+    /// Connections being opened at the same time.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// tungstenite's read buffer per client, in bytes.
+    #[arg(long, default_value_t = 4096)]
+    pub read_buffer: usize,
+}
+
+/// PostgreSQL.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Connection string, e.g. "host=127.0.0.1 port=5432 user=postgres dbname=stream"
+    /// [default: from PG_HOST, PG_PORT, PG_DB, PG_USER, PG_PASSWORD as the server reads them].
+    #[arg(long)]
+    pub db: Option<String>,
+    /// The NOTIFY channel [default: PG_CHANNEL, else "events"].
+    #[arg(long)]
+    pub channel: Option<String>,
+}
+
+/// What to publish and how fast.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Publisher connections, each with its own sequence.
+    #[arg(long, short = 'k', default_value_t = 1)]
+    pub publishers: usize,
+    /// Notifications per statement [default: 100 as fast as possible, 1 with --rate].
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Bytes per payload.
+    #[arg(long, default_value_t = 200)]
+    pub payload_size: usize,
+    /// Messages in total over all publishers [default: depends on the mode].
+    #[arg(long, short = 'm', conflicts_with = "duration")]
+    pub messages: Option<u64>,
+    /// Publish for this long instead (e.g. 30s, 10m).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Messages per second over all publishers [default: as fast as possible].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Without --rate: publish only while the slowest client is fewer than this many
+    /// messages behind (0: no flow control). Keep it below the server's client queue.
+    #[arg(long, default_value_t = 512)]
+    pub window: u64,
+    /// After publishing, give up waiting for missing frames after this long without progress.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+}
+
+/// How to report.
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// List every client's counts.
+    #[arg(long)]
+    pub per_client: bool,
+    /// Exit with 3 when anything was lost, duplicated, reordered or left open.
+    #[arg(long)]
+    pub strict: bool,
+    /// The generator's worker threads (it shares the cores with the server).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Also write the JSON report to this file.
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FanoutArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub clients: ClientArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Also run a bare LISTEN connection on the same publishers and compare the server's
+    /// receiver with it.
+    #[arg(long)]
+    pub raw_listen: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub clients: ClientArgs,
+    /// Wait this long after registration before reading the RSS (longer than the server's
+    /// ping interval, so that what a heartbeat allocates is counted).
+    #[arg(long, value_parser = parse_duration, default_value = "6s")]
+    pub settle: Duration,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RawListenArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StuckArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub clients: ClientArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Clients that connect and never read.
+    #[arg(long, default_value_t = 2)]
+    pub stuck: usize,
+    /// Kernel receive buffer of a stuck client, in bytes (small: it stalls sooner).
+    #[arg(long, default_value_t = 4096)]
+    pub stuck_recv_buffer: u32,
+    /// After the run, how long to wait for the stuck clients' connections to end.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub stuck_wait: Duration,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub clients: ClientArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Read the server's RSS this often.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub sample_interval: Duration,
+    /// RSS samples before this are warm-up and not judged.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub warmup: Duration,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// The JSON reports of the standard scenarios (each optional).
+#[derive(Debug, Clone, Args)]
+pub struct TargetsArgs {
+    /// idle, 10,000 clients.
+    #[arg(long)]
+    pub idle: Option<PathBuf>,
+    /// fanout, 1,000 clients, as fast as possible.
+    #[arg(long)]
+    pub fanout_max: Option<PathBuf>,
+    /// fanout, 1,000 clients at 50 msg/s.
+    #[arg(long)]
+    pub fanout_rate: Option<PathBuf>,
+    /// fanout, 10,000 clients with --raw-listen.
+    #[arg(long)]
+    pub connect_10k: Option<PathBuf>,
+    /// stuck with --stuck 0 (the baseline).
+    #[arg(long)]
+    pub stuck_baseline: Option<PathBuf>,
+    /// stuck with --stuck 2.
+    #[arg(long)]
+    pub stuck: Option<PathBuf>,
+    /// soak.
+    #[arg(long)]
+    pub soak: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `10`, `10s`, `500ms`, `1.5s`, `10m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 500ms, 10m)"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{s:?} is out of range"))
+}
+
+impl ClientArgs {
+    pub fn check(&self, allow_zero: bool) -> Result<(), BenchError> {
+        if self.clients == 0 && !allow_zero {
+            return usage("--clients must be at least 1");
+        }
+        if self.connect_concurrency == 0 {
+            return usage("--connect-concurrency must be at least 1");
+        }
+        if !(256..=16 << 20).contains(&self.read_buffer) {
+            return usage("--read-buffer must be between 256 and 16777216 bytes");
+        }
+        Ok(())
+    }
+}
+
+impl LoadArgs {
+    pub fn check(&self) -> Result<(), BenchError> {
+        if !(1..=256).contains(&self.publishers) {
+            return usage("--publishers must be between 1 and 256");
+        }
+        if self.batch.is_some_and(|b| !(1..=100_000).contains(&b)) {
+            return usage("--batch must be between 1 and 100000");
+        }
+        if !(payload::MIN_SIZE..=payload::MAX_SIZE).contains(&self.payload_size) {
+            return usage(&format!(
+                "--payload-size must be between {} and {} bytes",
+                payload::MIN_SIZE,
+                payload::MAX_SIZE
+            ));
+        }
+        if self.messages == Some(0) {
+            return usage("--messages must be at least 1");
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            return usage("--duration must be positive");
+        }
+        if self.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return usage("--rate must be a positive number");
+        }
+        Ok(())
+    }
+
+    /// The batch size: as given, else 100 as fast as possible and 1 at a rate.
+    pub fn batch(&self) -> usize {
+        self.batch
+            .unwrap_or(if self.rate.is_some() { 1 } else { 100 })
+    }
+}
+
+impl OutputArgs {
+    pub fn check(&self) -> Result<(), BenchError> {
+        if !(1..=256).contains(&self.threads) {
+            return usage("--threads must be between 1 and 256");
+        }
+        Ok(())
+    }
+}
+
+fn usage(message: &str) -> Result<(), BenchError> {
+    Err(BenchError::Usage(message.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("5 days").is_err());
+    }
+
+    fn load() -> LoadArgs {
+        LoadArgs {
+            publishers: 1,
+            batch: None,
+            payload_size: 200,
+            messages: None,
+            duration: None,
+            rate: None,
+            window: 512,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn load_checks_and_defaults() {
+        assert!(load().check().is_ok());
+        assert_eq!(load().batch(), 100);
+        let at_rate = LoadArgs {
+            rate: Some(50.0),
+            ..load()
+        };
+        assert_eq!(at_rate.batch(), 1);
+        for bad in [
+            LoadArgs {
+                publishers: 0,
+                ..load()
+            },
+            LoadArgs {
+                payload_size: 10,
+                ..load()
+            },
+            LoadArgs {
+                rate: Some(-1.0),
+                ..load()
+            },
+            LoadArgs {
+                messages: Some(0),
+                ..load()
+            },
+            LoadArgs {
+                batch: Some(0),
+                ..load()
+            },
+        ] {
+            assert!(matches!(bad.check(), Err(BenchError::Usage(_))), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The benchmark payload: a JSON object the server accepts, stamped with who sent it, its
+//! sequence number and its send time, padded to an exact size; and the parser for the frames
+//! that come back.
+//!
+//! The stamp fields come first and in a fixed order so that the parser is a prefix match and
+//! three integer scans, not a JSON parse: at a million frames a second the generator's own CPU
+//! matters, because it shares the cores with the server it measures.
+
+use std::time::Instant;
+
+/// Smallest accepted `--payload-size`: the stamp fields at their longest fit.
+pub const MIN_SIZE: usize = 128;
+/// Largest accepted `--payload-size`: PostgreSQL limits a NOTIFY payload to 8000 bytes.
+pub const MAX_SIZE: usize = 7999;
+
+const BENCH_PREFIX: &str = r#"{"action":"bench","run":"#;
+
+/// One monotonic clock for send stamps and arrival times; both ends live in this process, so
+/// `CLOCK_MONOTONIC` (what [`Instant`] reads) needs no synchronisation.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            start: Instant::now(),
+        }
+    }
+
+    /// Nanoseconds since the clock was created.
+    pub fn now_ns(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
+
+/// What a payload carries besides its padding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Random per run, so frames of another run on the same channel are not counted.
+    pub run: u32,
+    /// Which publisher connection sent it; each has its own sequence.
+    pub publisher: u32,
+    pub seq: u64,
+    /// [`Clock::now_ns`] just before the statement carrying it was sent.
+    pub sent_ns: u64,
+}
+
+/// A frame as the generator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parsed {
+    Bench(Stamp),
+    /// The server's `{"action":"ping"}` heartbeat.
+    Ping,
+    /// Anything else, including bench frames of another run.
+    Other,
+}
+
+/// Appends the payload for `stamp`, exactly `size` bytes long, to `out`.
+///
+/// `size` must be at least [`MIN_SIZE`]; the options check that.
+pub fn encode(stamp: Stamp, size: usize, out: &mut String) {
+    use std::fmt::Write as _;
+    let start = out.len();
+    let _ = write!(
+        out,
+        r#"{BENCH_PREFIX}{},"pub":{},"seq":{},"t":{}"#,
+        stamp.run, stamp.publisher, stamp.seq, stamp.sent_ns
+    );
+    const PAD_OPEN: &str = r#","pad":""#;
+    const PAD_CLOSE: &str = r#""}"#;
+    let used = out.len() - start + PAD_OPEN.len() + PAD_CLOSE.len();
+    out.push_str(PAD_OPEN);
+    out.extend(std::iter::repeat_n('x', size.saturating_sub(used)));
+    out.push_str(PAD_CLOSE);
+}
+
+/// Classifies a text frame; `run` is this run's id.
+pub fn parse(text: &str, run: u32) -> Parsed {
+    let Some(rest) = text.strip_prefix(BENCH_PREFIX) else {
+        return if is_ping(text) {
+            Parsed::Ping
+        } else {
+            Parsed::Other
+        };
+    };
+    let stamp = (|| {
+        let (frame_run, rest) = number(rest, r#","pub":"#)?;
+        let (publisher, rest) = number(rest, r#","seq":"#)?;
+        let (seq, rest) = number(rest, r#","t":"#)?;
+        let (sent_ns, _) = number(rest, ",")?;
+        Some(Stamp {
+            run: u32::try_from(frame_run).ok()?,
+            publisher: u32::try_from(publisher).ok()?,
+            seq,
+            sent_ns,
+        })
+    })();
+    match stamp {
+        Some(stamp) if stamp.run == run => Parsed::Bench(stamp),
+        _ => Parsed::Other,
+    }
+}
+
+fn is_ping(text: &str) -> bool {
+    // Short-circuits on length so a flood of foreign frames costs no allocation.
+    text == r#"{"action":"ping"}"#
+        || (text.len() < 64 && text.replace(' ', "") == r#"{"action":"ping"}"#)
+}
+
+/// Reads the decimal number at the start of `s`, which must be followed by `then`.
+fn number<'a>(s: &'a str, then: &str) -> Option<(u64, &'a str)> {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return None;
+    }
+    let value = s[..digits].parse().ok()?;
+    let rest = s[digits..].strip_prefix(then)?;
+    Some((value, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp() -> Stamp {
+        Stamp {
+            run: 7,
+            publisher: 3,
+            seq: 123_456,
+            sent_ns: 98_765_432_100,
+        }
+    }
+
+    #[test]
+    fn encodes_to_the_exact_size_and_parses_back() {
+        for size in [MIN_SIZE, 200, 1000, MAX_SIZE] {
+            let mut out = String::new();
+            encode(stamp(), size, &mut out);
+            assert_eq!(out.len(), size, "{out}");
+            let value: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+            assert_eq!(value["action"], "bench");
+            assert_eq!(value["seq"], 123_456);
+            assert_eq!(parse(&out, 7), Parsed::Bench(stamp()));
+        }
+    }
+
+    #[test]
+    fn the_longest_stamp_fits_the_minimum_size() {
+        let mut out = String::new();
+        let longest = Stamp {
+            run: u32::MAX,
+            publisher: u32::MAX,
+            seq: u64::MAX,
+            sent_ns: u64::MAX,
+        };
+        encode(longest, MIN_SIZE, &mut out);
+        assert_eq!(out.len(), MIN_SIZE);
+        assert_eq!(parse(&out, u32::MAX), Parsed::Bench(longest));
+    }
+
+    #[test]
+    fn pings_other_runs_and_foreign_frames() {
+        assert_eq!(parse(r#"{"action":"ping"}"#, 7), Parsed::Ping);
+        assert_eq!(parse(r#"{"action": "ping"}"#, 7), Parsed::Ping);
+        let mut out = String::new();
+        encode(stamp(), 200, &mut out);
+        assert_eq!(parse(&out, 8), Parsed::Other);
+        assert_eq!(
+            parse(r#"{"action":"test","check_id":"x"}"#, 7),
+            Parsed::Other
+        );
+        assert_eq!(
+            parse(r#"{"action":"bench","run":7,"pub":x}"#, 7),
+            Parsed::Other
+        );
+    }
+}

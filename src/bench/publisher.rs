@@ -1,0 +1,245 @@
+//! Publishers: K PostgreSQL connections calling `pg_notify`, each with its own sequence,
+//! optionally batched, paced to a rate or held back by a flow-control window.
+//!
+//! A batch is one statement, `SELECT count(pg_notify($1, p)) FROM unnest($2::text[])`, so one
+//! round trip and one commit carry many notifications in order; the generator builds the
+//! payloads, which keeps their size exact. Every payload of a batch carries the time the
+//! statement was sent, so its latency includes the statement and the commit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_postgres::Client;
+
+use super::db::Db;
+use super::error::BenchError;
+use super::payload::{self, Clock, Stamp};
+
+/// How much to publish and how fast.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Messages in total, spread over the publishers; `None` with a `duration`.
+    pub messages: Option<u64>,
+    pub duration: Option<Duration>,
+    /// Messages per second in total; `None`: as fast as possible.
+    pub rate: Option<f64>,
+    /// Notifications per statement.
+    pub batch: usize,
+    pub payload_size: usize,
+}
+
+/// Holds publishers back while the slowest receiver is more than `window` messages behind.
+pub struct Flow {
+    pub window: u64,
+    /// The least number of messages any live receiver has; `None` when none is left.
+    pub delivered: Box<dyn Fn() -> Option<u64> + Send + Sync>,
+}
+
+/// Shared between the publishers while they run and read by the others.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Messages handed to PostgreSQL (committed or in flight).
+    pub issued: AtomicU64,
+    /// First statement's send time ([`Clock::now_ns`]); `u64::MAX` before.
+    pub first_send_ns: AtomicU64,
+}
+
+/// What the publishers did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Published {
+    /// Committed messages per publisher.
+    pub per_publisher: Vec<u64>,
+    pub total: u64,
+    pub statements: u64,
+    pub first_send_ns: u64,
+    pub last_commit_ns: u64,
+    /// Committed messages per second, from the first send to the last commit.
+    pub rate: f64,
+    /// Time spent waiting for the flow-control window, summed over publishers (seconds).
+    pub flow_wait_s: f64,
+}
+
+const BATCH_SQL: &str = "SELECT count(pg_notify($1, p)) FROM unnest($2::text[]) AS p";
+const ONE_SQL: &str = "SELECT pg_notify($1, $2)";
+
+/// Opens `count` publisher connections.
+pub async fn connect(db: &Db, count: usize) -> Result<Vec<Client>, BenchError> {
+    let mut clients = Vec::with_capacity(count);
+    for _ in 0..count {
+        clients.push(db.connect().await?);
+    }
+    Ok(clients)
+}
+
+/// Publishes `plan` from every connection in `clients` and waits for them.
+pub async fn run(
+    db: &Db,
+    clients: Vec<Client>,
+    plan: Plan,
+    clock: Clock,
+    run: u32,
+    flow: Option<Arc<Flow>>,
+    counters: Arc<Counters>,
+) -> Result<Published, BenchError> {
+    counters.first_send_ns.store(u64::MAX, Ordering::Relaxed);
+    let k = clients.len() as u64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        let quota = plan.messages.map(|m| m / k + u64::from((i as u64) < m % k));
+        let task = PublisherTask {
+            id: i as u32,
+            client,
+            channel: db.channel.clone(),
+            plan,
+            quota,
+            deadline: plan.duration.map(|d| started + d),
+            per_publisher_rate: plan.rate.map(|r| r / k as f64),
+            clock,
+            run,
+            flow: flow.clone(),
+            counters: counters.clone(),
+        };
+        tasks.push(tokio::spawn(task.run()));
+    }
+    let mut published = Published::default();
+    let mut failure = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(done)) => {
+                published.per_publisher.push(done.committed);
+                published.statements += done.statements;
+                published.last_commit_ns = published.last_commit_ns.max(done.last_commit_ns);
+                published.flow_wait_s += done.flow_wait.as_secs_f64();
+            }
+            Ok(Err(cause)) => {
+                published.per_publisher.push(0);
+                failure.get_or_insert(cause);
+            }
+            Err(join) => {
+                published.per_publisher.push(0);
+                failure.get_or_insert(join.to_string());
+            }
+        }
+    }
+    if let Some(cause) = failure {
+        return Err(BenchError::Publish {
+            target: db.target.clone(),
+            cause,
+        });
+    }
+    published.total = published.per_publisher.iter().sum();
+    published.first_send_ns = counters.first_send_ns.load(Ordering::Relaxed);
+    let span = published
+        .last_commit_ns
+        .saturating_sub(published.first_send_ns);
+    if span > 0 && published.first_send_ns != u64::MAX {
+        published.rate = published.total as f64 * 1e9 / span as f64;
+    }
+    Ok(published)
+}
+
+struct PublisherTask {
+    id: u32,
+    client: Client,
+    channel: String,
+    plan: Plan,
+    quota: Option<u64>,
+    deadline: Option<Instant>,
+    per_publisher_rate: Option<f64>,
+    clock: Clock,
+    run: u32,
+    flow: Option<Arc<Flow>>,
+    counters: Arc<Counters>,
+}
+
+struct Done {
+    committed: u64,
+    statements: u64,
+    last_commit_ns: u64,
+    flow_wait: Duration,
+}
+
+impl PublisherTask {
+    async fn run(self) -> Result<Done, String> {
+        let batch_sql = self
+            .client
+            .prepare(BATCH_SQL)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let one_sql = self
+            .client
+            .prepare(ONE_SQL)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let batch = self.plan.batch.max(1) as u64;
+        let interval = self
+            .per_publisher_rate
+            .map(|rate| Duration::from_secs_f64(batch as f64 / rate));
+        let mut next_send = Instant::now();
+        let mut done = Done {
+            committed: 0,
+            statements: 0,
+            last_commit_ns: 0,
+            flow_wait: Duration::ZERO,
+        };
+        let mut payloads: Vec<String> = Vec::new();
+        loop {
+            let left = self.quota.map_or(u64::MAX, |q| q - done.committed);
+            if left == 0 || self.deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let n = batch.min(left);
+            if let Some(flow) = &self.flow {
+                let waited = Instant::now();
+                while let Some(delivered) = (flow.delivered)() {
+                    let issued = self.counters.issued.load(Ordering::Relaxed);
+                    if issued + n <= delivered + flow.window {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+                done.flow_wait += waited.elapsed();
+            }
+            if let Some(interval) = interval {
+                // An absolute schedule: a late statement does not delay the ones after it.
+                tokio::time::sleep_until(next_send).await;
+                next_send += interval;
+            }
+            let sent_ns = self.clock.now_ns();
+            self.counters
+                .first_send_ns
+                .fetch_min(sent_ns, Ordering::Relaxed);
+            payloads.clear();
+            for seq in done.committed..done.committed + n {
+                let mut p = String::with_capacity(self.plan.payload_size);
+                let stamp = Stamp {
+                    run: self.run,
+                    publisher: self.id,
+                    seq,
+                    sent_ns,
+                };
+                payload::encode(stamp, self.plan.payload_size, &mut p);
+                payloads.push(p);
+            }
+            self.counters.issued.fetch_add(n, Ordering::Relaxed);
+            let result = if n == 1 {
+                self.client
+                    .query_one(&one_sql, &[&self.channel, &payloads[0]])
+                    .await
+            } else {
+                self.client
+                    .query_one(&batch_sql, &[&self.channel, &payloads])
+                    .await
+            };
+            result.map_err(|e| format!("{e:#}"))?;
+            done.committed += n;
+            done.statements += 1;
+            done.last_commit_ns = self.clock.now_ns();
+        }
+        Ok(done)
+    }
+}

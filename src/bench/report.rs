@@ -1,0 +1,520 @@
+//! What a run measured, as JSON (`--json`) or as a human-readable table.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::clients::ConnectStats;
+use super::procstat::ProcSample;
+use super::publisher::Published;
+use super::stats::{Counts, Percentiles};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub mode: String,
+    /// The run id stamped into every payload.
+    pub run: u32,
+    pub settings: Settings,
+    pub connect: Option<ConnectStats>,
+    pub published: Option<Published>,
+    pub delivery: Option<Delivery>,
+    /// NOTIFY sent → frame read by a client.
+    pub latency: Option<Percentiles>,
+    pub raw_listen: Option<RawListen>,
+    pub receiver: Option<KeepUp>,
+    pub stuck: Option<Stuck>,
+    pub idle: Option<Idle>,
+    pub soak: Option<Soak>,
+    pub server: Option<ServerUse>,
+    pub generator: GeneratorUse,
+    /// Share of all CPUs busy during the measured window (server, generator, PostgreSQL and
+    /// anything else).
+    pub machine_busy_pct: f64,
+    /// Interrupt and softirq time during the window (where the kernel processes loopback
+    /// TCP; charged to no process), in percent of one core.
+    pub irq_pct_of_core: f64,
+    /// CPU time of every process but the server and the generator during the window
+    /// (PostgreSQL, and whatever else runs on the machine), in percent of one core.
+    pub others_pct_of_core: f64,
+    pub cpus: usize,
+    pub clients: Vec<ClientRow>,
+    pub notes: Vec<String>,
+    /// What `--strict` fails on.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Settings {
+    pub url: Option<String>,
+    pub channel: Option<String>,
+    pub clients: usize,
+    pub stuck: usize,
+    pub publishers: usize,
+    pub batch: usize,
+    pub payload_size: usize,
+    pub messages: Option<u64>,
+    pub duration_s: Option<f64>,
+    pub rate: Option<f64>,
+    /// Flow-control window (messages); `None`: open loop.
+    pub window: Option<u64>,
+    pub threads: usize,
+    pub read_buffer: usize,
+    pub connect_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Messages committed by the publishers.
+    pub published: u64,
+    /// Frames every reading client should have had: published × clients.
+    pub expected: u64,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub pings: u64,
+    /// Frames that were neither this run's payloads nor pings.
+    pub other: u64,
+    pub clients_complete: usize,
+    pub clients_with_loss: usize,
+    /// Reading clients whose connection ended during the run, and how.
+    pub clients_closed: usize,
+    pub closes: Vec<String>,
+    pub min_client_delivered: u64,
+    pub max_client_delivered: u64,
+    /// First send to last new frame.
+    pub elapsed_s: f64,
+    pub frames_per_s: f64,
+    /// The drain gave up before everything arrived.
+    pub drain_timed_out: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RawListen {
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// First send to last notification.
+    pub elapsed_s: f64,
+    pub msgs_per_s: f64,
+    pub latency: Percentiles,
+    pub error: Option<String>,
+}
+
+/// The server's receiver against the bare listener on the same publishers: a server cannot
+/// hand message M to any client before its receiver has it, so the first client to complete
+/// bounds when the receiver was done.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KeepUp {
+    pub messages: u64,
+    pub raw_done_ms: f64,
+    pub first_client_done_ms: f64,
+    pub last_client_done_ms: f64,
+    pub raw_msgs_per_s: f64,
+    /// Messages per second reaching the first complete client: a lower bound of the server's
+    /// receiver rate.
+    pub server_msgs_per_s: f64,
+    /// server_msgs_per_s / raw_msgs_per_s.
+    pub ratio: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stuck {
+    pub count: usize,
+    pub closed: usize,
+    pub ends: Vec<String>,
+    /// The server's client count after the run (should be the readers only).
+    pub server_clients_after: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Idle {
+    pub clients: usize,
+    pub registered: Option<u64>,
+    pub settle_s: f64,
+    pub rss_before_kib: Option<u64>,
+    pub rss_after_kib: Option<u64>,
+    pub rss_per_client_kib: Option<f64>,
+    pub generator_rss_per_client_kib: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Soak {
+    pub warmup_s: f64,
+    pub interval_s: f64,
+    /// (seconds since publishing started, RSS KiB).
+    pub samples: Vec<(f64, u64)>,
+    pub first_kib: u64,
+    pub last_kib: u64,
+    pub max_kib: u64,
+    pub growth_kib: i64,
+    pub growth_pct: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerUse {
+    pub pid: u32,
+    pub before: ProcSample,
+    pub after: ProcSample,
+    pub cpu_s: f64,
+    /// Server CPU time per delivered frame, in microseconds.
+    pub cpu_us_per_frame: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GeneratorUse {
+    pub threads: usize,
+    pub cpu_s: f64,
+    pub wall_s: f64,
+    /// cpu_s / wall_s, in percent of one core.
+    pub cpu_pct_of_core: f64,
+    pub rss_kib: u64,
+    pub cpu_us_per_frame: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClientRow {
+    pub id: usize,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub pings: u64,
+    pub other: u64,
+    pub end: String,
+}
+
+/// Microseconds as a short human duration.
+pub fn fmt_us(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+/// An integer with thousands separators.
+pub fn fmt_int(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn fmt_latency(p: &Percentiles) -> String {
+    format!(
+        "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  ({} samples)",
+        fmt_us(p.p50_us),
+        fmt_us(p.p90_us),
+        fmt_us(p.p99_us),
+        fmt_us(p.p999_us),
+        fmt_us(p.max_us),
+        fmt_int(p.count)
+    )
+}
+
+fn fmt_counts(c: &Counts) -> String {
+    format!(
+        "lost {}  duplicated {}  out-of-order {}",
+        fmt_int(c.lost),
+        fmt_int(c.duplicated),
+        fmt_int(c.out_of_order)
+    )
+}
+
+impl Report {
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let s = &self.settings;
+        let mut rows: Vec<(&str, String)> = Vec::new();
+        let mut head = format!("vulcan-stream-bench {}", self.mode);
+        if s.clients > 0 {
+            let _ = write!(head, ": {} clients", fmt_int(s.clients as u64));
+        }
+        if s.stuck > 0 {
+            let _ = write!(head, " + {} stuck", s.stuck);
+        }
+        if let Some(p) = &self.published {
+            let _ = write!(
+                head,
+                ", {} publisher(s), batch {}, {}-byte payloads, {}",
+                p.per_publisher.len(),
+                s.batch,
+                s.payload_size,
+                match (s.rate, s.window) {
+                    (Some(rate), _) => format!("{rate} msg/s"),
+                    (None, Some(w)) => format!("max rate, window {w}"),
+                    (None, None) => "max rate, open loop".to_owned(),
+                }
+            );
+        }
+        if let Some(c) = &self.connect {
+            rows.push((
+                "connect",
+                format!(
+                    "{} of {} in {:.2} s (each p50 {}, p99 {}, max {}; {} at a time), {} failed{}",
+                    fmt_int(c.connected as u64),
+                    fmt_int(c.attempted as u64),
+                    c.total_s,
+                    fmt_us(c.each.p50_us),
+                    fmt_us(c.each.p99_us),
+                    fmt_us(c.each.max_us),
+                    c.concurrency,
+                    c.failed,
+                    c.first_error
+                        .as_ref()
+                        .map(|e| format!(" (first: {e})"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        if let Some(p) = &self.published {
+            rows.push((
+                "published",
+                format!(
+                    "{} messages in {} statements at {:.0} msg/s (flow-control wait {:.2} s)",
+                    fmt_int(p.total),
+                    fmt_int(p.statements),
+                    p.rate,
+                    p.flow_wait_s
+                ),
+            ));
+        }
+        if let Some(d) = &self.delivery {
+            rows.push((
+                "delivered",
+                format!(
+                    "{} of {} frames  {}",
+                    fmt_int(d.counts.delivered),
+                    fmt_int(d.expected),
+                    fmt_counts(&d.counts)
+                ),
+            ));
+            rows.push((
+                "clients",
+                format!(
+                    "{} complete, {} with loss, {} closed during the run{}; per client {}..{} frames; {} pings, {} other frames",
+                    d.clients_complete,
+                    d.clients_with_loss,
+                    d.clients_closed,
+                    if d.closes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", d.closes.join(", "))
+                    },
+                    fmt_int(d.min_client_delivered),
+                    fmt_int(d.max_client_delivered),
+                    fmt_int(d.pings),
+                    fmt_int(d.other)
+                ),
+            ));
+            rows.push((
+                "throughput",
+                format!(
+                    "{} frames/s over {:.2} s{}",
+                    fmt_int(d.frames_per_s.round() as u64),
+                    d.elapsed_s,
+                    if d.drain_timed_out {
+                        " (drain timed out)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        if let Some(l) = &self.latency {
+            rows.push(("latency", fmt_latency(l)));
+        }
+        if let Some(r) = &self.raw_listen {
+            rows.push((
+                "raw LISTEN",
+                format!(
+                    "{} notifications at {} msg/s over {:.3} s  {}{}",
+                    fmt_int(r.counts.delivered),
+                    fmt_int(r.msgs_per_s.round() as u64),
+                    r.elapsed_s,
+                    fmt_counts(&r.counts),
+                    r.error
+                        .as_ref()
+                        .map(|e| format!(" (error: {e})"))
+                        .unwrap_or_default()
+                ),
+            ));
+            rows.push(("raw latency", fmt_latency(&r.latency)));
+        }
+        if let Some(k) = &self.receiver {
+            rows.push((
+                "receiver",
+                format!(
+                    "{} messages: raw LISTEN done at {:.1} ms, first client at {:.1} ms, last at {:.1} ms; {} vs {} msg/s (ratio {:.2})",
+                    fmt_int(k.messages),
+                    k.raw_done_ms,
+                    k.first_client_done_ms,
+                    k.last_client_done_ms,
+                    fmt_int(k.server_msgs_per_s.round() as u64),
+                    fmt_int(k.raw_msgs_per_s.round() as u64),
+                    k.ratio
+                ),
+            ));
+        }
+        if let Some(st) = &self.stuck {
+            rows.push((
+                "stuck",
+                format!(
+                    "{} of {} closed by the server ({}); server clients after: {}",
+                    st.closed,
+                    st.count,
+                    st.ends.join(", "),
+                    st.server_clients_after
+                        .map_or("n/a".to_owned(), |c| c.to_string())
+                ),
+            ));
+        }
+        if let Some(i) = &self.idle {
+            rows.push((
+                "idle",
+                format!(
+                    "{} clients ({} registered), RSS {} → {} KiB after {:.0} s: {} KiB per connection; generator {:.1} KiB per connection",
+                    fmt_int(i.clients as u64),
+                    i.registered.map_or("?".to_owned(), fmt_int),
+                    i.rss_before_kib.map_or("n/a".to_owned(), fmt_int),
+                    i.rss_after_kib.map_or("n/a".to_owned(), fmt_int),
+                    i.settle_s,
+                    i.rss_per_client_kib
+                        .map_or("n/a".to_owned(), |v| format!("{v:.1}")),
+                    i.generator_rss_per_client_kib
+                ),
+            ));
+        }
+        if let Some(so) = &self.soak {
+            rows.push((
+                "soak RSS",
+                format!(
+                    "after {:.0} s warm-up: first {} KiB, last {} KiB, max {} KiB, growth {} KiB ({:+.1} %), {} samples every {:.0} s",
+                    so.warmup_s,
+                    fmt_int(so.first_kib),
+                    fmt_int(so.last_kib),
+                    fmt_int(so.max_kib),
+                    so.growth_kib,
+                    so.growth_pct,
+                    so.samples.len(),
+                    so.interval_s
+                ),
+            ));
+        }
+        if let Some(sv) = &self.server {
+            rows.push((
+                "server",
+                format!(
+                    "pid {}: CPU {:.2} s{}, RSS {} → {} KiB",
+                    sv.pid,
+                    sv.cpu_s,
+                    sv.cpu_us_per_frame
+                        .map(|v| format!(" ({v:.2} µs per frame)"))
+                        .unwrap_or_default(),
+                    fmt_int(sv.before.rss_kib),
+                    fmt_int(sv.after.rss_kib)
+                ),
+            ));
+        }
+        let g = &self.generator;
+        rows.push((
+            "generator",
+            format!(
+                "CPU {:.2} s in {:.2} s ({:.0} % of one core{}), RSS {} KiB, {} thread(s)",
+                g.cpu_s,
+                g.wall_s,
+                g.cpu_pct_of_core,
+                g.cpu_us_per_frame
+                    .map(|v| format!(", {v:.2} µs per frame"))
+                    .unwrap_or_default(),
+                fmt_int(g.rss_kib),
+                g.threads
+            ),
+        ));
+        rows.push((
+            "machine",
+            format!(
+                "{:.0} % of {} CPUs busy during the run; softirq {:.0} % and other processes (PostgreSQL...) {:.0} % of one core",
+                self.machine_busy_pct, self.cpus, self.irq_pct_of_core, self.others_pct_of_core
+            ),
+        ));
+        for note in &self.notes {
+            rows.push(("note", note.clone()));
+        }
+        for problem in &self.problems {
+            rows.push(("PROBLEM", problem.clone()));
+        }
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        let mut out = format!("{head}\n");
+        for (key, value) in rows {
+            let _ = writeln!(out, "  {key:<width$}  {value}");
+        }
+        if !self.clients.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n  {:>6} {:>12} {:>10} {:>10} {:>10} {:>7} {:>7}  end",
+                "client", "delivered", "lost", "dup", "ooo", "pings", "other"
+            );
+            for c in &self.clients {
+                let _ = writeln!(
+                    out,
+                    "  {:>6} {:>12} {:>10} {:>10} {:>10} {:>7} {:>7}  {}",
+                    c.id,
+                    c.counts.delivered,
+                    c.counts.lost,
+                    c.counts.duplicated,
+                    c.counts.out_of_order,
+                    c.pings,
+                    c.other,
+                    c.end
+                );
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatting() {
+        assert_eq!(fmt_int(0), "0");
+        assert_eq!(fmt_int(1234567), "1,234,567");
+        assert_eq!(fmt_int(100), "100");
+        assert_eq!(fmt_us(12.4), "12 µs");
+        assert_eq!(fmt_us(2500.0), "2.50 ms");
+        assert_eq!(fmt_us(3_200_000.0), "3.20 s");
+    }
+
+    #[test]
+    fn json_round_trip_and_table() {
+        let report = Report {
+            mode: "fanout".to_owned(),
+            settings: Settings {
+                clients: 3,
+                ..Settings::default()
+            },
+            delivery: Some(Delivery {
+                published: 10,
+                expected: 30,
+                counts: Counts {
+                    delivered: 29,
+                    lost: 1,
+                    ..Counts::default()
+                },
+                ..Delivery::default()
+            }),
+            ..Report::default()
+        };
+        let json = serde_json::to_string(&report).expect("serialises");
+        let back: Report = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back.delivery.expect("delivery").counts.lost, 1);
+        let table = report.table();
+        assert!(table.contains("29 of 30 frames"), "{table}");
+    }
+}

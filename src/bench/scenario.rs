@@ -1,0 +1,817 @@
+//! The modes: each connects what it needs, measures one window of activity, and fills a
+//! [`Report`].
+//!
+//! A load run goes: connect the clients (and the stuck ones), wait until the server has
+//! registered them, connect the publishers (and the bare listener), read the server's and our
+//! own resource use, publish, wait until every live client has every message (or nothing has
+//! arrived for `--drain-timeout`), read resource use again, then look at the stuck clients and
+//! stop the readers. Rates and CPU per frame cover the window from the first send to the last
+//! frame.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::clients::{self, ClientEnd, ClientResult, GONE, Shared, Target};
+use super::db::Db;
+use super::error::BenchError;
+use super::listen::RawListener;
+use super::options::{
+    ClientArgs, Command, DbArgs, FanoutArgs, IdleArgs, LoadArgs, OutputArgs, RawListenArgs,
+    ServerArgs, SoakArgs, StuckArgs,
+};
+use super::payload::Clock;
+use super::procstat::{self, ProcSample};
+use super::publisher::{self, Counters, Flow, Plan};
+use super::report::{
+    ClientRow, Delivery, GeneratorUse, Idle, KeepUp, RawListen, Report, ServerUse, Settings, Soak,
+    Stuck,
+};
+use super::stats::{Counts, Percentiles};
+use super::status::StatusUrl;
+
+/// How long to wait for the server to report every client registered.
+const REGISTER_LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs one mode (not `targets`).
+pub async fn run(command: Command) -> Result<Report, BenchError> {
+    match command {
+        Command::Fanout(a) => load(LoadSpec::fanout(a)?).await,
+        Command::RawListen(a) => load(LoadSpec::raw_listen(a)?).await,
+        Command::Stuck(a) => load(LoadSpec::stuck(a)?).await,
+        Command::Soak(a) => load(LoadSpec::soak(a)?).await,
+        Command::Idle(a) => idle(a).await,
+        Command::Targets(_) => Err(BenchError::Usage("targets is not a load mode".to_owned())),
+    }
+}
+
+struct LoadSpec {
+    mode: &'static str,
+    server: Option<ServerArgs>,
+    clients: ClientArgs,
+    db: Db,
+    load: LoadArgs,
+    messages: Option<u64>,
+    duration: Option<Duration>,
+    raw_listen: bool,
+    stuck: usize,
+    stuck_recv_buffer: u32,
+    stuck_wait: Duration,
+    /// Sample interval and warm-up.
+    soak: Option<(Duration, Duration)>,
+    output: OutputArgs,
+}
+
+impl LoadSpec {
+    fn new(
+        mode: &'static str,
+        server: Option<ServerArgs>,
+        clients: ClientArgs,
+        db: &DbArgs,
+        load: LoadArgs,
+        output: OutputArgs,
+        default_messages: u64,
+    ) -> Result<LoadSpec, BenchError> {
+        clients.check(server.is_none())?;
+        load.check()?;
+        output.check()?;
+        if let Some(pid) = server.as_ref().and_then(|s| s.server_pid) {
+            if !procstat::exists(pid) {
+                return Err(BenchError::Usage(format!(
+                    "--server-pid {pid}: no such process"
+                )));
+            }
+        }
+        let db = Db::new(db.db.as_deref(), db.channel.as_deref())?;
+        let (messages, duration) = match (load.messages, load.duration) {
+            (None, None) => (Some(default_messages), None),
+            other => other,
+        };
+        Ok(LoadSpec {
+            mode,
+            server,
+            clients,
+            db,
+            load,
+            messages,
+            duration,
+            raw_listen: false,
+            stuck: 0,
+            stuck_recv_buffer: 0,
+            stuck_wait: Duration::ZERO,
+            soak: None,
+            output,
+        })
+    }
+
+    fn fanout(a: FanoutArgs) -> Result<LoadSpec, BenchError> {
+        let mut spec = LoadSpec::new(
+            "fanout",
+            Some(a.server),
+            a.clients,
+            &a.db,
+            a.load,
+            a.output,
+            10_000,
+        )?;
+        spec.raw_listen = a.raw_listen;
+        Ok(spec)
+    }
+
+    fn raw_listen(a: RawListenArgs) -> Result<LoadSpec, BenchError> {
+        let clients = ClientArgs {
+            clients: 0,
+            connect_concurrency: 1,
+            read_buffer: 4096,
+        };
+        let mut spec = LoadSpec::new(
+            "raw-listen",
+            None,
+            clients,
+            &a.db,
+            a.load,
+            a.output,
+            100_000,
+        )?;
+        spec.raw_listen = true;
+        Ok(spec)
+    }
+
+    fn stuck(a: StuckArgs) -> Result<LoadSpec, BenchError> {
+        let mut spec = LoadSpec::new(
+            "stuck",
+            Some(a.server),
+            a.clients,
+            &a.db,
+            a.load,
+            a.output,
+            10_000,
+        )?;
+        spec.stuck = a.stuck;
+        spec.stuck_recv_buffer = a.stuck_recv_buffer;
+        spec.stuck_wait = a.stuck_wait;
+        Ok(spec)
+    }
+
+    fn soak(a: SoakArgs) -> Result<LoadSpec, BenchError> {
+        let mut load = a.load;
+        if load.messages.is_none() && load.duration.is_none() {
+            load.duration = Some(Duration::from_secs(600));
+        }
+        if load.rate.is_none() {
+            load.rate = Some(100.0);
+        }
+        if a.sample_interval.is_zero() {
+            return Err(BenchError::Usage(
+                "--sample-interval must be positive".to_owned(),
+            ));
+        }
+        let mut spec = LoadSpec::new("soak", Some(a.server), a.clients, &a.db, load, a.output, 0)?;
+        spec.soak = Some((a.sample_interval, a.warmup));
+        Ok(spec)
+    }
+
+    fn settings(&self) -> Settings {
+        let flow = self.load.rate.is_none() && self.load.window > 0 && self.clients.clients > 0;
+        Settings {
+            url: self.server.as_ref().map(|s| s.url.clone()),
+            channel: Some(self.db.channel.clone()),
+            clients: self.clients.clients,
+            stuck: self.stuck,
+            publishers: self.load.publishers,
+            batch: self.load.batch(),
+            payload_size: self.load.payload_size,
+            messages: self.messages,
+            duration_s: self.duration.map(|d| d.as_secs_f64()),
+            rate: self.load.rate,
+            window: flow.then_some(self.load.window),
+            threads: self.output.threads,
+            read_buffer: self.clients.read_buffer,
+            connect_concurrency: self.clients.connect_concurrency,
+        }
+    }
+}
+
+fn status_url(server: &ServerArgs) -> Result<Option<StatusUrl>, BenchError> {
+    match &server.status_url {
+        Some(url) => StatusUrl::parse(url)
+            .map(Some)
+            .map_err(|why| BenchError::Usage(format!("--status-url: {why}"))),
+        None => Ok(StatusUrl::beside(&server.url)),
+    }
+}
+
+fn sample_server(pid: Option<u32>) -> Result<Option<ProcSample>, BenchError> {
+    pid.map(|pid| {
+        procstat::sample(pid).map_err(|err| BenchError::Run(format!("server pid {pid}: {err}")))
+    })
+    .transpose()
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Describes how a connection ended, for counting alike ends together.
+fn describe(end: &ClientEnd) -> String {
+    match end {
+        ClientEnd::Open => "open".to_owned(),
+        ClientEnd::Closed { code, reason } => match code {
+            Some(code) if reason.is_empty() => format!("close {code}"),
+            Some(code) => format!("close {code} {reason:?}"),
+            None => "close without code".to_owned(),
+        },
+        ClientEnd::Dropped { error } => format!("dropped: {error}"),
+    }
+}
+
+fn summarise(ends: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut counted: BTreeMap<String, usize> = BTreeMap::new();
+    for end in ends {
+        *counted.entry(end).or_default() += 1;
+    }
+    counted
+        .into_iter()
+        .map(|(end, n)| format!("{n}× {end}"))
+        .collect()
+}
+
+async fn collect(readers: Vec<JoinHandle<ClientResult>>) -> Vec<ClientResult> {
+    let mut results = Vec::with_capacity(readers.len());
+    for reader in readers {
+        if let Ok(result) = reader.await {
+            results.push(result);
+        }
+    }
+    results
+}
+
+/// Waits until every live client (and the raw listener) has `total` messages; true when it
+/// gave up after `limit` without progress.
+async fn drain(shared: &Shared, raw: Option<&AtomicU64>, total: u64, limit: Duration) -> bool {
+    let mut last_sum = None;
+    let mut last_change = Instant::now();
+    loop {
+        let clients_done = shared.min_progress().is_none_or(|m| m >= total);
+        let raw_done = raw.is_none_or(|r| r.load(Ordering::Relaxed) >= total);
+        if clients_done && raw_done {
+            return false;
+        }
+        let sum = shared.total_progress() + raw.map_or(0, |r| r.load(Ordering::Relaxed));
+        if last_sum != Some(sum) {
+            last_sum = Some(sum);
+            last_change = Instant::now();
+        } else if last_change.elapsed() >= limit {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Reads the server's RSS every `interval` until stopped: (seconds since start, KiB).
+async fn sample_rss(pid: u32, interval: Duration, stop: CancellationToken) -> Vec<(f64, u64)> {
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    let mut samples = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick() => {
+                if let Ok(s) = procstat::sample(pid) {
+                    samples.push((start.elapsed().as_secs_f64(), s.rss_kib));
+                }
+            }
+        }
+    }
+    if let Ok(s) = procstat::sample(pid) {
+        samples.push((start.elapsed().as_secs_f64(), s.rss_kib));
+    }
+    samples
+}
+
+fn soak_summary(samples: Vec<(f64, u64)>, interval: Duration, warmup: Duration) -> Soak {
+    let warm = warmup.as_secs_f64();
+    let judged: Vec<u64> = samples
+        .iter()
+        .filter(|(t, _)| *t >= warm)
+        .map(|&(_, kib)| kib)
+        .collect();
+    let judged = if judged.is_empty() {
+        samples.iter().map(|&(_, kib)| kib).collect()
+    } else {
+        judged
+    };
+    let first = judged.first().copied().unwrap_or(0);
+    let last = judged.last().copied().unwrap_or(0);
+    let growth = last as i64 - first as i64;
+    Soak {
+        warmup_s: warm,
+        interval_s: interval.as_secs_f64(),
+        first_kib: first,
+        last_kib: last,
+        max_kib: judged.iter().copied().max().unwrap_or(0),
+        growth_kib: growth,
+        growth_pct: if first > 0 {
+            growth as f64 * 100.0 / first as f64
+        } else {
+            0.0
+        },
+        samples,
+    }
+}
+
+async fn load(spec: LoadSpec) -> Result<Report, BenchError> {
+    let clock = Clock::new();
+    let run: u32 = rand::random();
+    let n = spec.clients.clients;
+    let publishers = spec.load.publishers;
+    let shared = Arc::new(Shared::new(run, clock, publishers, n));
+    let pid = spec.server.as_ref().and_then(|s| s.server_pid);
+    let mut report = Report {
+        mode: spec.mode.to_owned(),
+        run,
+        settings: spec.settings(),
+        cpus: cpus(),
+        ..Report::default()
+    };
+
+    let mut readers = Vec::new();
+    let mut stuck = Vec::new();
+    let mut status = None;
+    if let Some(server) = &spec.server {
+        let target = Target::resolve(&server.url, spec.clients.read_buffer).await?;
+        status = status_url(server)?;
+        let (connected, stats) =
+            clients::connect_all(&target, 0, n, spec.clients.connect_concurrency, None).await;
+        if connected.is_empty() {
+            return Err(BenchError::Server {
+                url: server.url.clone(),
+                cause: stats.first_error.unwrap_or_default(),
+            });
+        }
+        for p in &shared.progress {
+            p.0.store(GONE, Ordering::Relaxed);
+        }
+        for (id, ws) in connected {
+            shared.progress[id].0.store(0, Ordering::Relaxed);
+            readers.push(tokio::spawn(clients::read(id, ws, shared.clone())));
+        }
+        if stats.failed > 0 {
+            report
+                .problems
+                .push(format!("{} clients could not connect", stats.failed));
+        }
+        report.connect = Some(stats);
+        if spec.stuck > 0 {
+            let (connected, stats) = clients::connect_all(
+                &target,
+                n,
+                spec.stuck,
+                spec.clients.connect_concurrency,
+                Some(spec.stuck_recv_buffer),
+            )
+            .await;
+            if stats.failed > 0 {
+                report
+                    .problems
+                    .push(format!("{} stuck clients could not connect", stats.failed));
+            }
+            stuck = connected.into_iter().map(|(_, ws)| ws).collect::<Vec<_>>();
+        }
+        if let Some(status) = &status {
+            let want = (readers.len() + stuck.len()) as u64;
+            if let Err(why) = status.wait_for_clients(want, REGISTER_LIMIT).await {
+                report.notes.push(format!("{}: {why}", status.display()));
+            }
+        }
+    }
+
+    let db_clients = publisher::connect(&spec.db, publishers).await?;
+    let raw = if spec.raw_listen {
+        Some(RawListener::start(&spec.db, clock, run, publishers).await?)
+    } else {
+        None
+    };
+
+    let server_before = sample_server(pid)?;
+    let own_before = procstat::own();
+    let machine_before = procstat::machine();
+    let wall = Instant::now();
+    let sampler_stop = CancellationToken::new();
+    let sampler = match (spec.soak, pid) {
+        (Some((interval, _)), Some(pid)) => Some(tokio::spawn(sample_rss(
+            pid,
+            interval,
+            sampler_stop.clone(),
+        ))),
+        _ => None,
+    };
+
+    let plan = Plan {
+        messages: spec.messages,
+        duration: spec.duration,
+        rate: spec.load.rate,
+        batch: spec.load.batch(),
+        payload_size: spec.load.payload_size,
+    };
+    let flow = report.settings.window.map(|window| {
+        let shared = shared.clone();
+        Arc::new(Flow {
+            window,
+            delivered: Box::new(move || shared.min_progress()),
+        })
+    });
+    let counters = Arc::new(Counters::default());
+    let published = publisher::run(&spec.db, db_clients, plan, clock, run, flow, counters).await?;
+    let drain_timed_out = drain(
+        &shared,
+        raw.as_ref().map(|r| r.progress.as_ref()),
+        published.total,
+        spec.load.drain_timeout,
+    )
+    .await;
+
+    let server_after = sample_server(pid)?;
+    let own_after = procstat::own();
+    let machine_after = procstat::machine();
+    let wall_s = wall.elapsed().as_secs_f64();
+    sampler_stop.cancel();
+    if let (Some(sampler), Some((interval, warmup))) = (sampler, spec.soak) {
+        let samples = sampler.await.unwrap_or_default();
+        report.soak = Some(soak_summary(samples, interval, warmup));
+    }
+
+    if spec.stuck > 0 {
+        let deadline = Instant::now() + spec.stuck_wait;
+        let ends =
+            futures::future::join_all(stuck.iter_mut().map(|ws| clients::stuck_end(ws, deadline)))
+                .await;
+        drop(stuck);
+        let closed = ends.iter().filter(|e| **e != ClientEnd::Open).count();
+        let mut server_clients_after = None;
+        if let Some(status) = &status {
+            // A kicked client leaves the server's count once its close completes.
+            let until = Instant::now() + Duration::from_secs(5);
+            while let Ok(count) = status.clients().await {
+                server_clients_after = Some(count);
+                if count <= readers.len() as u64 || Instant::now() >= until {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if closed < spec.stuck {
+            report.problems.push(format!(
+                "{} of {} stuck clients still open",
+                spec.stuck - closed,
+                spec.stuck
+            ));
+        }
+        report.stuck = Some(Stuck {
+            count: spec.stuck,
+            closed,
+            ends: summarise(ends.iter().map(describe)),
+            server_clients_after,
+        });
+    }
+
+    shared.stop.cancel();
+    let results = collect(readers).await;
+    let raw_result = match raw {
+        Some(raw) => Some(raw.finish().await),
+        None => None,
+    };
+
+    let first_send = published.first_send_ns;
+    let per_pub = published.per_publisher.clone();
+    let mut total = Counts::default();
+    let (mut pings, mut other, mut complete, mut with_loss) = (0, 0, 0, 0);
+    let (mut first_done, mut last_done, mut last_arrival) = (u64::MAX, 0u64, 0u64);
+    let (mut min_d, mut max_d) = (u64::MAX, 0u64);
+    let mut closes = Vec::new();
+    for r in &results {
+        let c = Counts::from_states(&r.states, &per_pub);
+        total.add(&c);
+        pings += r.pings;
+        other += r.other;
+        if c.lost == 0 {
+            complete += 1;
+            first_done = first_done.min(r.last_new_ns);
+            last_done = last_done.max(r.last_new_ns);
+        } else {
+            with_loss += 1;
+        }
+        last_arrival = last_arrival.max(r.last_new_ns);
+        min_d = min_d.min(c.delivered);
+        max_d = max_d.max(c.delivered);
+        if r.end != ClientEnd::Open {
+            closes.push(describe(&r.end));
+        }
+        if spec.output.per_client {
+            report.clients.push(ClientRow {
+                id: r.id,
+                counts: c,
+                pings: r.pings,
+                other: r.other,
+                end: describe(&r.end),
+            });
+        }
+    }
+    let span_s = |end_ns: u64| end_ns.saturating_sub(first_send) as f64 / 1e9;
+    let delivered = total.delivered;
+    if !results.is_empty() {
+        let elapsed_s = span_s(last_arrival);
+        report.delivery = Some(Delivery {
+            published: published.total,
+            expected: published.total * results.len() as u64,
+            counts: total,
+            pings,
+            other,
+            clients_complete: complete,
+            clients_with_loss: with_loss,
+            clients_closed: closes.len(),
+            closes: summarise(closes.iter().cloned()),
+            min_client_delivered: if min_d == u64::MAX { 0 } else { min_d },
+            max_client_delivered: max_d,
+            elapsed_s,
+            frames_per_s: if elapsed_s > 0.0 {
+                delivered as f64 / elapsed_s
+            } else {
+                0.0
+            },
+            drain_timed_out,
+        });
+        report.latency = Some(Percentiles::of(&shared.latency.merged()));
+        if !total.is_clean() {
+            report.problems.push(format!(
+                "clients: {} lost, {} duplicated, {} out of order",
+                total.lost, total.duplicated, total.out_of_order
+            ));
+        }
+        if !closes.is_empty() {
+            report.problems.push(format!(
+                "{} reading clients were closed during the run",
+                closes.len()
+            ));
+        }
+    }
+    if drain_timed_out {
+        report.problems.push(format!(
+            "gave up waiting for missing frames after {:?} without progress",
+            spec.load.drain_timeout
+        ));
+    }
+    if let Some(raw) = raw_result {
+        let counts = Counts::from_states(&raw.states, &per_pub);
+        let elapsed_s = span_s(raw.last_new_ns);
+        if !counts.is_clean() || raw.error.is_some() {
+            report.problems.push(format!(
+                "raw listener: {} lost{}",
+                counts.lost,
+                raw.error
+                    .as_ref()
+                    .map(|e| format!(", {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        let raw_rate = if elapsed_s > 0.0 {
+            counts.delivered as f64 / elapsed_s
+        } else {
+            0.0
+        };
+        if complete > 0 && counts.lost == 0 {
+            let first_client_s = span_s(first_done);
+            let server_rate = if first_client_s > 0.0 {
+                published.total as f64 / first_client_s
+            } else {
+                0.0
+            };
+            report.receiver = Some(KeepUp {
+                messages: published.total,
+                raw_done_ms: elapsed_s * 1e3,
+                first_client_done_ms: first_client_s * 1e3,
+                last_client_done_ms: span_s(last_done) * 1e3,
+                raw_msgs_per_s: raw_rate,
+                server_msgs_per_s: server_rate,
+                ratio: if raw_rate > 0.0 {
+                    server_rate / raw_rate
+                } else {
+                    0.0
+                },
+            });
+        }
+        report.raw_listen = Some(RawListen {
+            counts,
+            elapsed_s,
+            msgs_per_s: raw_rate,
+            latency: Percentiles::of(&raw.latency),
+            error: raw.error,
+        });
+    }
+    if let (Some(before), Some(after), Some(pid)) = (server_before, server_after, pid) {
+        let cpu_s = after.cpu_s - before.cpu_s;
+        report.server = Some(ServerUse {
+            pid,
+            before,
+            after,
+            cpu_s,
+            cpu_us_per_frame: (delivered > 0).then(|| cpu_s * 1e6 / delivered as f64),
+        });
+    }
+    let cpu_s = own_after.cpu_s - own_before.cpu_s;
+    report.generator = GeneratorUse {
+        threads: spec.output.threads,
+        cpu_s,
+        wall_s,
+        cpu_pct_of_core: if wall_s > 0.0 {
+            cpu_s * 100.0 / wall_s
+        } else {
+            0.0
+        },
+        rss_kib: own_after.rss_kib,
+        cpu_us_per_frame: (delivered > 0).then(|| cpu_s * 1e6 / delivered as f64),
+    };
+    report.machine_busy_pct = procstat::busy_percent(machine_before, machine_after);
+    report.irq_pct_of_core =
+        procstat::irq_percent(machine_before, machine_after) * report.cpus as f64;
+    report.others_pct_of_core = others_pct(&report);
+    report.published = Some(published);
+    Ok(report)
+}
+
+async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
+    args.clients.check(false)?;
+    args.output.check()?;
+    let pid = args.server.server_pid;
+    if let Some(pid) = pid {
+        if !procstat::exists(pid) {
+            return Err(BenchError::Usage(format!(
+                "--server-pid {pid}: no such process"
+            )));
+        }
+    }
+    let n = args.clients.clients;
+    let clock = Clock::new();
+    let run: u32 = rand::random();
+    let mut report = Report {
+        mode: "idle".to_owned(),
+        run,
+        settings: Settings {
+            url: Some(args.server.url.clone()),
+            clients: n,
+            threads: args.output.threads,
+            read_buffer: args.clients.read_buffer,
+            connect_concurrency: args.clients.connect_concurrency,
+            ..Settings::default()
+        },
+        cpus: cpus(),
+        ..Report::default()
+    };
+    let target = Target::resolve(&args.server.url, args.clients.read_buffer).await?;
+    let status = status_url(&args.server)?;
+    let server_before = sample_server(pid)?;
+    let own_before = procstat::own();
+    let machine_before = procstat::machine();
+    let wall = Instant::now();
+
+    let (connected, stats) =
+        clients::connect_all(&target, 0, n, args.clients.connect_concurrency, None).await;
+    if connected.is_empty() {
+        return Err(BenchError::Server {
+            url: args.server.url.clone(),
+            cause: stats.first_error.unwrap_or_default(),
+        });
+    }
+    let count = connected.len();
+    if stats.failed > 0 {
+        report
+            .problems
+            .push(format!("{} clients could not connect", stats.failed));
+    }
+    report.connect = Some(stats);
+    let shared = Arc::new(Shared::new(run, clock, 1, n));
+    let readers: Vec<_> = connected
+        .into_iter()
+        .map(|(id, ws)| tokio::spawn(clients::read(id, ws, shared.clone())))
+        .collect();
+    let mut registered = None;
+    if let Some(status) = &status {
+        match status.wait_for_clients(count as u64, REGISTER_LIMIT).await {
+            Ok(seen) => registered = Some(seen),
+            Err(why) => report.notes.push(format!("{}: {why}", status.display())),
+        }
+    }
+    tokio::time::sleep(args.settle).await;
+
+    let server_after = sample_server(pid)?;
+    let own_after = procstat::own();
+    let machine_after = procstat::machine();
+    let wall_s = wall.elapsed().as_secs_f64();
+    shared.stop.cancel();
+    let results = collect(readers).await;
+    let closes: Vec<String> = results
+        .iter()
+        .filter(|r| r.end != ClientEnd::Open)
+        .map(|r| describe(&r.end))
+        .collect();
+    if !closes.is_empty() {
+        report.problems.push(format!(
+            "{} clients were closed while idle ({})",
+            closes.len(),
+            summarise(closes).join(", ")
+        ));
+    }
+    let per_client = |before: u64, after: u64| (after as f64 - before as f64) / count as f64;
+    report.idle = Some(Idle {
+        clients: count,
+        registered,
+        settle_s: args.settle.as_secs_f64(),
+        rss_before_kib: server_before.map(|s| s.rss_kib),
+        rss_after_kib: server_after.map(|s| s.rss_kib),
+        rss_per_client_kib: server_before
+            .zip(server_after)
+            .map(|(b, a)| per_client(b.rss_kib, a.rss_kib)),
+        generator_rss_per_client_kib: per_client(own_before.rss_kib, own_after.rss_kib),
+    });
+    if let (Some(before), Some(after), Some(pid)) = (server_before, server_after, pid) {
+        report.server = Some(ServerUse {
+            pid,
+            before,
+            after,
+            cpu_s: after.cpu_s - before.cpu_s,
+            cpu_us_per_frame: None,
+        });
+    }
+    let cpu_s = own_after.cpu_s - own_before.cpu_s;
+    report.generator = GeneratorUse {
+        threads: args.output.threads,
+        cpu_s,
+        wall_s,
+        cpu_pct_of_core: cpu_s * 100.0 / wall_s.max(1e-9),
+        rss_kib: own_after.rss_kib,
+        cpu_us_per_frame: None,
+    };
+    report.machine_busy_pct = procstat::busy_percent(machine_before, machine_after);
+    report.irq_pct_of_core =
+        procstat::irq_percent(machine_before, machine_after) * report.cpus as f64;
+    report.others_pct_of_core = others_pct(&report);
+    Ok(report)
+}
+
+/// What neither the server, the generator nor interrupts used of the busy CPU time, in percent
+/// of one core (the server counts only when its PID was given).
+fn others_pct(report: &Report) -> f64 {
+    let wall = report.generator.wall_s;
+    if wall <= 0.0 {
+        return 0.0;
+    }
+    let busy_cores = report.machine_busy_pct / 100.0 * report.cpus as f64;
+    let irq = report.irq_pct_of_core / 100.0;
+    let server = report.server.as_ref().map_or(0.0, |s| s.cpu_s / wall);
+    let generator = report.generator.cpu_s / wall;
+    ((busy_cores - irq - server - generator) * 100.0).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soak_growth_after_warmup() {
+        let samples = vec![
+            (0.0, 1000),
+            (5.0, 5000),
+            (10.0, 6000),
+            (15.0, 6100),
+            (20.0, 6060),
+        ];
+        let s = soak_summary(samples, Duration::from_secs(5), Duration::from_secs(10));
+        assert_eq!((s.first_kib, s.last_kib, s.max_kib), (6000, 6060, 6100));
+        assert_eq!(s.growth_kib, 60);
+        assert!((s.growth_pct - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ends_are_counted_together() {
+        let ends = [
+            ClientEnd::Closed {
+                code: Some(1008),
+                reason: String::new(),
+            },
+            ClientEnd::Closed {
+                code: Some(1008),
+                reason: String::new(),
+            },
+            ClientEnd::Open,
+        ];
+        assert_eq!(
+            summarise(ends.iter().map(describe)),
+            vec!["2× close 1008".to_owned(), "1× open".to_owned()]
+        );
+    }
+}
