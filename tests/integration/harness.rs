@@ -674,8 +674,11 @@ impl Server {
     /// Waits until stderr satisfies `pred`; fails if stderr closes first or on timeout.
     pub async fn wait_log(&self, pred: impl Fn(&str) -> bool) -> Result<String> {
         let mut rx = self.log.clone();
-        let res =
-            tokio::time::timeout(TIMEOUT, rx.wait_for(|log| pred(&log.text) || log.eof)).await;
+        // The guard `wait_for` returns must go before `stderr()` locks again: a second read
+        // lock waits behind the log reader thread's pending write lock, which waits for us.
+        let res = tokio::time::timeout(TIMEOUT, rx.wait_for(|log| pred(&log.text) || log.eof))
+            .await
+            .map(|seen| seen.map(drop));
         let text = self.stderr();
         match res {
             Ok(_) if pred(&text) => Ok(text),
@@ -802,8 +805,11 @@ impl Server {
         pred: impl Fn(&str) -> bool,
     ) -> Result<String> {
         let mut rx = self.log.clone();
-        let res =
-            tokio::time::timeout(timeout, rx.wait_for(|log| pred(&log.text) || log.eof)).await;
+        // The guard `wait_for` returns must go before `stderr()` locks again: a second read
+        // lock waits behind the log reader thread's pending write lock, which waits for us.
+        let res = tokio::time::timeout(timeout, rx.wait_for(|log| pred(&log.text) || log.eof))
+            .await
+            .map(|seen| seen.map(drop));
         let text = self.stderr();
         match res {
             Ok(_) if pred(&text) => Ok(text),
