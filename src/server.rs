@@ -52,18 +52,37 @@ pub struct AppState {
 #[derive(Debug, Clone, Copy)]
 struct PeerAddr(SocketAddr);
 
+/// Pending connections the kernel may hold before `accept` (capped by `net.core.somaxconn`).
+/// The usual 128 overflows when thousands of agents reconnect at once, and an overflowed SYN is
+/// retried only after a second.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds `[::]:port` (dual-stack), or `0.0.0.0:port` where IPv6 is unavailable.
 pub async fn bind(port: u16) -> Result<TcpListener, crate::error::Error> {
     let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
-    match TcpListener::bind(v6).await {
+    match listen_on(v6) {
         Ok(listener) => Ok(listener),
-        Err(_) => {
+        // No IPv6 on this host: fall back to IPv4 only.
+        Err(err)
+            if err.raw_os_error() == Some(libc::EAFNOSUPPORT)
+                || err.kind() == std::io::ErrorKind::AddrNotAvailable =>
+        {
             let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port));
-            TcpListener::bind(v4)
-                .await
-                .map_err(|source| crate::error::Error::Bind { addr: v4, source })
+            listen_on(v4).map_err(|source| crate::error::Error::Bind { addr: v4, source })
         }
+        Err(source) => Err(crate::error::Error::Bind { addr: v6, source }),
     }
+}
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Accepts connections until shutdown, then lets in-flight plain requests finish.
