@@ -74,9 +74,19 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
         .enable_all()
         .build()
         .map_err(|err| BenchError::Run(format!("cannot start the runtime: {err}")))?;
-    let report = runtime.block_on(scenario::run(command))?;
+    // The publishers get a thread of their own: on the readers' runtime, an open-loop
+    // publisher would wait behind thousands of websocket readers and slow itself down.
+    let publishers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("publishers")
+        .enable_all()
+        .build()
+        .map_err(|err| BenchError::Run(format!("cannot start the runtime: {err}")))?;
+    let report = runtime.block_on(scenario::run(command, publishers.handle().clone()));
     // Tens of thousands of sockets close faster without waiting for each task.
     runtime.shutdown_background();
+    publishers.shutdown_background();
+    let report = report?;
     let json = serde_json::to_string_pretty(&report).expect("reports serialise") + "\n";
     if let Some(path) = &output.save {
         std::fs::write(path, &json)

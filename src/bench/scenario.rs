@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -38,13 +39,14 @@ use super::status::StatusUrl;
 /// How long to wait for the server to report every client registered.
 const REGISTER_LIMIT: Duration = Duration::from_secs(30);
 
-/// Runs one mode (not `targets`).
-pub async fn run(command: Command) -> Result<Report, BenchError> {
+/// Runs one mode (not `targets`); the publishers run on `publishers`, a runtime apart from
+/// the readers'.
+pub async fn run(command: Command, publishers: Handle) -> Result<Report, BenchError> {
     match command {
-        Command::Fanout(a) => load(LoadSpec::fanout(a)?).await,
-        Command::RawListen(a) => load(LoadSpec::raw_listen(a)?).await,
-        Command::Stuck(a) => load(LoadSpec::stuck(a)?).await,
-        Command::Soak(a) => load(LoadSpec::soak(a)?).await,
+        Command::Fanout(a) => load(LoadSpec::fanout(a)?, publishers).await,
+        Command::RawListen(a) => load(LoadSpec::raw_listen(a)?, publishers).await,
+        Command::Stuck(a) => load(LoadSpec::stuck(a)?, publishers).await,
+        Command::Soak(a) => load(LoadSpec::soak(a)?, publishers).await,
         Command::Idle(a) => idle(a).await,
         Command::Targets(_) => Err(BenchError::Usage("targets is not a load mode".to_owned())),
     }
@@ -325,7 +327,11 @@ fn soak_summary(samples: Vec<(f64, u64)>, interval: Duration, warmup: Duration) 
     }
 }
 
-async fn load(spec: LoadSpec) -> Result<Report, BenchError> {
+fn lost_task(err: tokio::task::JoinError) -> BenchError {
+    BenchError::Run(format!("publisher task failed: {err}"))
+}
+
+async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
     let clock = Clock::new();
     let run: u32 = rand::random();
     let n = spec.clients.clients;
@@ -391,7 +397,12 @@ async fn load(spec: LoadSpec) -> Result<Report, BenchError> {
         }
     }
 
-    let db_clients = publisher::connect(&spec.db, publishers).await?;
+    let db_clients = {
+        let db = spec.db.clone();
+        pg.spawn(async move { publisher::connect(&db, publishers).await })
+            .await
+            .map_err(lost_task)??
+    };
     let raw = if spec.raw_listen {
         Some(RawListener::start(&spec.db, clock, run, publishers).await?)
     } else {
@@ -427,7 +438,14 @@ async fn load(spec: LoadSpec) -> Result<Report, BenchError> {
         })
     });
     let counters = Arc::new(Counters::default());
-    let published = publisher::run(&spec.db, db_clients, plan, clock, run, flow, counters).await?;
+    let published = {
+        let db = spec.db.clone();
+        pg.spawn(
+            async move { publisher::run(&db, db_clients, plan, clock, run, flow, counters).await },
+        )
+        .await
+        .map_err(lost_task)??
+    };
     let drain_timed_out = drain(
         &shared,
         raw.as_ref().map(|r| r.progress.as_ref()),
