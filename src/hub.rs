@@ -1,22 +1,22 @@
 //! The client registry and broadcast: every frame goes to every client.
 //!
-//! [`Hub::publish`] never waits on a client: it hands the frames, encoded once and shared, to
-//! each client's [`ClientOut`], which writes them straight into the socket when it takes them
-//! and otherwise queues them in a bounded outbox. A client whose outbox is full is removed and
-//! told to close as too slow (policy violation, 1008), so one stuck agent costs the others
-//! nothing and the receiver never blocks. The registry is a `std` mutex because it is held only
-//! for that synchronous loop, never across an `.await`.
+//! [`Hub::publish_batch`] never waits on a client: it queues the frames, encoded once and
+//! shared, for the fan-out threads ([`crate::fanout`]), which hand them to each client's
+//! [`crate::client::ClientOut`]: written straight into the socket when it takes them, otherwise
+//! queued in a bounded outbox. A client whose outbox is full is removed and told to close as
+//! too slow (policy violation, 1008), so one stuck agent costs the others nothing. The only
+//! wait is for the fan-out itself, when the receiver gets more than the read-ahead in front
+//! of it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{ClientOut, Delivery};
+use crate::client::ClientOut;
 use crate::event::Frame;
+use crate::fanout::{Batch, FanOut};
 use crate::metrics::Metrics;
 use crate::wire::close_code;
 
@@ -65,7 +65,7 @@ impl ClientControl {
         self.reason.get().copied().unwrap_or(CloseReason::GoingAway)
     }
 
-    fn kick(&self, reason: CloseReason) {
+    pub(crate) fn kick(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
         self.stop.cancel();
     }
@@ -80,7 +80,7 @@ pub struct Client {
 
 /// The set of connected clients.
 pub struct Hub {
-    clients: Mutex<HashMap<u64, Arc<Client>>>,
+    fanout: FanOut,
     next_id: AtomicU64,
     /// Registrations alive (including clients that were kicked and are still closing).
     live: AtomicUsize,
@@ -98,16 +98,30 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.hub.lock().remove(&self.id);
+        self.hub.fanout.shard_of(self.id).leave(self.id);
         self.hub.live.fetch_sub(1, Ordering::Relaxed);
         self.hub.metrics.clients_connected.dec();
     }
 }
 
 impl Hub {
+    /// A hub whose clients have outboxes of `queue_capacity` frames, served by one fan-out
+    /// thread per available core.
     pub fn new(queue_capacity: usize, shutdown: CancellationToken, metrics: Arc<Metrics>) -> Hub {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Hub::with_fanout_threads(threads, queue_capacity, shutdown, metrics)
+    }
+
+    /// A hub with `threads` fan-out threads. The receiver may read ahead of each by as many
+    /// frames as one client may have waiting.
+    pub fn with_fanout_threads(
+        threads: usize,
+        queue_capacity: usize,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Hub {
         Hub {
-            clients: Mutex::default(),
+            fanout: FanOut::start(threads, queue_capacity, queue_capacity, metrics.clone()),
             next_id: AtomicU64::new(1),
             live: AtomicUsize::new(0),
             queue_capacity,
@@ -116,13 +130,7 @@ impl Hub {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Client>>> {
-        // A panic while holding the lock cannot leave the map torn (each operation is a single
-        // insert, remove or retain), so a poisoned lock is still safe to use.
-        self.clients.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Adds a client. From this moment it receives every published frame.
+    /// Adds a client. Every frame published from this moment reaches it.
     pub fn register(self: &Arc<Self>) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let client = Arc::new(Client {
@@ -134,7 +142,7 @@ impl Hub {
         });
         self.live.fetch_add(1, Ordering::Relaxed);
         self.metrics.clients_connected.inc();
-        self.lock().insert(id, client.clone());
+        self.fanout.shard_of(id).join(id, client.clone());
         Registration {
             id,
             client,
@@ -147,43 +155,25 @@ impl Hub {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Sends one frame to every client; returns how many took it.
-    pub fn publish(&self, frame: &Frame) -> usize {
-        self.publish_batch(std::slice::from_ref(frame))
+    /// Sends one frame to every client.
+    pub async fn publish(&self, frame: &Frame) {
+        self.publish_batch(std::slice::from_ref(frame)).await
     }
 
-    /// Sends frames, in order, to every client; returns how many clients took them. Never
-    /// blocks on a client: each gets at most one non-blocking write.
-    pub fn publish_batch(&self, frames: &[Frame]) -> usize {
+    /// Queues frames, in order, for every client. Waits only while the fan-out threads are a
+    /// full read-ahead behind; cancelling the wait publishes nothing.
+    pub async fn publish_batch(&self, frames: &[Frame]) {
         if frames.is_empty() {
-            return 0;
+            return;
         }
-        let wires: Vec<Bytes> = frames.iter().map(|f| f.wire().clone()).collect();
-        let mut kicked = Vec::new();
-        let mut clients = self.lock();
-        clients.retain(|id, client| match client.out.send(&wires) {
-            Delivery::Accepted => true,
-            Delivery::Overflow => {
-                client.control.kick(CloseReason::TooSlow);
-                kicked.push(*id);
-                false
-            }
-            // The client's task ends on its own; its registration removes it too.
-            Delivery::Closed => false,
-        });
-        let delivered = clients.len();
-        drop(clients);
-        self.metrics
-            .frames_sent
-            .inc_by((delivered * frames.len()) as u64);
-        for id in kicked {
-            self.metrics.clients_disconnected_slow.inc();
-            log::warn!(
-                "client {id}: disconnected, more than {} frames waiting (client too slow)",
-                self.queue_capacity
-            );
+        let batch: Batch = frames.iter().map(|f| f.wire().clone()).collect();
+        let mut rooms = Vec::with_capacity(self.fanout.shards().len());
+        for shard in self.fanout.shards() {
+            rooms.push(shard.reserve(batch.len()).await);
         }
-        delivered
+        for (shard, room) in self.fanout.shards().iter().zip(rooms) {
+            shard.enqueue(batch.clone(), room);
+        }
     }
 
     /// Sends the `{"action":"ping"}` heartbeat every `interval` until shutdown.
@@ -196,8 +186,8 @@ impl Hub {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = ticker.tick() => {
-                    let n = self.publish(&ping);
-                    log::debug!("ping sent to {n} clients");
+                    self.publish(&ping).await;
+                    log::debug!("ping sent to {} clients", self.client_count());
                 }
             }
         }
@@ -212,56 +202,87 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     fn hub(capacity: usize) -> Arc<Hub> {
-        Arc::new(Hub::new(
+        Arc::new(Hub::with_fanout_threads(
+            3,
             capacity,
             CancellationToken::new(),
             Arc::new(Metrics::new()),
         ))
     }
 
+    async fn attached(hub: &Arc<Hub>) -> (Registration, tokio::net::TcpStream) {
+        let reg = hub.register();
+        let (server, peer) = socket_pair().await;
+        reg.client.out.attach(server);
+        (reg, peer)
+    }
+
+    async fn expect_bytes(peer: &mut tokio::net::TcpStream, expected: &[u8]) {
+        let mut got = vec![0; expected.len()];
+        peer.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, expected);
+    }
+
     #[tokio::test]
-    async fn every_client_gets_every_frame_in_order() {
+    async fn every_client_gets_every_frame_in_order_across_shards() {
         let hub = hub(16);
-        let (a, b) = (hub.register(), hub.register());
-        let mut peers = Vec::new();
-        for reg in [&a, &b] {
-            let (server, peer) = socket_pair().await;
-            reg.client.out.attach(server);
-            peers.push(peer);
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            clients.push(attached(&hub).await);
         }
         let mut expected = Vec::new();
         for i in 0..10 {
             let frame = frame_from_payload(&format!(r#"{{"n":{i}}}"#)).expect("valid");
             expected.extend_from_slice(frame.wire());
-            assert_eq!(hub.publish(&frame), 2);
+            hub.publish(&frame).await;
         }
-        for peer in &mut peers {
-            let mut got = vec![0; expected.len()];
-            peer.read_exact(&mut got).await.expect("read");
-            assert_eq!(got, expected);
+        for (_, peer) in &mut clients {
+            expect_bytes(peer, &expected).await;
         }
-        assert_eq!(hub.client_count(), 2);
-        drop(a);
-        assert_eq!(hub.client_count(), 1);
-        assert_eq!(hub.publish(&Frame::ping()), 1);
-        assert_eq!(hub.metrics.frames_sent.get(), 21);
+        assert_eq!(hub.client_count(), 5);
+        let (gone, _) = clients.remove(0);
+        drop(gone);
+        assert_eq!(hub.client_count(), 4);
+        hub.publish(&Frame::ping()).await;
+        for (_, peer) in &mut clients {
+            expect_bytes(peer, Frame::ping().wire()).await;
+        }
     }
 
     #[tokio::test]
     async fn a_full_outbox_kicks_only_that_client() {
         let hub = hub(2);
-        let reader = hub.register();
-        let (server, _peer) = socket_pair().await;
-        reader.client.out.attach(server);
+        let (_reader, mut peer) = attached(&hub).await;
         // Never upgraded, so nothing drains its outbox.
         let stuck = hub.register();
         for _ in 0..3 {
-            hub.publish(&Frame::ping());
+            hub.publish(&Frame::ping()).await;
         }
         stuck.client.control.stopped().await;
         assert_eq!(stuck.client.control.reason(), CloseReason::TooSlow);
-        assert_eq!(hub.publish(&Frame::ping()), 1);
         assert_eq!(hub.metrics.clients_disconnected_slow.get(), 1);
+        hub.publish(&Frame::ping()).await;
+        expect_bytes(&mut peer, &Frame::ping().wire().repeat(4)).await;
+    }
+
+    #[tokio::test]
+    async fn the_receiver_waits_when_a_shard_is_a_full_read_ahead_behind() {
+        let hub = Arc::new(Hub::with_fanout_threads(
+            1,
+            4,
+            CancellationToken::new(),
+            Arc::new(Metrics::new()),
+        ));
+        let reg = hub.register();
+        // Holding the shard's room stands in for a pass that has not finished.
+        let shard = hub.fanout.shard_of(reg.id);
+        let held = shard.reserve(4).await;
+        let ping = Frame::ping();
+        let publish = hub.publish(&ping);
+        tokio::pin!(publish);
+        assert!(futures::poll!(publish.as_mut()).is_pending());
+        drop(held);
+        publish.await;
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 //! - [`pg`]: connection options and libpq's sslmodes on native-tls.
 //! - [`receiver`]: the LISTEN connection, its health checks and reconnects.
 //! - [`hub`]: connected clients, `publish`, the heartbeat.
+//! - [`fanout`]: the threads that write published frames into the clients' sockets.
 //! - [`client`]: one client's outgoing side: direct writes, the bounded outbox.
 //! - [`subscriber`]: one client's task: reads, backlog flushes, liveness, close.
 //! - [`wire`]: websocket framing (encode server frames, parse client frames).
@@ -18,15 +19,17 @@
 //!
 //! # Flow
 //! A NOTIFY reaches [`receiver::Receiver`] as a notification; [`event`] checks it once and
-//! frames the original bytes once; [`hub::Hub::publish`] hands that one buffer to every client
-//! without waiting on any: [`client::ClientOut`] writes it into the socket directly, or queues
-//! what the socket did not take for the client's [`subscriber::Subscriber`] task to flush.
+//! frames the original bytes once; [`hub::Hub::publish_batch`] queues that one buffer for the
+//! [`fanout`] threads, each of which writes it to its share of the clients without waiting on
+//! any: [`client::ClientOut`] writes it into the socket directly, or queues what the socket did
+//! not take for the client's [`subscriber::Subscriber`] task to flush.
 
 pub mod bench;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod fanout;
 pub mod hub;
 pub mod limits;
 pub mod logging;

@@ -258,7 +258,7 @@ impl Receiver {
                     }
                     Ok(_) => {}
                     Err(err) => {
-                        self.publish(&mut batch);
+                        self.publish(&mut batch).await;
                         return pg::describe_error(&err);
                     }
                 }
@@ -268,27 +268,28 @@ impl Receiver {
                 match messages.next().now_or_never() {
                     Some(Some(next)) => message = next,
                     Some(None) => {
-                        self.publish(&mut batch);
+                        self.publish(&mut batch).await;
                         return "connection closed by the server".to_owned();
                     }
                     None => break,
                 }
             }
-            self.publish(&mut batch);
+            self.publish(&mut batch).await;
         }
     }
 
-    fn publish(&self, batch: &mut Vec<Frame>) {
+    async fn publish(&self, batch: &mut Vec<Frame>) {
         if batch.is_empty() {
             return;
         }
-        let clients = self.hub.publish_batch(batch);
+        self.hub.publish_batch(batch).await;
         self.metrics
             .notifications_forwarded
             .inc_by(batch.len() as u64);
         log::debug!(
-            "{} notification(s) forwarded to {clients} clients",
-            batch.len()
+            "{} notification(s) forwarded to {} clients",
+            batch.len(),
+            self.hub.client_count()
         );
         batch.clear();
     }
