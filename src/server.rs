@@ -212,6 +212,7 @@ fn status(state: &AppState) -> Response {
         "status": "ok",
         "listener": state.listener_state.borrow().as_str(),
         "clients": state.hub.client_count(),
+        "notifications_forwarded": state.metrics.notifications_forwarded.get(),
         "version": env!("CARGO_PKG_VERSION"),
     });
     let mut response = Response::new(body.to_string().into());

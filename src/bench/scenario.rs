@@ -253,6 +253,26 @@ async fn collect(readers: Vec<JoinHandle<ClientResult>>) -> Vec<ClientResult> {
     results
 }
 
+/// Times the server's receiver: reads `/status` back to back until the server reports `target`
+/// notifications forwarded, and returns when that was seen (on `clock`); `None` when stopped
+/// first or when `/status` stops answering. Back to back, because the whole burst may take only
+/// milliseconds: a poll costs the server one small HTTP request.
+async fn watch_forwarded(
+    status: StatusUrl,
+    clock: Clock,
+    target: u64,
+    stop: CancellationToken,
+) -> Option<u64> {
+    while !stop.is_cancelled() {
+        match status.forwarded().await {
+            Ok(count) if count >= target => return Some(clock.now_ns()),
+            Ok(_) => tokio::task::yield_now().await,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// Waits until every live client (and the raw listener) has `total` messages; true when it
 /// gave up after `limit` without progress.
 async fn drain(shared: &Shared, raw: Option<&AtomicU64>, total: u64, limit: Duration) -> bool {
@@ -409,6 +429,26 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
         None
     };
 
+    let watch_stop = CancellationToken::new();
+    let watcher = match (&raw, &status, spec.messages) {
+        (Some(_), Some(status), Some(messages)) => match status.forwarded().await {
+            Ok(before) => Some(pg.spawn(watch_forwarded(
+                status.clone(),
+                clock,
+                before + messages,
+                watch_stop.clone(),
+            ))),
+            Err(why) => {
+                report.notes.push(format!(
+                    "{}: {why}; the receiver is timed by the first client",
+                    status.display()
+                ));
+                None
+            }
+        },
+        _ => None,
+    };
+
     let server_before = sample_server(pid)?;
     let own_before = procstat::own();
     let machine_before = procstat::machine();
@@ -453,6 +493,12 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
         spec.load.drain_timeout,
     )
     .await;
+
+    watch_stop.cancel();
+    let receiver_done = match watcher {
+        Some(watcher) => watcher.await.ok().flatten(),
+        None => None,
+    };
 
     let server_after = sample_server(pid)?;
     let own_after = procstat::own();
@@ -604,14 +650,17 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
         };
         if complete > 0 && counts.lost == 0 {
             let first_client_s = span_s(first_done);
-            let server_rate = if first_client_s > 0.0 {
-                published.total as f64 / first_client_s
+            let receiver_s = receiver_done.map(span_s);
+            let server_s = receiver_s.unwrap_or(first_client_s);
+            let server_rate = if server_s > 0.0 {
+                published.total as f64 / server_s
             } else {
                 0.0
             };
             report.receiver = Some(KeepUp {
                 messages: published.total,
                 raw_done_ms: elapsed_s * 1e3,
+                receiver_done_ms: receiver_s.map(|s| s * 1e3),
                 first_client_done_ms: first_client_s * 1e3,
                 last_client_done_ms: span_s(last_done) * 1e3,
                 raw_msgs_per_s: raw_rate,

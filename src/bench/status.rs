@@ -1,5 +1,6 @@
 //! The server's `/status` endpoint, read with a minimal HTTP/1.1 GET: the generator only needs
-//! the `clients` count, to know when every client is registered.
+//! the `clients` count, to know when every client is registered, and the count of
+//! notifications forwarded, to time the server's receiver.
 
 use std::time::Duration;
 
@@ -52,14 +53,25 @@ impl StatusUrl {
 
     /// The `clients` field of the status JSON.
     pub async fn clients(&self) -> Result<u64, String> {
+        self.counter("clients").await
+    }
+
+    /// The `notifications_forwarded` field: how many notifications the server's receiver has
+    /// handed to its fan-out.
+    pub async fn forwarded(&self) -> Result<u64, String> {
+        self.counter("notifications_forwarded").await
+    }
+
+    /// A numeric field of the status JSON.
+    async fn counter(&self, field: &str) -> Result<u64, String> {
         let body = timeout(Duration::from_secs(5), self.get())
             .await
             .map_err(|_| "no answer within 5 s".to_owned())??;
         let value: serde_json::Value =
             serde_json::from_str(&body).map_err(|err| format!("not JSON: {err}"))?;
-        value["clients"]
+        value[field]
             .as_u64()
-            .ok_or_else(|| "no numeric \"clients\" field".to_owned())
+            .ok_or_else(|| format!("no numeric {field:?} field"))
     }
 
     async fn get(&self) -> Result<String, String> {

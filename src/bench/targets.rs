@@ -10,7 +10,7 @@ use super::error::BenchError;
 use super::options::TargetsArgs;
 use super::report::{Report, fmt_int, fmt_us};
 
-/// The server's receiver "keeps up" when the first client completes at no less than this
+/// The server's receiver "keeps up" when it has forwarded every message at no less than this
 /// share of the rate at which the bare LISTEN connection completes.
 pub const KEEP_UP_RATIO: f64 = 0.9;
 /// RSS is "flat" when the last sample after warm-up exceeds the first by at most this much.

@@ -74,6 +74,11 @@ async fn fifty_clients_each_get_all_500_messages_in_order() -> Result<()> {
     for reader in readers {
         reader.await??;
     }
+    // Every message was handed to the fan-out exactly once, whatever the number of clients.
+    assert_eq!(
+        server.status().await?["notifications_forwarded"],
+        MESSAGES as u64
+    );
     Ok(())
 }
 
