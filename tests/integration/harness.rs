@@ -673,18 +673,7 @@ impl Server {
 
     /// Waits until stderr satisfies `pred`; fails if stderr closes first or on timeout.
     pub async fn wait_log(&self, pred: impl Fn(&str) -> bool) -> Result<String> {
-        let mut rx = self.log.clone();
-        // The guard `wait_for` returns must go before `stderr()` locks again: a second read
-        // lock waits behind the log reader thread's pending write lock, which waits for us.
-        let res = tokio::time::timeout(TIMEOUT, rx.wait_for(|log| pred(&log.text) || log.eof))
-            .await
-            .map(|seen| seen.map(drop));
-        let text = self.stderr();
-        match res {
-            Ok(_) if pred(&text) => Ok(text),
-            Ok(_) => bail!("server stderr closed (process exited) first; stderr:\n{text}"),
-            Err(_) => bail!("timed out after {TIMEOUT:?}; stderr:\n{text}"),
-        }
+        self.wait_log_within(TIMEOUT, pred).await
     }
 
     /// Polls `/ready` until it answers 200.
@@ -722,6 +711,14 @@ impl Server {
                 _ => tokio::time::sleep(PROBE_INTERVAL).await,
             }
         }
+    }
+
+    /// Waits until `/ready` answers 200 (the LISTEN is active), within `timeout`; `what`
+    /// names the moment in the failure message.
+    pub async fn wait_ready_within(&self, timeout: Duration, what: &str) -> Result<()> {
+        self.wait_http_within(timeout, |r| r.status == 200, "/ready", what)
+            .await
+            .map(drop)
     }
 
     /// `/status` as JSON.

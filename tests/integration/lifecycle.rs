@@ -5,18 +5,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::harness::{PgCluster, Server, ServerOpts, next_close};
+use crate::harness::{PgCluster, Server, ServerOpts, Ws, next_close};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_sends_close_1001_and_exits_0() -> Result<()> {
-    let pg = PgCluster::shared().await;
-    let mut server = Server::spawn(ServerOpts::with_db(pg, "lifecycle-sigterm")).await?;
-    let mut first = server.ws().await?;
-    let mut second = server.ws().await?;
-    server.wait_for_clients(2).await?;
-
-    server.signal(libc::SIGTERM)?;
-    for ws in [&mut first, &mut second] {
+/// Sends `signal` and expects every client to get a 1001 close, then the process to exit 0.
+async fn expect_clean_stop(server: &mut Server, signal: i32, clients: &mut [Ws]) -> Result<()> {
+    server.signal(signal)?;
+    for ws in clients {
         let frame = next_close(ws)
             .await?
             .context("close frame without a code")?;
@@ -28,17 +22,19 @@ async fn sigterm_sends_close_1001_and_exits_0() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sigterm_sends_close_1001_and_exits_0() -> Result<()> {
+    let pg = PgCluster::shared().await;
+    let mut server = Server::spawn(ServerOpts::with_db(pg, "lifecycle-sigterm")).await?;
+    let mut clients = [server.ws().await?, server.ws().await?];
+    server.wait_for_clients(2).await?;
+    expect_clean_stop(&mut server, libc::SIGTERM, &mut clients).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sigint_exits_0() -> Result<()> {
     let pg = PgCluster::shared().await;
     let mut server = Server::spawn(ServerOpts::with_db(pg, "lifecycle-sigint")).await?;
-    let mut ws = server.ws().await?;
+    let mut clients = [server.ws().await?];
     server.wait_for_clients(1).await?;
-    server.signal(libc::SIGINT)?;
-    let frame = next_close(&mut ws)
-        .await?
-        .context("close frame without a code")?;
-    assert_eq!(frame.code, CloseCode::Away, "close frame {frame:?}");
-    let status = server.wait_exit(Duration::from_secs(10)).await?;
-    assert_eq!(status.code(), Some(0), "exit status {status}");
-    Ok(())
+    expect_clean_stop(&mut server, libc::SIGINT, &mut clients).await
 }

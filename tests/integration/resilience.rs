@@ -21,16 +21,27 @@ const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The application_name of the server's LISTEN connection.
 const APP_NAME: &str = "vulcan-stream";
 
+/// A client of `server` that has been seen to receive `payload`, notified on `channel`: the
+/// service is delivering before the test breaks something.
+async fn receiving_client(
+    server: &Server,
+    pg: &PgCluster,
+    channel: &str,
+    payload: &str,
+) -> Result<Ws> {
+    let mut ws = server.ws().await?;
+    server.wait_for_clients(1).await?;
+    pg.notify(channel, payload).await?;
+    assert_eq!(next_event(&mut ws).await?, payload);
+    Ok(ws)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn survives_a_database_restart() -> Result<()> {
     let pg = PgCluster::private().await?;
     let channel = "resilience-restart";
     let server = Server::spawn(ServerOpts::with_db(&pg, channel)).await?;
-    let mut ws = server.ws().await?;
-    server.wait_for_clients(1).await?;
-    let before = r#"{"action":"before-restart"}"#;
-    pg.notify(channel, before).await?;
-    assert_eq!(next_event(&mut ws).await?, before);
+    let mut ws = receiving_client(&server, &pg, channel, r#"{"action":"before-restart"}"#).await?;
 
     pg.stop().await?;
     server
@@ -44,12 +55,7 @@ async fn survives_a_database_restart() -> Result<()> {
 
     pg.start().await?;
     server
-        .wait_http_within(
-            RECONNECT_TIMEOUT,
-            |r| r.status == 200,
-            "/ready",
-            "/ready = 200",
-        )
+        .wait_ready_within(RECONNECT_TIMEOUT, "/ready = 200")
         .await?;
     // The client stayed connected through the outage and gets what follows it.
     let after = r#"{"action":"after-restart"}"#;
@@ -255,12 +261,7 @@ async fn starts_while_the_database_is_down_and_connects_when_it_comes_up() -> Re
 
     pg.start().await?;
     server
-        .wait_http_within(
-            RECONNECT_TIMEOUT,
-            |r| r.status == 200,
-            "/ready",
-            "/ready = 200",
-        )
+        .wait_ready_within(RECONNECT_TIMEOUT, "/ready = 200")
         .await?;
     let payload = r#"{"action":"first-after-start"}"#;
     pg.notify(channel, payload).await?;
@@ -278,11 +279,8 @@ async fn terminated_listener_reconnects_and_clients_keep_receiving() -> Result<(
     let pg = PgCluster::private().await?;
     let channel = "resilience-terminate";
     let server = Server::spawn(ServerOpts::with_db(&pg, channel)).await?;
-    let mut ws = server.ws().await?;
-    server.wait_for_clients(1).await?;
-    let before = r#"{"action":"before-terminate"}"#;
-    pg.notify(channel, before).await?;
-    assert_eq!(next_event(&mut ws).await?, before);
+    let mut ws =
+        receiving_client(&server, &pg, channel, r#"{"action":"before-terminate"}"#).await?;
 
     let pids = pg.backend_pids(APP_NAME).await?;
     ensure!(pids.len() == 1, "one LISTEN backend expected: {pids:?}");
@@ -386,12 +384,7 @@ async fn wrong_password_is_retried_and_logged_once() -> Result<()> {
         .batch_execute(&format!("ALTER ROLE {ROLE} PASSWORD '{CONFIGURED}'"))
         .await?;
     server
-        .wait_http_within(
-            RECONNECT_TIMEOUT,
-            |r| r.status == 200,
-            "/ready",
-            "/ready = 200 once the password is right",
-        )
+        .wait_ready_within(RECONNECT_TIMEOUT, "/ready = 200 once the password is right")
         .await?;
     let payload = r#"{"action":"after-password-fix"}"#;
     pg.notify(channel, payload).await?;
@@ -426,12 +419,7 @@ async fn missing_database_is_retried_until_it_exists() -> Result<()> {
         .batch_execute(&format!("CREATE DATABASE {DB}"))
         .await?;
     server
-        .wait_http_within(
-            RECONNECT_TIMEOUT,
-            |r| r.status == 200,
-            "/ready",
-            "/ready = 200 once the database exists",
-        )
+        .wait_ready_within(RECONNECT_TIMEOUT, "/ready = 200 once the database exists")
         .await?;
     // NOTIFY is per database: publish in the one the server listens in.
     let payload = r#"{"action":"after-create-database"}"#;
@@ -452,11 +440,7 @@ async fn silently_dead_listener_is_detected_by_the_health_query() -> Result<()> 
             .env("PG_HEALTH_TIMEOUT", "1"),
     )
     .await?;
-    let mut ws = server.ws().await?;
-    server.wait_for_clients(1).await?;
-    let before = r#"{"action":"before-freeze"}"#;
-    pg.notify(channel, before).await?;
-    assert_eq!(next_event(&mut ws).await?, before);
+    let mut ws = receiving_client(&server, &pg, channel, r#"{"action":"before-freeze"}"#).await?;
 
     let pids = pg.backend_pids(APP_NAME).await?;
     ensure!(pids.len() == 1, "one LISTEN backend expected: {pids:?}");
