@@ -13,6 +13,7 @@
 //! - [`procstat`]: RSS and CPU time from `/proc` and `getrusage`.
 //! - [`status`]: the server's `/status` client count.
 //! - [`scenario`]: the modes, each one measured window.
+//! - [`floor`]: `send-floor`, the kernel's cost of bare loopback sends, without a server.
 //! - [`report`]: the result as JSON or a table.
 //! - [`targets`]: the project's targets judged from the reports of the standard scenarios.
 //!
@@ -25,6 +26,7 @@
 pub mod clients;
 pub mod db;
 pub mod error;
+pub mod floor;
 pub mod listen;
 pub mod options;
 pub mod payload;
@@ -52,6 +54,8 @@ pub struct Output {
 
 /// Runs one command to completion on its own runtime.
 pub fn run(command: Command) -> Result<Output, BenchError> {
+    // Thousands of sockets: the usual soft limit of 1024 files would stop us first.
+    let _ = crate::limits::raise_open_files_limit();
     let output = match &command {
         Command::Targets(args) => {
             let (text, passed) = targets::run(args)?;
@@ -61,16 +65,21 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
                 problems: Vec::new(),
             });
         }
+        Command::SendFloor(args) => return finish(floor::run(args)?, &args.report),
         Command::Fanout(a) => a.output.clone(),
         Command::Idle(a) => a.output.clone(),
         Command::RawListen(a) => a.output.clone(),
         Command::Stuck(a) => a.output.clone(),
         Command::Soak(a) => a.output.clone(),
     };
-    // Thousands of sockets: the usual soft limit of 1024 files would stop us first.
-    let _ = crate::limits::raise_open_files_limit();
+    let report = run_load(command, output.threads)?;
+    finish(report, &output.report)
+}
+
+/// Runs a mode with websocket clients: the readers on `threads` workers, the publishers apart.
+fn run_load(command: Command, threads: usize) -> Result<Report, BenchError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(output.threads.max(1))
+        .worker_threads(threads.max(1))
         .enable_all()
         .build()
         .map_err(|err| BenchError::Run(format!("cannot start the runtime: {err}")))?;
@@ -86,7 +95,11 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
     // Tens of thousands of sockets close faster without waiting for each task.
     runtime.shutdown_background();
     publishers.shutdown_background();
-    let report = report?;
+    report
+}
+
+/// Saves and formats a report; with `--strict`, a report with problems exits with 3.
+fn finish(report: Report, output: &options::ReportArgs) -> Result<Output, BenchError> {
     let json = serde_json::to_string_pretty(&report).expect("reports serialise") + "\n";
     if let Some(path) = &output.save {
         std::fs::write(path, &json)

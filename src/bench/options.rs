@@ -23,6 +23,9 @@ pub enum Command {
     Stuck(StuckArgs),
     /// Steady traffic for --duration, sampling the server's RSS.
     Soak(SoakArgs),
+    /// The kernel's floor under the server's CPU per frame: a bare thread sending one frame
+    /// to each of N loopback sockets per tick, and its CPU time per send; no server involved.
+    SendFloor(SendFloorArgs),
     /// Judges the performance targets from the JSON reports of the standard scenarios.
     Targets(TargetsArgs),
 }
@@ -97,21 +100,29 @@ pub struct LoadArgs {
     pub drain_timeout: Duration,
 }
 
-/// How to report.
+/// How to report, for the modes with websocket clients.
 #[derive(Debug, Clone, Args)]
 pub struct OutputArgs {
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: ReportArgs,
     /// List every client's counts.
     #[arg(long)]
     pub per_client: bool,
-    /// Exit with 3 when anything was lost, duplicated, reordered or left open.
-    #[arg(long)]
-    pub strict: bool,
     /// The generator's worker threads (it shares the cores with the server).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+}
+
+/// Where the report goes and what fails the run; every mode but `targets` has these.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit with 3 when the report lists a problem: anything lost, duplicated, reordered or
+    /// left open (send-floor: a send that would have blocked or failed, a byte not read).
+    #[arg(long)]
+    pub strict: bool,
     /// Also write the JSON report to this file.
     #[arg(long, value_name = "FILE")]
     pub save: Option<PathBuf>,
@@ -202,6 +213,31 @@ pub struct SoakArgs {
     pub output: OutputArgs,
 }
 
+/// Sockets, rate and frame as in the target "1,000 clients at 50 msg/s", so that the
+/// server's CPU per frame there can be read against what the kernel alone costs.
+#[derive(Debug, Clone, Args)]
+pub struct SendFloorArgs {
+    /// Loopback TCP connections, each written once per tick.
+    #[arg(long, default_value_t = 1000)]
+    pub sockets: usize,
+    /// Ticks per second: one frame to every socket each.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// How long to send (e.g. 10s, 1m).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Bytes of the frame's payload, as the fanout's --payload-size (the frame sent is a
+    /// websocket text frame of that payload, what the server writes for it).
+    #[arg(long, default_value_t = 200)]
+    pub payload_size: usize,
+    /// Reader threads; they share the cores with the writer as the clients share them with
+    /// the server [default: one per CPU].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub report: ReportArgs,
+}
+
 /// The JSON reports of the standard scenarios (each optional).
 #[derive(Debug, Clone, Args)]
 pub struct TargetsArgs {
@@ -226,6 +262,10 @@ pub struct TargetsArgs {
     /// soak.
     #[arg(long)]
     pub soak: Option<PathBuf>,
+    /// send-floor, 1,000 sockets at 50/s: shown beside the server's CPU per frame at 50 msg/s
+    /// (it does not change the verdict).
+    #[arg(long)]
+    pub send_floor: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -303,6 +343,31 @@ impl LoadArgs {
 impl OutputArgs {
     pub fn check(&self) -> Result<(), BenchError> {
         if !(1..=256).contains(&self.threads) {
+            return usage("--threads must be between 1 and 256");
+        }
+        Ok(())
+    }
+}
+
+impl SendFloorArgs {
+    pub fn check(&self) -> Result<(), BenchError> {
+        if !(1..=100_000).contains(&self.sockets) {
+            return usage("--sockets must be between 1 and 100000");
+        }
+        if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 100_000.0) {
+            return usage("--rate must be a positive number of at most 100000");
+        }
+        if self.duration.is_zero() {
+            return usage("--duration must be positive");
+        }
+        if !(payload::MIN_SIZE..=payload::MAX_SIZE).contains(&self.payload_size) {
+            return usage(&format!(
+                "--payload-size must be between {} and {} bytes",
+                payload::MIN_SIZE,
+                payload::MAX_SIZE
+            ));
+        }
+        if self.threads.is_some_and(|t| !(1..=256).contains(&t)) {
             return usage("--threads must be between 1 and 256");
         }
         Ok(())

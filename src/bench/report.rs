@@ -26,6 +26,9 @@ pub struct Report {
     pub idle: Option<Idle>,
     pub soak: Option<Soak>,
     pub server: Option<ServerUse>,
+    /// `send-floor` only; absent from reports written before the mode existed.
+    #[serde(default)]
+    pub floor: Option<Floor>,
     pub generator: GeneratorUse,
     /// Share of all CPUs busy during the measured window (server, generator, PostgreSQL and
     /// anything else).
@@ -162,6 +165,38 @@ pub struct ServerUse {
     pub cpu_us_per_frame: Option<f64>,
 }
 
+/// The bare-send floor (`send-floor`): what the kernel alone charges a thread that writes one
+/// small frame to each of many loopback sockets per tick. On loopback the receiving side's TCP
+/// processing runs in the sender's system call, so this is the part of the server's CPU per
+/// frame at low rates that no change to the server can remove.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Floor {
+    pub sockets: usize,
+    /// Ticks per second, each one frame to every socket.
+    pub rate: f64,
+    /// Bytes per send: the websocket text frame of a `--payload-size` payload.
+    pub frame_bytes: usize,
+    pub reader_threads: usize,
+    pub ticks: u64,
+    /// Sends that took the whole frame.
+    pub sends: u64,
+    /// Sends refused because the socket buffer was full; none are expected at these rates.
+    pub would_block: u64,
+    /// Sends that took part of the frame or failed.
+    pub send_errors: u64,
+    /// Ticks that began after the next one was due: the writer could not keep the rate.
+    pub late_ticks: u64,
+    /// The writer thread's own CPU time (`CLOCK_THREAD_CPUTIME_ID`), first tick to last send.
+    pub writer_cpu_s: f64,
+    /// First tick to last send.
+    pub wall_s: f64,
+    /// writer_cpu_s per send, in microseconds.
+    pub us_per_send: Option<f64>,
+    /// What the sends accepted, and what the readers read of it.
+    pub bytes_expected: u64,
+    pub bytes_received: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GeneratorUse {
     pub threads: usize,
@@ -217,6 +252,37 @@ fn fmt_latency(p: &Percentiles) -> String {
         fmt_us(p.max_us),
         fmt_int(p.count)
     )
+}
+
+/// The `floor` row: sockets, rate, sends, the writer's CPU and whether every byte arrived.
+pub fn fmt_floor(f: &Floor) -> String {
+    let mut out = format!(
+        "{} sockets at {}/s: {} sends, writer CPU {:.2} s{}",
+        fmt_int(f.sockets as u64),
+        f.rate,
+        fmt_int(f.sends),
+        f.writer_cpu_s,
+        f.us_per_send
+            .map(|us| format!(" ({us:.2} µs per send)"))
+            .unwrap_or_default()
+    );
+    if f.would_block > 0 {
+        let _ = write!(out, ", {} would have blocked", fmt_int(f.would_block));
+    }
+    if f.send_errors > 0 {
+        let _ = write!(out, ", {} failed", fmt_int(f.send_errors));
+    }
+    if f.bytes_received == f.bytes_expected {
+        out.push_str(", every byte read");
+    } else {
+        let _ = write!(
+            out,
+            ", {} of {} bytes read",
+            fmt_int(f.bytes_received),
+            fmt_int(f.bytes_expected)
+        );
+    }
+    out
 }
 
 fn fmt_counts(c: &Counts) -> String {
@@ -425,6 +491,9 @@ impl Report {
                 ),
             ));
         }
+        if let Some(f) = &self.floor {
+            rows.push(("floor", fmt_floor(f)));
+        }
         let g = &self.generator;
         rows.push((
             "generator",
@@ -522,5 +591,48 @@ mod tests {
         assert_eq!(back.delivery.expect("delivery").counts.lost, 1);
         let table = report.table();
         assert!(table.contains("29 of 30 frames"), "{table}");
+    }
+
+    #[test]
+    fn reports_without_a_floor_still_load() {
+        let mut json = serde_json::to_value(Report::default()).expect("serialises");
+        json.as_object_mut().expect("an object").remove("floor");
+        let back: Report = serde_json::from_value(json).expect("parses");
+        assert!(back.floor.is_none());
+    }
+
+    #[test]
+    fn floor_line() {
+        let floor = Floor {
+            sockets: 1000,
+            rate: 50.0,
+            sends: 500_000,
+            writer_cpu_s: 2.95,
+            us_per_send: Some(5.9),
+            bytes_expected: 102_000_000,
+            bytes_received: 102_000_000,
+            ..Floor::default()
+        };
+        assert_eq!(
+            fmt_floor(&floor),
+            "1,000 sockets at 50/s: 500,000 sends, writer CPU 2.95 s (5.90 µs per send), every byte read"
+        );
+        let short = Floor {
+            rate: 12.5,
+            would_block: 3,
+            bytes_received: 101_999_400,
+            ..floor.clone()
+        };
+        assert_eq!(
+            fmt_floor(&short),
+            "1,000 sockets at 12.5/s: 500,000 sends, writer CPU 2.95 s (5.90 µs per send), 3 would have blocked, 101,999,400 of 102,000,000 bytes read"
+        );
+        let table = Report {
+            mode: "send-floor".to_owned(),
+            floor: Some(floor),
+            ..Report::default()
+        }
+        .table();
+        assert!(table.contains("  floor      1,000 sockets"), "{table}");
     }
 }

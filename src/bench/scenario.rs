@@ -39,8 +39,8 @@ use super::status::StatusUrl;
 /// How long to wait for the server to report every client registered.
 const REGISTER_LIMIT: Duration = Duration::from_secs(30);
 
-/// Runs one mode (not `targets`); the publishers run on `publishers`, a runtime apart from
-/// the readers'.
+/// Runs one mode with websocket clients (not `targets` or `send-floor`); the publishers run on
+/// `publishers`, a runtime apart from the readers'.
 pub async fn run(command: Command, publishers: Handle) -> Result<Report, BenchError> {
     match command {
         Command::Fanout(a) => load(LoadSpec::fanout(a)?, publishers).await,
@@ -48,7 +48,9 @@ pub async fn run(command: Command, publishers: Handle) -> Result<Report, BenchEr
         Command::Stuck(a) => load(LoadSpec::stuck(a)?, publishers).await,
         Command::Soak(a) => load(LoadSpec::soak(a)?, publishers).await,
         Command::Idle(a) => idle(a).await,
-        Command::Targets(_) => Err(BenchError::Usage("targets is not a load mode".to_owned())),
+        Command::Targets(_) | Command::SendFloor(_) => Err(BenchError::Usage(
+            "targets and send-floor are not load modes".to_owned(),
+        )),
     }
 }
 
@@ -215,7 +217,7 @@ fn sample_server(pid: Option<u32>) -> Result<Option<ProcSample>, BenchError> {
     .transpose()
 }
 
-fn cpus() -> usize {
+pub(super) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -832,7 +834,7 @@ async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
 
 /// What neither the server, the generator nor interrupts used of the busy CPU time, in percent
 /// of one core (the server counts only when its PID was given).
-fn others_pct(report: &Report) -> f64 {
+pub(super) fn others_pct(report: &Report) -> f64 {
     let wall = report.generator.wall_s;
     if wall <= 0.0 {
         return 0.0;

@@ -72,6 +72,8 @@ pub struct Reports {
     pub stuck_baseline: Option<Report>,
     pub stuck: Option<Report>,
     pub soak: Option<Report>,
+    /// `send-floor`: shown beside target 3's CPU per frame, never judged.
+    pub send_floor: Option<Report>,
 }
 
 fn loss_text(r: &Report) -> Option<(String, bool)> {
@@ -94,6 +96,17 @@ fn loss_text(r: &Report) -> Option<(String, bool)> {
 fn cpu_per_frame(r: &Report, limit: f64) -> Option<(String, bool)> {
     let v = r.server.as_ref()?.cpu_us_per_frame?;
     Some((format!("{v:.2} µs"), v <= limit))
+}
+
+/// The bare-send floor, for the reader to weigh the server's CPU per frame against what the
+/// kernel charges for the same sends on this machine; `None` without a usable report.
+fn floor_text(r: &Report) -> Option<String> {
+    let us = r.floor.as_ref()?.us_per_send?;
+    Some(if r.problems.is_empty() {
+        format!("bare send floor {us:.2} µs")
+    } else {
+        format!("bare send floor {us:.2} µs, its run had problems")
+    })
 }
 
 pub fn evaluate(r: &Reports) -> Vec<Row> {
@@ -152,7 +165,13 @@ pub fn evaluate(r: &Reports) -> Vec<Row> {
     rows.push(row(
         "3. 1,000 clients at 50 msg/s: server CPU per frame",
         "≤ 5 µs",
-        rate.and_then(|r| cpu_per_frame(r, 5.0)),
+        rate.and_then(|r| cpu_per_frame(r, 5.0))
+            .map(
+                |(measured, ok)| match r.send_floor.as_ref().and_then(floor_text) {
+                    Some(floor) => (format!("{measured} ({floor})"), ok),
+                    None => (measured, ok),
+                },
+            ),
     ));
     let c10k = r.connect_10k.as_ref();
     rows.push(row(
@@ -305,6 +324,7 @@ pub fn run(args: &TargetsArgs) -> Result<(String, bool), BenchError> {
         stuck_baseline: read(&args.stuck_baseline)?,
         stuck: read(&args.stuck)?,
         soak: read(&args.soak)?,
+        send_floor: read(&args.send_floor)?,
     };
     let rows = evaluate(&reports);
     let all_passed = rows.iter().all(|r| r.verdict != Verdict::Fail);
@@ -319,7 +339,7 @@ pub fn run(args: &TargetsArgs) -> Result<(String, bool), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::{Delivery, Idle, ServerUse, Settings};
+    use crate::bench::report::{Delivery, Floor, Idle, ServerUse, Settings};
     use crate::bench::stats::Counts;
 
     #[test]
@@ -366,5 +386,70 @@ mod tests {
         assert!(rows[4..].iter().all(|r| r.verdict == Verdict::NotRun));
         let text = table(&rows);
         assert!(text.contains("2 passed, 2 failed"), "{text}");
+    }
+
+    #[test]
+    fn shows_the_send_floor_beside_cpu_per_frame_at_50() {
+        let rate = |us: f64| Report {
+            server: Some(ServerUse {
+                cpu_us_per_frame: Some(us),
+                ..ServerUse::default()
+            }),
+            ..Report::default()
+        };
+        let floor = Report {
+            floor: Some(Floor {
+                us_per_send: Some(5.9),
+                ..Floor::default()
+            }),
+            ..Report::default()
+        };
+        let cpu_row = |reports: &Reports| {
+            evaluate(reports)
+                .into_iter()
+                .find(|r| r.target == "3. 1,000 clients at 50 msg/s: server CPU per frame")
+                .expect("the row")
+        };
+        let over = cpu_row(&Reports {
+            fanout_rate: Some(rate(5.98)),
+            send_floor: Some(floor.clone()),
+            ..Reports::default()
+        });
+        assert_eq!(over.measured, "5.98 µs (bare send floor 5.90 µs)");
+        assert_eq!(over.verdict, Verdict::Fail);
+        let under = cpu_row(&Reports {
+            fanout_rate: Some(rate(4.5)),
+            send_floor: Some(floor.clone()),
+            ..Reports::default()
+        });
+        assert_eq!(
+            (under.measured.as_str(), under.verdict),
+            ("4.50 µs (bare send floor 5.90 µs)", Verdict::Pass)
+        );
+        let without = cpu_row(&Reports {
+            fanout_rate: Some(rate(5.98)),
+            ..Reports::default()
+        });
+        assert_eq!(without.measured, "5.98 µs");
+        let troubled = cpu_row(&Reports {
+            fanout_rate: Some(rate(5.98)),
+            send_floor: Some(Report {
+                problems: vec!["3 sends would have blocked".to_owned()],
+                ..floor.clone()
+            }),
+            ..Reports::default()
+        });
+        assert_eq!(
+            troubled.measured,
+            "5.98 µs (bare send floor 5.90 µs, its run had problems)"
+        );
+        let not_run = cpu_row(&Reports {
+            send_floor: Some(floor),
+            ..Reports::default()
+        });
+        assert_eq!(
+            (not_run.measured.as_str(), not_run.verdict),
+            ("-", Verdict::NotRun)
+        );
     }
 }
