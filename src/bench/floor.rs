@@ -23,8 +23,8 @@ use super::error::BenchError;
 use super::options::SendFloorArgs;
 use super::payload::{self, Stamp};
 use super::procstat;
-use super::report::{Floor, GeneratorUse, Report, Settings, fmt_int};
-use super::scenario::{cpus, others_pct};
+use super::report::{Floor, Report, Settings, fmt_int};
+use super::scenario::{OwnUse, cpus};
 use crate::wire;
 
 /// After the last send, how long the readers get to read everything: loopback delivers within
@@ -117,19 +117,12 @@ pub fn run(args: &SendFloorArgs) -> Result<Report, BenchError> {
         ));
     }
     report.floor = Some(floor);
-    let cpu_s = own_after.cpu_s - own_before.cpu_s;
-    report.generator = GeneratorUse {
-        threads,
-        cpu_s,
+    OwnUse {
+        own: (own_before, own_after),
+        machine: (machine_before, machine_after),
         wall_s,
-        cpu_pct_of_core: cpu_s * 100.0 / wall_s.max(1e-9),
-        rss_kib: own_after.rss_kib,
-        cpu_us_per_frame: None,
-    };
-    report.machine_busy_pct = procstat::busy_percent(machine_before, machine_after);
-    report.irq_pct_of_core =
-        procstat::irq_percent(machine_before, machine_after) * report.cpus as f64;
-    report.others_pct_of_core = others_pct(&report);
+    }
+    .record(&mut report, threads, None);
     Ok(report)
 }
 

@@ -692,23 +692,12 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
             cpu_us_per_frame: (delivered > 0).then(|| cpu_s * 1e6 / delivered as f64),
         });
     }
-    let cpu_s = own_after.cpu_s - own_before.cpu_s;
-    report.generator = GeneratorUse {
-        threads: spec.output.threads,
-        cpu_s,
+    OwnUse {
+        own: (own_before, own_after),
+        machine: (machine_before, machine_after),
         wall_s,
-        cpu_pct_of_core: if wall_s > 0.0 {
-            cpu_s * 100.0 / wall_s
-        } else {
-            0.0
-        },
-        rss_kib: own_after.rss_kib,
-        cpu_us_per_frame: (delivered > 0).then(|| cpu_s * 1e6 / delivered as f64),
-    };
-    report.machine_busy_pct = procstat::busy_percent(machine_before, machine_after);
-    report.irq_pct_of_core =
-        procstat::irq_percent(machine_before, machine_after) * report.cpus as f64;
-    report.others_pct_of_core = others_pct(&report);
+    }
+    .record(&mut report, spec.output.threads, Some(delivered));
     report.published = Some(published);
     Ok(report)
 }
@@ -816,20 +805,45 @@ async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
             cpu_us_per_frame: None,
         });
     }
-    let cpu_s = own_after.cpu_s - own_before.cpu_s;
-    report.generator = GeneratorUse {
-        threads: args.output.threads,
-        cpu_s,
+    OwnUse {
+        own: (own_before, own_after),
+        machine: (machine_before, machine_after),
         wall_s,
-        cpu_pct_of_core: cpu_s * 100.0 / wall_s.max(1e-9),
-        rss_kib: own_after.rss_kib,
-        cpu_us_per_frame: None,
-    };
-    report.machine_busy_pct = procstat::busy_percent(machine_before, machine_after);
-    report.irq_pct_of_core =
-        procstat::irq_percent(machine_before, machine_after) * report.cpus as f64;
-    report.others_pct_of_core = others_pct(&report);
+    }
+    .record(&mut report, args.output.threads, None);
     Ok(report)
+}
+
+/// The generator's own readings and the machine's, before and after a measured period.
+pub(super) struct OwnUse {
+    pub own: (procstat::ProcSample, procstat::ProcSample),
+    pub machine: (procstat::MachineTicks, procstat::MachineTicks),
+    pub wall_s: f64,
+}
+
+impl OwnUse {
+    /// Fills the report's generator and machine figures; with `frames`, the generator's CPU
+    /// per frame too.
+    pub(super) fn record(&self, report: &mut Report, threads: usize, frames: Option<u64>) {
+        let (before, after) = self.own;
+        let cpu_s = after.cpu_s - before.cpu_s;
+        report.generator = GeneratorUse {
+            threads,
+            cpu_s,
+            wall_s: self.wall_s,
+            cpu_pct_of_core: if self.wall_s > 0.0 {
+                cpu_s * 100.0 / self.wall_s
+            } else {
+                0.0
+            },
+            rss_kib: after.rss_kib,
+            cpu_us_per_frame: frames.filter(|&n| n > 0).map(|n| cpu_s * 1e6 / n as f64),
+        };
+        let (m_before, m_after) = self.machine;
+        report.machine_busy_pct = procstat::busy_percent(m_before, m_after);
+        report.irq_pct_of_core = procstat::irq_percent(m_before, m_after) * report.cpus as f64;
+        report.others_pct_of_core = others_pct(report);
+    }
 }
 
 /// What neither the server, the generator nor interrupts used of the busy CPU time, in percent
