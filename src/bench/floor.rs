@@ -25,7 +25,7 @@ use super::payload::{self, Stamp};
 use super::procstat;
 use super::report::{Floor, Report, Settings, fmt_int};
 use super::scenario::{OwnUse, cpus};
-use crate::wire;
+use crate::message::websocket as wire;
 
 /// After the last send, how long the readers get to read everything: loopback delivers within
 /// microseconds, so reaching this means bytes were lost, not late.

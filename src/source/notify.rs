@@ -1,9 +1,9 @@
-//! The LISTEN connection: connect, `LISTEN "<channel>"`, turn notifications into broadcasts,
+//! The LISTEN source: connect, `LISTEN "<channel>"`, hand each notification to the stream,
 //! notice a lost connection, reconnect with capped jittered backoff.
 //!
 //! tokio-postgres delivers notifications only through `Connection::poll_message`, so this task
 //! drives the connection itself instead of spawning it. A loss is noticed by the connection
-//! ending or erroring, by TCP keepalive (see [`crate::pg`]), and by a health query every
+//! ending or erroring, by TCP keepalive (see [`super::pg`]), and by a health query every
 //! `HealthCheckInterval` that must answer within `HealthCheckTimeout`. Notifications sent while no
 //! connection is listening are lost: PostgreSQL queues them only for sessions that LISTEN.
 
@@ -13,35 +13,17 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use postgres_native_tls::MakeTlsConnector;
 use rand::Rng;
-use tokio::sync::watch;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
+use super::pg::{self, PgConnection};
 use crate::config::ReceiverConfig;
-use crate::event::{self, Frame, frame_from_payload};
-use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::pg::{self, PgConnection};
+use crate::stream::{ListenerState, Stream};
 
 /// At most this many notifications go out as one batch, so that a flood still reaches clients
 /// in bounded slices.
 const MAX_BATCH: usize = 256;
-
-/// The listener's state as `/status` and `/ready` report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerState {
-    Connecting,
-    Listening,
-}
-
-impl ListenerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ListenerState::Connecting => "connecting",
-            ListenerState::Listening => "listening",
-        }
-    }
-}
 
 /// Capped exponential backoff with jitter: the n-th wait is uniform in [d/2, d] where
 /// d = min(cap, base × 2ⁿ), so that replicas restarting together do not retry in lockstep.
@@ -78,9 +60,8 @@ impl Backoff {
 pub struct Receiver {
     pub config: ReceiverConfig,
     pub tls: MakeTlsConnector,
-    pub hub: Arc<Hub>,
+    pub stream: Arc<Stream>,
     pub metrics: Arc<Metrics>,
-    pub state: watch::Sender<ListenerState>,
     pub shutdown: CancellationToken,
 }
 
@@ -163,10 +144,7 @@ impl Receiver {
     }
 
     fn set_state(&self, state: ListenerState) {
-        self.metrics
-            .listener_up
-            .set(i64::from(state == ListenerState::Listening));
-        self.state.send_replace(state);
+        self.stream.set_listener_state(state);
     }
 
     async fn session(
@@ -249,7 +227,7 @@ impl Receiver {
             loop {
                 match message {
                     Ok(AsyncMessage::Notification(n)) if n.channel() == self.config.channel => {
-                        if let Some(frame) = self.accept(n.payload()) {
+                        if let Some(frame) = self.stream.accept(n.channel(), n.payload()) {
                             batch.push(frame);
                         }
                     }
@@ -258,7 +236,7 @@ impl Receiver {
                     }
                     Ok(_) => {}
                     Err(err) => {
-                        self.publish(&mut batch).await;
+                        self.stream.publish(&mut batch).await;
                         return pg::describe_error(&err);
                     }
                 }
@@ -268,49 +246,13 @@ impl Receiver {
                 match messages.next().now_or_never() {
                     Some(Some(next)) => message = next,
                     Some(None) => {
-                        self.publish(&mut batch).await;
+                        self.stream.publish(&mut batch).await;
                         return "connection closed by the server".to_owned();
                     }
                     None => break,
                 }
             }
-            self.publish(&mut batch).await;
-        }
-    }
-
-    async fn publish(&self, batch: &mut Vec<Frame>) {
-        if batch.is_empty() {
-            return;
-        }
-        self.hub.publish_batch(batch).await;
-        self.metrics
-            .notifications_forwarded
-            .inc_by(batch.len() as u64);
-        log::debug!(
-            "{} notification(s) forwarded to {} clients",
-            batch.len(),
-            self.hub.client_count()
-        );
-        batch.clear();
-    }
-
-    /// Validates one payload; invalid ones are counted and logged, never forwarded.
-    fn accept(&self, payload: &str) -> Option<Frame> {
-        self.metrics.notifications_received.inc();
-        match frame_from_payload(payload) {
-            Ok(frame) => {
-                log::debug!("notification: {}", event::preview(payload));
-                Some(frame)
-            }
-            Err(rejected) => {
-                self.metrics.notifications_invalid.inc();
-                log::warn!(
-                    "notification on {:?} dropped ({rejected}): {:?}",
-                    self.config.channel,
-                    event::preview(payload)
-                );
-                None
-            }
+            self.stream.publish(&mut batch).await;
         }
     }
 }
