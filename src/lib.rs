@@ -110,7 +110,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         shutdown.clone(),
         metrics.clone(),
     ));
-    let stream = Arc::new(Stream::new(hub.clone(), metrics.clone()));
+    let stream = Arc::new(Stream::new(
+        hub.clone(),
+        metrics.clone(),
+        stream::HistoryLimits::default(),
+    ));
     let tasks = TaskTracker::new();
 
     tasks.spawn(
@@ -132,6 +136,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         hub,
         metrics,
         listener_state: stream.listener_state(),
+        stream: stream.clone(),
         sender: config.sender.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),

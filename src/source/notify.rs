@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::pg::{self, PgConnection};
 use crate::config::ReceiverConfig;
-use crate::message::Frame;
+use crate::message::Outgoing;
 use crate::metrics::Metrics;
 use crate::stream::{ListenerState, Stream};
 
@@ -181,6 +181,11 @@ impl Receiver {
         backoff.reset();
         *last_cause = None;
         if *listened_before {
+            // NOTIFYs committed while nothing listened are gone: say so before the next one.
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                () = self.stream.restart_epoch() => {}
+            }
             self.metrics.listener_reconnects.inc();
             log::info!(
                 "LISTEN {:?} active again on {} after {attempts} attempt(s)",
@@ -286,7 +291,7 @@ impl Receiver {
 
 impl Receiver {
     /// Publishes a batch; while that waits for fan-out room, `stalled` says so.
-    async fn publish(&self, batch: &mut Vec<Frame>, stalled: &watch::Sender<bool>) {
+    async fn publish(&self, batch: &mut Vec<Arc<Outgoing>>, stalled: &watch::Sender<bool>) {
         let mut publish = std::pin::pin!(self.stream.publish(batch));
         if futures::poll!(publish.as_mut()).is_ready() {
             return;

@@ -5,6 +5,7 @@
 //! - [`upgrade`]: the websocket handshake (RFC 6455 §4.2), which registers the client with the
 //!   fan-out before its 101 goes out.
 //! - [`admission`]: who may connect: token, Origin, `MaxClients`.
+//! - [`start`]: where a client asks to start (`since`).
 //! - [`subscriber`]: one websocket client's task once upgraded.
 //! - [`frames`]: the parser of what clients send.
 //!
@@ -14,6 +15,7 @@ pub mod accept;
 pub mod admission;
 pub mod frames;
 pub mod routes;
+pub mod start;
 pub mod subscriber;
 pub mod upgrade;
 
@@ -26,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::SenderConfig;
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
-use crate::stream::ListenerState;
+use crate::stream::{ListenerState, Stream};
 
 /// Every response carries a small text body, built whole.
 pub type Response = hyper::Response<String>;
@@ -36,6 +38,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     pub listener_state: watch::Receiver<ListenerState>,
+    pub stream: Arc<Stream>,
     pub sender: SenderConfig,
     pub shutdown: CancellationToken,
     /// Client tasks join it, so that shutdown waits for their close handshakes.
