@@ -12,11 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use base64::Engine as _;
 use log::LevelFilter;
 
 use crate::error::ConfigError;
-use crate::source::pg::{CaCertificates, SslMode};
+
+mod tls;
+
+pub use tls::{CaCertificates, SslMode};
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
@@ -162,7 +164,12 @@ impl Config {
             user: s.string_or("Receiver", "DBUser", &["PG_USER"], "postgres")?,
             password: s.secret("Receiver", "DBPass", &["PG_PASSWORD", "PG_PWD"])?,
             sslmode,
-            ca: s.parse("Receiver", "DBCA", &["PG_CA_B64"], parse_ca_b64)?,
+            ca: s.parse(
+                "Receiver",
+                "DBCA",
+                &["PG_CA_B64"],
+                CaCertificates::parse_base64,
+            )?,
             channel: s
                 .parse("Receiver", "StreamChannel", &["PG_CHANNEL"], parse_channel)?
                 .unwrap_or_else(|| "events".to_owned()),
@@ -565,15 +572,6 @@ fn parse_stream_path(text: &str) -> Result<String, String> {
         );
     }
     Ok(segment.to_owned())
-}
-
-/// `PG_CA_B64`: base64 of a PEM bundle or of one DER certificate, decoded in process.
-fn parse_ca_b64(text: &str) -> Result<CaCertificates, String> {
-    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(compact.as_bytes())
-        .map_err(|err| format!("not base64 ({err})"))?;
-    CaCertificates::parse(&bytes)
 }
 
 #[cfg(test)]
