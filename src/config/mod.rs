@@ -1,24 +1,42 @@
-//! Configuration: the Go original's TOML file, overridden by the environment, validated into a
-//! typed [`Config`] before anything starts.
+//! Configuration: the Go original's TOML file, overridden by the environment, validated into
+//! a typed [`Config`] before anything starts. Every setting has a default, so the file is
+//! optional.
 //!
-//! Section and key names match case-insensitively, as they did in the original. Every key has a
-//! default, so the file is optional. Values are parsed in two steps: [`Sources`] finds the raw
-//! value (environment first, then file, then default) and remembers where it came from, so that
-//! an error can name the exact key or variable and value the operator has to fix.
+//! # Layout
+//! One file per step, run in this order by [`Config::load`]:
+//! - `file.rs`: reads the TOML file into serde structs. Names are lower-cased first, because
+//!   the original matched them case-insensitively and deployed files rely on it. Names nothing
+//!   reads are kept for one warning.
+//! - `env.rs`: reads the environment into a struct of optional strings with envy.
+//! - `merge.rs`: for each setting, the variable over the file key, remembering which one it
+//!   was, so that an error names what the operator has to fix.
+//! - `validate.rs`: gives each value its type (parsers in `values.rs`) or its default.
+//! - `tls.rs`: the database's TLS settings, `sslmode` and the CA certificates.
+//! - `error.rs`: [`ConfigError`].
+//!
+//! Configuration is a leaf of the crate: it imports nothing from the rooms that use it.
 
-use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use log::LevelFilter;
 
-use crate::error::ConfigError;
-
+mod env;
+mod error;
+mod file;
+mod merge;
 mod tls;
+mod validate;
+mod values;
 
+pub use error::ConfigError;
 pub use tls::{CaCertificates, SslMode};
+pub use values::parse_level;
+
+use env::EnvSettings;
+use file::ConfigFile;
+use merge::Settings;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
@@ -123,14 +141,14 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Loaded, ConfigError> {
         let file = match path {
-            Some(path) => FileValues::read(path)?,
-            None => FileValues::default(),
+            Some(path) => ConfigFile::read(path)?,
+            None => ConfigFile::default(),
         };
-        let sources = Sources { file, env };
-        let config = Config::from_sources(&sources)?;
+        let env = EnvSettings::read(env)?;
+        let config = Settings::merge(env, file.settings).validate()?;
         Ok(Loaded {
             config,
-            unknown_keys: sources.file.unused(),
+            unknown_keys: file.unknown_keys,
         })
     }
 
@@ -138,440 +156,6 @@ impl Config {
     pub fn load_from_process_env(path: Option<&Path>) -> Result<Loaded, ConfigError> {
         Config::load(path, &|name| std::env::var(name).ok())
     }
-
-    fn from_sources(s: &Sources<'_>) -> Result<Config, ConfigError> {
-        let logger = LoggerConfig {
-            file: s
-                .string("Logger", "LogFile", &[])?
-                .filter(|f| !f.is_empty())
-                .map(PathBuf::from),
-            level: s
-                .parse("Logger", "LogLevel", &["LOG_LEVEL"], parse_level)?
-                .unwrap_or(LevelFilter::Info),
-        };
-        let sslmode = match s.raw("Receiver", "DBSSLMode", &["PG_SSLMODE"]) {
-            // The original's driver read an empty mode as `require`.
-            Some(raw) if raw.text().is_some_and(str::is_empty) => SslMode::Require,
-            Some(raw) => raw.parse(SslMode::parse)?,
-            None => SslMode::Disable,
-        };
-        let receiver = ReceiverConfig {
-            host: s.string_or("Receiver", "DBHost", &["PG_HOST"], "localhost")?,
-            port: s
-                .parse("Receiver", "DBPort", &["PG_PORT"], parse_port)?
-                .unwrap_or(5432),
-            dbname: s.string_or("Receiver", "DBName", &["PG_DB"], "stream")?,
-            user: s.string_or("Receiver", "DBUser", &["PG_USER"], "postgres")?,
-            password: s.secret("Receiver", "DBPass", &["PG_PASSWORD", "PG_PWD"])?,
-            sslmode,
-            ca: s.parse(
-                "Receiver",
-                "DBCA",
-                &["PG_CA_B64"],
-                CaCertificates::parse_base64,
-            )?,
-            channel: s
-                .parse("Receiver", "StreamChannel", &["PG_CHANNEL"], parse_channel)?
-                .unwrap_or_else(|| "events".to_owned()),
-            health_interval: s
-                .parse(
-                    "Receiver",
-                    "HealthCheckInterval",
-                    &["PG_HEALTH_INTERVAL"],
-                    parse_seconds,
-                )?
-                .unwrap_or(Duration::from_secs(30)),
-            health_timeout: s
-                .parse(
-                    "Receiver",
-                    "HealthCheckTimeout",
-                    &["PG_HEALTH_TIMEOUT"],
-                    parse_seconds,
-                )?
-                .unwrap_or(Duration::from_secs(10)),
-        };
-        let ping_interval = s
-            .parse("Sender", "PingInterval", &["PING_INTERVAL"], parse_seconds)?
-            .unwrap_or(Duration::from_secs(5));
-        let sender = SenderConfig {
-            port: s
-                .parse("Sender", "HTTPPort", &["PORT"], parse_port)?
-                .unwrap_or(8080),
-            stream_path: s
-                .parse("Sender", "HTTPStream", &["STREAM"], parse_stream_path)?
-                .unwrap_or_else(|| "stream".to_owned()),
-            ping_interval,
-            pong_timeout: s
-                .parse("Sender", "PongTimeout", &["PONG_TIMEOUT"], parse_seconds)?
-                .unwrap_or(ping_interval * 3),
-            client_queue: s
-                .parse("Sender", "ClientQueue", &["CLIENT_QUEUE"], parse_positive)?
-                .unwrap_or(1024),
-            handshake_timeout: s
-                .parse(
-                    "Sender",
-                    "HandshakeTimeout",
-                    &["HANDSHAKE_TIMEOUT"],
-                    parse_seconds,
-                )?
-                .unwrap_or(Duration::from_secs(10)),
-            max_frame_size: s
-                .parse(
-                    "Sender",
-                    "MaxFrameSize",
-                    &["MAX_FRAME_SIZE"],
-                    parse_positive,
-                )?
-                .unwrap_or(64 * 1024),
-            max_clients: s
-                .parse("Sender", "MaxClients", &["MAX_CLIENTS"], parse_positive)?
-                .unwrap_or(20_000),
-            stream_token: Some(s.secret("Sender", "StreamToken", &["STREAM_TOKEN"])?)
-                .filter(|token| !token.is_empty())
-                .map(Secret),
-            allowed_origins: s.list("Sender", "AllowedOrigins", &["ALLOWED_ORIGINS"])?,
-        };
-        Ok(Config {
-            logger,
-            receiver,
-            sender,
-        })
-    }
-}
-
-/// The file's values keyed by lower-cased `(section, key)`, remembering which were read.
-#[derive(Default)]
-struct FileValues {
-    values: BTreeMap<(String, String), FileValue>,
-    /// Lower-cased `(section, key)` pairs that a setting looked up; the rest are unknown.
-    used: Mutex<HashSet<(String, String)>>,
-}
-
-struct FileValue {
-    /// As spelled in the file, for messages: `Sender.HTTPPort`.
-    origin: String,
-    value: toml::Value,
-}
-
-impl FileValues {
-    fn read(path: &Path) -> Result<FileValues, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let table: toml::Table = toml::from_str(&text).map_err(|err| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: describe_toml_error(&text, &err),
-        })?;
-        let mut values = BTreeMap::new();
-        for (section, body) in table {
-            match body {
-                toml::Value::Table(keys) => {
-                    for (key, value) in keys {
-                        let id = (section.to_lowercase(), key.to_lowercase());
-                        let origin = format!("{section}.{key}");
-                        values.insert(id, FileValue { origin, value });
-                    }
-                }
-                value => {
-                    // A key outside any section: nothing reads it, but keep it to warn about.
-                    let id = (String::new(), section.to_lowercase());
-                    values.insert(
-                        id,
-                        FileValue {
-                            origin: section,
-                            value,
-                        },
-                    );
-                }
-            }
-        }
-        Ok(FileValues {
-            values,
-            used: Mutex::default(),
-        })
-    }
-
-    fn get(&self, section: &str, key: &str) -> Option<&FileValue> {
-        let id = (section.to_lowercase(), key.to_lowercase());
-        let found = self.values.get(&id);
-        self.used
-            .lock()
-            .expect("the set is only inserted into; a panic cannot leave it torn")
-            .insert(id);
-        found
-    }
-
-    fn unused(&self) -> Vec<String> {
-        let used = self
-            .used
-            .lock()
-            .expect("the set is only inserted into; a panic cannot leave it torn");
-        self.values
-            .iter()
-            .filter(|(id, _)| !used.contains(*id))
-            .map(|(_, v)| v.origin.clone())
-            .collect()
-    }
-}
-
-/// One line for a TOML error: toml's own Display spans several lines with a source excerpt.
-fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
-    let message = err.message().trim_end_matches('\n').replace('\n', "; ");
-    match err.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {message}")
-        }
-        None => message,
-    }
-}
-
-/// Where settings come from: the environment beats the file.
-struct Sources<'a> {
-    file: FileValues,
-    env: &'a dyn Fn(&str) -> Option<String>,
-}
-
-/// A value found for a setting, with where it came from.
-enum Raw<'a> {
-    Env { name: &'static str, value: String },
-    File(&'a FileValue),
-}
-
-impl Raw<'_> {
-    fn origin(&self) -> &str {
-        match self {
-            Raw::Env { name, .. } => name,
-            Raw::File(v) => &v.origin,
-        }
-    }
-
-    /// The text of the value, or `None` for a file value that is not a string.
-    fn text(&self) -> Option<&str> {
-        match self {
-            Raw::Env { value, .. } => Some(value),
-            Raw::File(v) => v.value.as_str(),
-        }
-    }
-
-    /// The value as it should appear in a message: quoted text, or TOML for other types.
-    fn shown(&self) -> String {
-        match self {
-            Raw::Env { value, .. } => format!("{:?}", preview(value)),
-            Raw::File(v) => match &v.value {
-                toml::Value::String(s) => format!("{:?}", preview(s)),
-                other => preview(&other.to_string()).to_owned(),
-            },
-        }
-    }
-
-    fn invalid(&self, reason: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            origin: self.origin().to_owned(),
-            value: self.shown(),
-            reason: reason.into(),
-        }
-    }
-
-    /// Parses the value as text; integers in the file are accepted where the text parser
-    /// accepts their decimal form (so `DBPort = 5432` and `PG_PORT=5432` share one parser).
-    fn parse<T>(&self, parser: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
-        let text = match self {
-            Raw::Env { value, .. } => value.clone(),
-            Raw::File(v) => match &v.value {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Integer(i) => i.to_string(),
-                other => {
-                    return Err(self.invalid(format!(
-                        "expected a string or an integer, found a {}",
-                        other.type_str()
-                    )));
-                }
-            },
-        };
-        parser(&text).map_err(|reason| self.invalid(reason))
-    }
-}
-
-/// Long values (a base64 certificate) are cut in messages.
-fn preview(value: &str) -> &str {
-    const MAX: usize = 60;
-    if value.len() <= MAX {
-        return value;
-    }
-    let mut end = MAX;
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    &value[..end]
-}
-
-impl Sources<'_> {
-    fn raw(&self, section: &str, key: &str, vars: &[&'static str]) -> Option<Raw<'_>> {
-        let from_env = vars.iter().find_map(|name| {
-            (self.env)(name)
-                .filter(|v| !v.is_empty())
-                .map(|value| Raw::Env { name, value })
-        });
-        // Look the file up even when the environment wins, so the key does not count as unknown.
-        let from_file = self.file.get(section, key).map(Raw::File);
-        from_env.or(from_file)
-    }
-
-    fn parse<T>(
-        &self,
-        section: &str,
-        key: &str,
-        vars: &[&'static str],
-        parser: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<Option<T>, ConfigError> {
-        self.raw(section, key, vars)
-            .map(|raw| raw.parse(parser))
-            .transpose()
-    }
-
-    /// A text setting: file values must be TOML strings.
-    fn string(
-        &self,
-        section: &str,
-        key: &str,
-        vars: &[&'static str],
-    ) -> Result<Option<String>, ConfigError> {
-        match self.raw(section, key, vars) {
-            None => Ok(None),
-            Some(raw) => match raw.text() {
-                Some(text) => Ok(Some(text.to_owned())),
-                None => Err(raw.invalid("expected a string")),
-            },
-        }
-    }
-
-    /// A list: a TOML array of strings, or one comma-separated string (the environment's form).
-    fn list(
-        &self,
-        section: &str,
-        key: &str,
-        vars: &[&'static str],
-    ) -> Result<Vec<String>, ConfigError> {
-        let Some(raw) = self.raw(section, key, vars) else {
-            return Ok(Vec::new());
-        };
-        let items: Vec<String> = match (&raw, raw.text()) {
-            (_, Some(text)) => text.split(',').map(|item| item.trim().to_owned()).collect(),
-            (Raw::File(v), None) => match &v.value {
-                toml::Value::Array(values) => values
-                    .iter()
-                    .map(|value| value.as_str().map(|s| s.trim().to_owned()))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| raw.invalid("expected an array of strings"))?,
-                _ => return Err(raw.invalid("expected an array of strings")),
-            },
-            (Raw::Env { .. }, None) => unreachable!("environment values are text"),
-        };
-        Ok(items.into_iter().filter(|item| !item.is_empty()).collect())
-    }
-
-    fn string_or(
-        &self,
-        section: &str,
-        key: &str,
-        vars: &[&'static str],
-        default: &str,
-    ) -> Result<String, ConfigError> {
-        Ok(self
-            .string(section, key, vars)?
-            .unwrap_or_else(|| default.to_owned()))
-    }
-
-    /// Like [`Sources::string`], but a wrong type is reported without the value.
-    fn secret(
-        &self,
-        section: &str,
-        key: &str,
-        vars: &[&'static str],
-    ) -> Result<String, ConfigError> {
-        match self.raw(section, key, vars) {
-            None => Ok(String::new()),
-            Some(raw) => match raw.text() {
-                Some(text) => Ok(text.to_owned()),
-                None => Err(ConfigError::Invalid {
-                    origin: raw.origin().to_owned(),
-                    value: "<redacted>".to_owned(),
-                    reason: "expected a string".to_owned(),
-                }),
-            },
-        }
-    }
-}
-
-fn parse_port(text: &str) -> Result<u16, String> {
-    text.trim()
-        .parse::<u16>()
-        .map_err(|_| "not a port number (0-65535)".to_owned())
-}
-
-fn parse_seconds(text: &str) -> Result<Duration, String> {
-    match text.trim().parse::<u64>() {
-        Ok(0) => Err("must be at least 1 second".to_owned()),
-        Ok(secs) if secs <= 86_400 => Ok(Duration::from_secs(secs)),
-        _ => Err("not a whole number of seconds (1-86400)".to_owned()),
-    }
-}
-
-fn parse_positive(text: &str) -> Result<usize, String> {
-    match text.trim().parse::<usize>() {
-        Ok(0) | Err(_) => Err("not a positive whole number".to_owned()),
-        Ok(n) => Ok(n),
-    }
-}
-
-/// Log level names of the original (DEBUG … PANIC) in any case, plus TRACE and OFF.
-pub fn parse_level(text: &str) -> Result<LevelFilter, String> {
-    Ok(match text.trim().to_ascii_uppercase().as_str() {
-        "TRACE" => LevelFilter::Trace,
-        "DEBUG" => LevelFilter::Debug,
-        "INFO" => LevelFilter::Info,
-        "WARN" | "WARNING" => LevelFilter::Warn,
-        "ERROR" | "FATAL" | "PANIC" => LevelFilter::Error,
-        "OFF" => LevelFilter::Off,
-        _ => {
-            return Err(
-                "not a log level (DEBUG, INFO, WARN, ERROR, FATAL, PANIC, TRACE, OFF)".to_owned(),
-            );
-        }
-    })
-}
-
-/// PostgreSQL channel names are identifiers: at most 63 bytes, and no NUL.
-fn parse_channel(text: &str) -> Result<String, String> {
-    if text.is_empty() {
-        Err("the channel name is empty".to_owned())
-    } else if text.len() > 63 {
-        Err("a channel name is at most 63 bytes".to_owned())
-    } else if text.contains('\0') {
-        Err("a channel name cannot contain NUL".to_owned())
-    } else {
-        Ok(text.to_owned())
-    }
-}
-
-/// One path segment; a leading slash is tolerated (`/stream` and `stream` both mean `/stream`).
-fn parse_stream_path(text: &str) -> Result<String, String> {
-    let segment = text.strip_prefix('/').unwrap_or(text);
-    if segment.is_empty() {
-        return Err("the stream path is empty".to_owned());
-    }
-    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~".contains(c);
-    if !segment.chars().all(allowed) {
-        return Err(
-            "the stream path is one URL path segment (letters, digits, '-', '.', '_', '~')"
-                .to_owned(),
-        );
-    }
-    Ok(segment.to_owned())
 }
 
 #[cfg(test)]
