@@ -5,65 +5,19 @@
 //! strictness). Both the receiver and the test client connect through [`connect`], so they
 //! share one meaning of every mode.
 
-use std::fmt;
 use std::time::Duration;
 
-use native_tls::{Certificate, TlsConnector};
+use native_tls::TlsConnector;
 use postgres_native_tls::MakeTlsConnector;
 use tokio_postgres::config::SslMode as WireSslMode;
 use tokio_postgres::{Client, Connection, Socket};
 
-use crate::config::ReceiverConfig;
+use crate::config::{ReceiverConfig, SslMode};
 use crate::error::Error;
 
-/// libpq's `sslmode` values, with libpq's meaning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    /// Plain TCP only.
-    Disable,
-    /// libpq tries plain first; here, as `prefer`: TLS when the server offers it, unverified.
-    Allow,
-    /// TLS when the server offers it, certificate not verified.
-    Prefer,
-    /// TLS required; the chain is verified only when a CA is configured (then as `verify-ca`).
-    Require,
-    /// TLS required, chain verified against the configured CA or the system roots; any host name.
-    VerifyCa,
-    /// TLS required, chain and host name verified.
-    VerifyFull,
-}
-
+/// How a connection applies each mode. Kept here rather than with [`SslMode`] because it
+/// names tokio-postgres's types, which the configuration does not depend on.
 impl SslMode {
-    /// Parses a libpq mode name (any case).
-    pub fn parse(text: &str) -> Result<SslMode, String> {
-        Ok(match text.trim().to_ascii_lowercase().as_str() {
-            "disable" => SslMode::Disable,
-            "allow" => SslMode::Allow,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            _ => {
-                return Err(
-                    "not an sslmode (disable, allow, prefer, require, verify-ca, verify-full)"
-                        .to_owned(),
-                );
-            }
-        })
-    }
-
-    /// libpq's name of the mode.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Allow => "allow",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-
     /// What tokio-postgres negotiates on the wire.
     fn wire(self) -> WireSslMode {
         match self {
@@ -80,35 +34,6 @@ impl SslMode {
             SslMode::Require => has_ca,
             SslMode::VerifyCa | SslMode::VerifyFull => true,
         }
-    }
-}
-
-/// Trusted CA certificates decoded from `PG_CA_B64` (a PEM bundle or one DER certificate).
-#[derive(Clone)]
-pub struct CaCertificates(Vec<Certificate>);
-
-impl fmt::Debug for CaCertificates {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CaCertificates({} certificates)", self.0.len())
-    }
-}
-
-impl CaCertificates {
-    /// Accepts PEM (one or more `CERTIFICATE` blocks) or DER.
-    pub fn parse(bytes: &[u8]) -> Result<CaCertificates, String> {
-        let certs = if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
-            Certificate::stack_from_pem(bytes)
-                .map_err(|err| format!("not a PEM certificate ({err})"))?
-        } else {
-            vec![
-                Certificate::from_der(bytes)
-                    .map_err(|err| format!("not a PEM or DER certificate ({err})"))?,
-            ]
-        };
-        if certs.is_empty() {
-            return Err("not a PEM certificate (no CERTIFICATE block)".to_owned());
-        }
-        Ok(CaCertificates(certs))
     }
 }
 
@@ -129,7 +54,7 @@ pub type PgConnection = Connection<Socket, postgres_native_tls::TlsStream<Socket
 pub fn tls_connector(cfg: &ReceiverConfig) -> Result<MakeTlsConnector, Error> {
     let mut builder = TlsConnector::builder();
     if let Some(ca) = &cfg.ca {
-        for cert in &ca.0 {
+        for cert in ca.certificates() {
             builder.add_root_certificate(cert.clone());
         }
     }
@@ -220,20 +145,8 @@ mod tests {
     }
 
     #[test]
-    fn parses_mode_names_in_any_case() {
-        assert_eq!(SslMode::parse("Verify-Full"), Ok(SslMode::VerifyFull));
-        assert!(SslMode::parse("bogus").is_err());
-    }
-
-    #[test]
     fn quotes_identifiers() {
         assert_eq!(quote_ident("My-Events"), "\"My-Events\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-    }
-
-    #[test]
-    fn rejects_what_is_not_a_certificate() {
-        assert!(CaCertificates::parse(b"hello").is_err());
-        assert!(CaCertificates::parse(b"-----BEGIN CERTIFICATE-----\nxx\n").is_err());
     }
 }
