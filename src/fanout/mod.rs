@@ -38,7 +38,8 @@ pub struct Hub {
     metrics: Arc<Metrics>,
 }
 
-/// One client's place in the hub, which it leaves when dropped.
+/// One client's place in the hub, which it leaves when dropped: the client's task holds it
+/// for as long as it serves the connection.
 pub struct Registration {
     pub id: u64,
     pub client: Arc<Client>,
@@ -47,6 +48,9 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        // A shard thread's list of members may hold this client until its next batch: the
+        // socket must not wait for that to close.
+        self.client.out.detach();
         self.hub.shards.shard_of(self.id).leave(self.id);
         self.hub.live.fetch_sub(1, Ordering::Relaxed);
         self.hub.metrics.clients_connected.dec();
@@ -192,6 +196,30 @@ mod tests {
         assert_eq!(hub.metrics.clients_disconnected_slow.get(), 1);
         hub.publish(&Frame::ping()).await;
         expect_bytes(&mut peer, &Frame::ping().wire().repeat(4)).await;
+    }
+
+    /// A client told to close (here kicked) and then let go by its task closes its socket at
+    /// once, although no batch follows: the shard thread's list of members, rebuilt only when
+    /// a batch arrives, still holds the client.
+    #[tokio::test]
+    async fn a_client_let_go_closes_its_socket_although_no_batch_follows() {
+        let hub = hub(4);
+        let (reg, mut peer) = attached(&hub).await;
+        hub.publish(&Frame::ping()).await;
+        // Read: the shard thread has listed the client.
+        expect_bytes(&mut peer, Frame::ping().wire()).await;
+        reg.client.control.kick(CloseReason::TooSlow);
+        drop(reg);
+        let mut rest = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            peer.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the socket is closed")
+        .expect("read");
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(hub.client_count(), 0);
     }
 
     #[tokio::test]

@@ -10,15 +10,18 @@
 //!
 //! The shard threads send on the socket's descriptor (through [`socket2::SockRef`]), not
 //! through tokio: tokio's readiness bookkeeping costs a cache miss per client per write, which
-//! at a thousand clients per message is a visible share of the CPU. The descriptor stays valid
-//! because the stream is held here for as long as it is used. The client's task writes through
-//! tokio ([`TcpStream::try_io`]), so that a refused write clears tokio's readiness before it
-//! waits for the socket to become writable; a refusal on the direct path leaves tokio thinking
-//! the socket is writable, which costs the task at most one extra attempt.
+//! at a thousand clients per message is a visible share of the CPU. The socket is held under
+//! the outbox's lock, which every send holds, so the descriptor stays valid while it is used;
+//! when the client's task is done with the connection it takes the socket out
+//! ([`ClientOut::detach`]), so that the descriptor closes then, although a shard thread's list
+//! of members may keep this `ClientOut` alive until its next batch. The client's task writes
+//! through tokio ([`TcpStream::try_io`]), so that a refused write clears tokio's readiness
+//! before it waits for the socket to become writable; a refusal on the direct path leaves
+//! tokio thinking the socket is writable, which costs the task at most one extra attempt.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Buf, Bytes};
 use socket2::SockRef;
@@ -40,11 +43,13 @@ pub enum Delivery {
     Closed,
 }
 
-/// Frames not yet written, the first possibly in part.
+/// Frames not yet written, the first possibly in part, and the socket they are for.
 #[derive(Debug, Default)]
 struct Outbox {
     frames: VecDeque<Bytes>,
-    /// No more frames are accepted (closing, or the socket failed).
+    /// Set once the upgrade completed; taken out when the client's task is done with it.
+    socket: Option<Arc<TcpStream>>,
+    /// No more frames are accepted (closing, gone, or the socket failed).
     sealed: bool,
     /// The first frame has been written in part: it cannot be dropped without corrupting the
     /// stream.
@@ -52,14 +57,28 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// Writes as much as the socket takes now, through tokio (this is the client task's path);
-    /// returns whether everything went out.
-    fn write_to(&mut self, socket: &Attached) -> io::Result<bool> {
-        let (done, offset) = write_frames(self.frames.make_contiguous(), |slices| {
-            socket
-                .stream
-                .try_io(Interest::WRITABLE, || send_vectored(&socket.stream, slices))
-        })?;
+    /// Nothing waits to be written.
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Takes nothing more and lets go of what waits: the socket failed or the client is gone.
+    fn fail(&mut self) {
+        self.sealed = true;
+        self.frames.clear();
+    }
+
+    /// Writes what waits, as much as the socket takes now through `send`. Returns whether
+    /// everything went out; without a socket, nothing does.
+    fn write_with(
+        &mut self,
+        send: fn(&TcpStream, &[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<bool> {
+        let Some(socket) = self.socket.as_deref() else {
+            return Ok(false);
+        };
+        let (done, offset) =
+            write_frames(self.frames.make_contiguous(), |slices| send(socket, slices))?;
         self.frames.drain(..done);
         if offset > 0 {
             self.frames
@@ -70,7 +89,28 @@ impl Outbox {
         if done > 0 || offset > 0 {
             self.head_started = offset > 0;
         }
-        Ok(self.frames.is_empty())
+        Ok(self.is_empty())
+    }
+
+    /// The shard thread's write: `batch` straight into the socket, when nothing waits (else
+    /// it queues behind that). Returns the frames of `batch` it did not take, to be queued; a
+    /// frame it took in part is queued already, as the head.
+    fn write_batch<'b>(&mut self, batch: &'b [Bytes]) -> io::Result<&'b [Bytes]> {
+        if !self.is_empty() {
+            return Ok(batch);
+        }
+        let Some(socket) = self.socket.as_deref() else {
+            return Ok(batch);
+        };
+        match write_frames(batch, |slices| send_vectored(socket, slices))? {
+            (done, 0) => Ok(&batch[done..]),
+            (done, offset) => {
+                // The stream now holds part of this frame: the rest of it must follow.
+                self.frames.push_back(batch[done].slice(offset..));
+                self.head_started = true;
+                Ok(&batch[done + 1..])
+            }
+        }
     }
 }
 
@@ -82,6 +122,13 @@ fn send_vectored(stream: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize
         [one] => socket.send_with_flags(one, libc::MSG_DONTWAIT),
         _ => socket.send_vectored_with_flags(slices, libc::MSG_DONTWAIT),
     }
+}
+
+/// [`send_vectored`] through tokio: a refusal clears tokio's write readiness, so that the
+/// client's task then waits for the socket to become writable. For the client's task only: a
+/// shard thread must not trust that readiness, which only the task's runtime updates.
+fn send_through_tokio(stream: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    stream.try_io(Interest::WRITABLE, || send_vectored(stream, slices))
 }
 
 /// Writes `frames` in order with as few sends as the socket allows, until it would block.
@@ -120,20 +167,13 @@ fn write_frames(
     Ok((done, offset))
 }
 
-/// The client's socket, once the upgrade completed.
-#[derive(Debug)]
-struct Attached {
-    /// Keeps the descriptor open for as long as this is reachable.
-    stream: Arc<TcpStream>,
-}
-
 /// The shared outgoing state of one client.
 #[derive(Debug)]
 pub struct ClientOut {
     outbox: Mutex<Outbox>,
-    /// Set once the upgrade completed.
-    stream: OnceLock<Attached>,
-    /// Tells the client's task that the outbox holds frames it must flush.
+    /// Tells the client's task that the outbox holds frames it must flush. Given whenever the
+    /// outbox of an attached client goes from empty to not empty (or on attach): the task
+    /// waits for it only while the outbox is empty, and for the socket otherwise.
     backlog: Notify,
     capacity: usize,
 }
@@ -143,7 +183,6 @@ impl ClientOut {
     pub fn new(capacity: usize) -> ClientOut {
         ClientOut {
             outbox: Mutex::default(),
-            stream: OnceLock::new(),
             backlog: Notify::new(),
             capacity,
         }
@@ -155,13 +194,30 @@ impl ClientOut {
     }
 
     /// Gives the socket, once the upgrade completed. Frames queued until now are flushed by
-    /// the client's task, which is told through [`ClientOut::backlog_signalled`].
+    /// the client's task, which is told through [`ClientOut::backlog_signalled`]. The task
+    /// attaches before anything seals the outbox; a client detached already keeps no socket.
     pub fn attach(&self, stream: Arc<TcpStream>) {
-        let outbox = self.lock();
-        let _ = self.stream.set(Attached { stream });
-        if !outbox.frames.is_empty() {
+        let mut outbox = self.lock();
+        if outbox.sealed {
+            return;
+        }
+        outbox.socket = Some(stream);
+        if !outbox.is_empty() {
             self.backlog.notify_one();
         }
+    }
+
+    /// Lets go of the socket and of whatever still waits: the client's task is done with the
+    /// connection. Its descriptor then closes with the task's own handle, at once, rather than
+    /// when a shard thread next rebuilds its list of members (which holds this `ClientOut`,
+    /// and happens only when a batch arrives: up to a PingInterval on a quiet channel).
+    pub fn detach(&self) {
+        let mut outbox = self.lock();
+        outbox.fail();
+        let socket = outbox.socket.take();
+        drop(outbox);
+        // Closing a descriptor (and leaving tokio's reactor) is done outside the lock.
+        drop(socket);
     }
 
     /// Hands frames to the client: written at once when the socket takes them, else queued.
@@ -172,30 +228,20 @@ impl ClientOut {
         if outbox.sealed {
             return Delivery::Closed;
         }
-        let mut rest = frames;
-        let stream = self.stream.get();
-        if let Some(socket) = stream.filter(|_| outbox.frames.is_empty()) {
-            match write_frames(frames, |slices| send_vectored(&socket.stream, slices)) {
-                Ok((done, 0)) => rest = &frames[done..],
-                Ok((done, offset)) => {
-                    // The stream now holds part of this frame: the rest of it must follow.
-                    outbox.frames.push_back(frames[done].slice(offset..));
-                    outbox.head_started = true;
-                    rest = &frames[done + 1..];
-                }
-                Err(_) => {
-                    // The task sees the same error on its next read and ends.
-                    outbox.sealed = true;
-                    return Delivery::Closed;
-                }
+        let idle = outbox.is_empty();
+        let rest = match outbox.write_batch(frames) {
+            Ok(rest) => rest,
+            Err(_) => {
+                // The task sees the same error on its next read and ends.
+                outbox.fail();
+                return Delivery::Closed;
             }
-        }
-        let was_idle = outbox.frames.is_empty();
+        };
         if outbox.frames.len() + rest.len() > self.capacity {
             return Delivery::Overflow;
         }
         outbox.frames.extend(rest.iter().cloned());
-        if stream.is_some() && !outbox.frames.is_empty() && (was_idle || outbox.head_started) {
+        if idle && outbox.socket.is_some() && !outbox.is_empty() {
             self.backlog.notify_one();
         }
         Delivery::Accepted
@@ -208,13 +254,13 @@ impl ClientOut {
         if outbox.sealed {
             return;
         }
-        let was_idle = outbox.frames.is_empty();
+        let was_idle = outbox.is_empty();
         outbox.frames.push_back(frame);
-        if let Some(stream) = self.stream.get().filter(|_| was_idle) {
-            match outbox.write_to(stream) {
+        if outbox.socket.is_some() && was_idle {
+            match outbox.write_with(send_through_tokio) {
                 Ok(true) => {}
                 Ok(false) => self.backlog.notify_one(),
-                Err(_) => outbox.sealed = true,
+                Err(_) => outbox.fail(),
             }
         }
     }
@@ -236,7 +282,7 @@ impl ClientOut {
 
     /// Whether frames wait to be flushed.
     pub fn has_backlog(&self) -> bool {
-        !self.lock().frames.is_empty()
+        !self.lock().is_empty()
     }
 
     /// Resolves when a sender queued frames that the client's task must flush.
@@ -246,14 +292,10 @@ impl ClientOut {
 
     /// Writes what the socket takes now; `Ok(true)` when the outbox is empty.
     pub fn flush(&self) -> io::Result<bool> {
-        let Some(stream) = self.stream.get() else {
-            return Ok(false);
-        };
         let mut outbox = self.lock();
-        let result = outbox.write_to(stream);
+        let result = outbox.write_with(send_through_tokio);
         if result.is_err() {
-            outbox.sealed = true;
-            outbox.frames.clear();
+            outbox.fail();
         }
         result
     }
@@ -315,6 +357,28 @@ mod tests {
         assert_eq!(result, Delivery::Overflow);
         out.seal_with(Bytes::from_static(b"close"), true);
         assert_eq!(out.send(&[big]), Delivery::Closed);
+    }
+
+    /// Once the client's task lets go, the descriptor closes although the outbox lives on (a
+    /// shard thread's list of members holds it until its next batch).
+    #[tokio::test]
+    async fn detach_closes_the_socket_while_the_outbox_lives_on() {
+        let out = ClientOut::new(4);
+        let (server, mut peer) = pair().await;
+        out.attach(server);
+        assert_eq!(out.send(&[Bytes::from_static(b"bye")]), Delivery::Accepted);
+        out.detach();
+        let mut got = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            peer.read_to_end(&mut got),
+        )
+        .await
+        .expect("the socket is closed")
+        .expect("read");
+        assert_eq!(got, b"bye");
+        assert_eq!(out.send(&[Bytes::from_static(b"late")]), Delivery::Closed);
+        assert!(!out.has_backlog());
     }
 }
 

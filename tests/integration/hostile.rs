@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::harness::{
     OP_TEXT, PING, PgCluster, RawWs, Server, ServerOpts, TIMEOUT, Ws, accept_queue_on_port,
     client_frame, client_frame_head, ensure_open_files, established_on_port, http_request,
-    next_event, next_event_within, read_until_closed, upgrade_request,
+    next_event, next_event_within, read_until_closed, upgrade_request, ws_connect,
 };
 
 /// The server still works: `/status` answers, a new client connects, and it and `ws` (a client
@@ -475,4 +475,88 @@ async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
     );
     drop(idle);
     assert_still_serving(&server, pg, channel, &mut ws).await
+}
+
+/// 1,000 clients leave, half with a close handshake and half by dropping the connection: the
+/// server closes every one of their sockets at once, with no traffic at all afterwards. A fan-out
+/// thread rebuilds its list of members only when a batch arrives; that list used to hold each
+/// departed client's socket open until then (up to a PingInterval when the channel is quiet).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_clients_that_leave_release_their_descriptors_at_once() -> Result<()> {
+    const CLIENTS: usize = 1000;
+    /// Handshakes in flight at once: below the listen backlog (see the idle-connections test).
+    const IN_FLIGHT: usize = 64;
+    /// Failure guard: the descriptors are normally back within milliseconds of the last leave.
+    const RELEASE_BOUND: Duration = Duration::from_secs(5);
+    ensure_open_files(CLIENTS as u64 + 1024)?;
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-leave";
+    // No heartbeat: after the one notification below, nothing wakes the fan-out threads.
+    let opts = ServerOpts::with_db(pg, channel).env("PING_INTERVAL", 3600);
+    let server = Server::spawn(opts).await?;
+    let port = server.port();
+    let baseline = server.open_fds()?;
+
+    let mut clients: Vec<Ws> = futures::stream::iter(0..CLIENTS)
+        .map(|_| ws_connect(port, "/stream"))
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect()
+        .await?;
+    server.wait_for_clients(CLIENTS as u64).await?;
+    let connected = server.open_fds()?;
+    // The baseline may still count the connection of the last readiness probe, which the
+    // server closes as soon as it notices the probe's end.
+    ensure!(
+        connected + 1 >= baseline + CLIENTS,
+        "{connected} descriptors open with {CLIENTS} clients, {baseline} before"
+    );
+    // One notification, read by every client: every fan-out thread has then listed them all.
+    let payload = format!(r#"{{"action":"before-leaving","channel":"{channel}"}}"#);
+    pg.notify(channel, &payload).await?;
+    futures::future::try_join_all(clients.iter_mut().map(|ws| async {
+        let got = next_event(ws).await?;
+        ensure!(got == payload, "got {got:?}");
+        anyhow::Ok(())
+    }))
+    .await?;
+
+    let dropped = clients.split_off(CLIENTS / 2);
+    drop(dropped);
+    futures::stream::iter(clients)
+        .map(|mut ws| async move {
+            ws.close(None).await.context("send a close")?;
+            // Until the server's echo (or the end of the stream); then the client lets go.
+            tokio::time::timeout(TIMEOUT, async {
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                }
+            })
+            .await
+            .context("close handshake: no echo")
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let left = Instant::now();
+    server.wait_for_clients(0).await?;
+
+    let deadline = left + RELEASE_BOUND;
+    let mut open = server.open_fds()?;
+    while open > baseline {
+        ensure!(
+            Instant::now() < deadline,
+            "{open} descriptors still open {RELEASE_BOUND:?} after {CLIENTS} clients left \
+             ({baseline} before they connected, {connected} with them)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        open = server.open_fds()?;
+    }
+    eprintln!(
+        "{CLIENTS} clients: {baseline} descriptors before, {connected} connected, {open} within \
+         {:?} of the last leave",
+        left.elapsed()
+    );
+    Ok(())
 }
