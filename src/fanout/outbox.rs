@@ -8,6 +8,11 @@
 //! there is no socket yet, and frames wait in the outbox too: that is how a client registered
 //! before its 101 misses nothing.
 //!
+//! Control frames (the pongs the client's pings ask for, the server's own pings) do not queue:
+//! each kind has one slot, and a newer frame replaces one not yet begun (RFC 6455 §5.5.3 lets
+//! a pong answer only the most recent ping). A client that floods pings and never reads thus
+//! costs one pong, not one per ping.
+//!
 //! The shard threads send on the socket's descriptor (through [`socket2::SockRef`]), not
 //! through tokio: tokio's readiness bookkeeping costs a cache miss per client per write, which
 //! at a thousand clients per message is a visible share of the CPU. The socket is held under
@@ -29,8 +34,13 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::message::websocket::opcode;
+
 /// At most this many buffers go into one `writev`.
 const MAX_IOVECS: usize = 128;
+
+/// The control frames that wait in slots rather than in the queue, in the order they go out.
+const CONTROL_OPCODES: [u8; 2] = [opcode::PONG, opcode::PING];
 
 /// What happened to frames handed to a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +57,10 @@ pub enum Delivery {
 #[derive(Debug, Default)]
 struct Outbox {
     frames: VecDeque<Bytes>,
+    /// One control frame of each kind in [`CONTROL_OPCODES`], not yet begun. They go out at the
+    /// next frame boundary, ahead of queued data; one the socket begins moves to the head of
+    /// `frames`, so that a slot never holds a frame that must be finished.
+    control: [Option<Bytes>; CONTROL_OPCODES.len()],
     /// Set once the upgrade completed; taken out when the client's task is done with it.
     socket: Option<Arc<TcpStream>>,
     /// No more frames are accepted (closing, gone, or the socket failed).
@@ -59,17 +73,19 @@ struct Outbox {
 impl Outbox {
     /// Nothing waits to be written.
     fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.frames.is_empty() && self.control.iter().all(Option::is_none)
     }
 
     /// Takes nothing more and lets go of what waits: the socket failed or the client is gone.
     fn fail(&mut self) {
         self.sealed = true;
         self.frames.clear();
+        self.control = Default::default();
     }
 
-    /// Writes what waits, as much as the socket takes now through `send`. Returns whether
-    /// everything went out; without a socket, nothing does.
+    /// Writes what waits, as much as the socket takes now through `send`: the frame begun
+    /// first (a frame cannot be interrupted), then the control frames, then the queue. Returns
+    /// whether everything went out; without a socket, nothing does.
     fn write_with(
         &mut self,
         send: fn(&TcpStream, &[IoSlice<'_>]) -> io::Result<usize>,
@@ -77,8 +93,27 @@ impl Outbox {
         let Some(socket) = self.socket.as_deref() else {
             return Ok(false);
         };
+        // The control frames join the queue for this write only: those the socket does not
+        // begin go back to their slots, where a newer one may still replace them.
+        let at = usize::from(self.head_started);
+        let mut joined = [0; CONTROL_OPCODES.len()];
+        let mut count = 0;
+        for (slot, frame) in self.control.iter_mut().enumerate() {
+            if let Some(frame) = frame.take() {
+                self.frames.insert(at + count, frame);
+                joined[count] = slot;
+                count += 1;
+            }
+        }
         let (done, offset) =
             write_frames(self.frames.make_contiguous(), |slices| send(socket, slices))?;
+        for (i, &slot) in joined[..count].iter().enumerate().rev() {
+            let index = at + i;
+            let begun = index < done || (index == done && offset > 0);
+            if !begun {
+                self.control[slot] = self.frames.remove(index);
+            }
+        }
         self.frames.drain(..done);
         if offset > 0 {
             self.frames
@@ -247,15 +282,21 @@ impl ClientOut {
         Delivery::Accepted
     }
 
-    /// Writes a control frame (pong, ping) ahead of nothing: it queues behind data like any
-    /// frame, but does not count against the capacity.
+    /// Writes a control frame (pong, ping): at once when nothing waits, else at the next frame
+    /// boundary, ahead of queued data. It does not count against the capacity; instead a
+    /// pending frame of the same kind not yet begun is replaced, so at most one of each waits.
     pub fn send_control(&self, frame: Bytes) {
+        let kind = frame.first().map(|b| b & 0x0f);
+        let slot = CONTROL_OPCODES
+            .iter()
+            .position(|&op| Some(op) == kind)
+            .expect("only pongs and pings are sent as control frames; a close seals");
         let mut outbox = self.lock();
         if outbox.sealed {
             return;
         }
         let was_idle = outbox.is_empty();
-        outbox.frames.push_back(frame);
+        outbox.control[slot] = Some(frame);
         if outbox.socket.is_some() && was_idle {
             match outbox.write_with(send_through_tokio) {
                 Ok(true) => {}
@@ -275,6 +316,7 @@ impl ClientOut {
         if drop_queued {
             let keep = usize::from(outbox.head_started);
             outbox.frames.truncate(keep);
+            outbox.control = Default::default();
         }
         outbox.frames.push_back(close);
         outbox.sealed = true;
@@ -379,6 +421,84 @@ mod tests {
         assert_eq!(got, b"bye");
         assert_eq!(out.send(&[Bytes::from_static(b"late")]), Delivery::Closed);
         assert!(!out.has_backlog());
+    }
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::test_support::socket_pair;
+    use super::*;
+    use crate::message::websocket::encode;
+    use tokio::io::AsyncReadExt;
+
+    /// A client that pings without reading is owed one pong, the newest, however many pings
+    /// it sends; the server's own pings are bounded the same way.
+    #[tokio::test]
+    async fn one_pong_and_one_ping_wait_at_most_and_the_newest_wins() {
+        let out = ClientOut::new(4);
+        let (server, mut peer) = socket_pair().await;
+        out.attach(server.clone());
+        // More than the socket takes while the peer does not read: its rest waits.
+        let big = Bytes::from(vec![b'd'; 32 << 20]);
+        assert_eq!(out.send(std::slice::from_ref(&big)), Delivery::Accepted);
+        assert!(
+            out.has_backlog(),
+            "the socket took all of {} bytes",
+            big.len()
+        );
+        for i in 0..1000u32 {
+            out.send_control(encode(opcode::PONG, &i.to_be_bytes()));
+            out.send_control(encode(opcode::PING, &i.to_be_bytes()));
+        }
+        {
+            let outbox = out.lock();
+            assert_eq!(
+                outbox.frames.len(),
+                1,
+                "only the big frame's rest is queued"
+            );
+            assert!(outbox.control.iter().all(Option::is_some));
+        }
+        let last = [
+            encode(opcode::PONG, &999u32.to_be_bytes()),
+            encode(opcode::PING, &999u32.to_be_bytes()),
+        ]
+        .concat();
+        let expected = big.len() + last.len();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; expected];
+            peer.read_exact(&mut got).await.expect("read");
+            got
+        });
+        while !out.flush().expect("flush") {
+            server.writable().await.expect("writable");
+        }
+        let got = reader.await.expect("reader");
+        assert!(got[..big.len()].iter().all(|&b| b == b'd'));
+        assert_eq!(&got[big.len()..], &last[..]);
+    }
+
+    /// A control frame waits for the end of a frame begun, then goes ahead of queued data.
+    #[tokio::test]
+    async fn a_control_frame_goes_out_at_the_next_frame_boundary() {
+        let out = ClientOut::new(4);
+        let (server, mut peer) = socket_pair().await;
+        {
+            // As after a frame the socket took in part (its rest is queued), then another.
+            let mut outbox = out.lock();
+            outbox
+                .frames
+                .extend([Bytes::from_static(b"rest,"), Bytes::from_static(b"next,")]);
+            outbox.head_started = true;
+        }
+        let pong = encode(opcode::PONG, b"p");
+        out.send_control(pong.clone());
+        out.attach(server);
+        assert!(out.flush().expect("flush"));
+        let expected = [&b"rest,"[..], &pong, b"next,"].concat();
+        let mut got = vec![0; expected.len()];
+        peer.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, expected);
     }
 }
 

@@ -119,9 +119,9 @@ async fn a_40_kb_header_gets_431() -> Result<()> {
     assert_still_serving(&server, pg, channel, &mut ws).await
 }
 
-/// A client that sends 1 kB text frames as fast as it can, from a thread of its own with
-/// blocking writes: an attacker independent of the test's runtime (which a task that never
-/// waits could starve).
+/// A client that sends the same burst of frames over and over as fast as it can, from a thread
+/// of its own with blocking writes: an attacker independent of the test's runtime (which a task
+/// that never waits could starve).
 struct Flood {
     stop: Arc<AtomicBool>,
     sent: watch::Receiver<u64>,
@@ -129,8 +129,8 @@ struct Flood {
 }
 
 impl Flood {
-    /// Starts flooding on `stream`, an upgraded websocket connection.
-    fn start(stream: RawWs) -> Result<Flood> {
+    /// Starts flooding `burst` on `stream`, an upgraded websocket connection.
+    fn start(stream: RawWs, burst: Vec<u8>) -> Result<Flood> {
         let RawWs { stream, .. } = stream;
         let mut stream = stream.into_std()?;
         stream.set_nonblocking(false)?;
@@ -141,9 +141,6 @@ impl Flood {
         let thread = std::thread::spawn({
             let stop = stop.clone();
             move || {
-                let burst: Vec<u8> = (0..64)
-                    .flat_map(|i| client_frame(OP_TEXT, format!("{i:>1000}").as_bytes()))
-                    .collect();
                 let mut sent = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     std::io::Write::write_all(&mut stream, &burst)?;
@@ -166,6 +163,11 @@ impl Flood {
         *self.sent.borrow()
     }
 
+    /// Whether the flood goes on (it ends early when a write fails or times out).
+    fn running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
     /// Stops the flood; returns how many bytes it sent, or why it ended early.
     async fn stop(self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
@@ -173,6 +175,13 @@ impl Flood {
             .await?
             .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
     }
+}
+
+/// 64 text frames of 1 kB.
+fn text_burst() -> Vec<u8> {
+    (0..64)
+        .flat_map(|i| client_frame(OP_TEXT, format!("{i:>1000}").as_bytes()))
+        .collect()
 }
 
 /// A client sending text frames as fast as it can does not slow delivery to others nor the HTTP
@@ -192,7 +201,7 @@ async fn frame_flood_does_not_stop_others_from_receiving() -> Result<()> {
     let flooder = RawWs::connect(server.port()).await?;
     server.wait_for_clients(2).await?;
     let (rss_before, _) = server.memory_kib()?;
-    let mut flood = Flood::start(flooder)?;
+    let mut flood = Flood::start(flooder, text_burst())?;
     flood.started().await?;
 
     let db = pg.client().await?;
@@ -242,7 +251,7 @@ async fn sigterm_during_a_frame_flood_exits_within_5_s() -> Result<()> {
         server_and_client(ServerOpts::with_db(pg, "hostile-flood-sigterm")).await?;
     let flooder = RawWs::connect(server.port()).await?;
     server.wait_for_clients(2).await?;
-    let mut flood = Flood::start(flooder)?;
+    let mut flood = Flood::start(flooder, text_burst())?;
     flood.started().await?;
     let signalled = Instant::now();
     server.signal(libc::SIGTERM)?;
@@ -261,6 +270,71 @@ async fn sigterm_during_a_frame_flood_exits_within_5_s() -> Result<()> {
         .context("close frame without a code")?;
     assert_eq!(u16::from(frame.code), 1001, "{frame:?}");
     Ok(())
+}
+
+/// A client that floods pings carrying 125 bytes (the most a control frame may) and never reads
+/// what the server sends: the server owes it at most one pong at a time (RFC 6455 §5.5.3 lets
+/// it answer only the most recent ping), so its memory does not grow with the pings it is sent.
+/// Each ping used to queue a pong without bound: RSS went from 11 MB to 1.4 GB in 5 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn ping_flood_without_reading_does_not_grow_memory() -> Result<()> {
+    /// The flood ends after this much, or after `FLOOD_TIME`, whichever comes first.
+    const FLOOD_BYTES: u64 = 200 << 20;
+    const FLOOD_TIME: Duration = Duration::from_secs(5);
+    /// How much RSS may grow: room for the allocator and the sockets' buffers, far below what
+    /// one pong per ping costs (about 200 kB per 1,000 pings).
+    const GROWTH_KIB: u64 = 10 * 1024;
+    const OP_PING: u8 = 0x9;
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-ping-flood";
+    // No heartbeat and no server pings meanwhile: nothing but the flood reaches the fan-out.
+    let opts = ServerOpts::with_db(pg, channel).env("PING_INTERVAL", 3600);
+    let (server, mut ws) = server_and_client(opts).await?;
+    let flooder = RawWs::connect(server.port()).await?;
+    server.wait_for_clients(2).await?;
+    let (rss_before, _) = server.memory_kib()?;
+    let ping = client_frame(OP_PING, &[b'p'; 125]);
+    let mut flood = Flood::start(flooder, ping.repeat(512))?;
+    flood.started().await?;
+
+    // RSS is sampled while the flood goes on, so that memory freed at the end does not hide
+    // what was held meanwhile.
+    let started = Instant::now();
+    let mut rss_most = rss_before;
+    while flood.sent() < FLOOD_BYTES && started.elapsed() < FLOOD_TIME && flood.running() {
+        rss_most = rss_most.max(server.memory_kib()?.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let flood_time = started.elapsed();
+    let sent = flood.sent();
+    // A write that timed out means the server stopped reading for a while (its buffers full),
+    // which it may do; any other failure is the test's own.
+    if let Err(err) = flood.stop().await {
+        let timed_out = err.downcast_ref::<std::io::Error>().is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        });
+        ensure!(timed_out, "ping flood: {err:#}");
+    }
+    let (rss_after, _) = server.memory_kib()?;
+    rss_most = rss_most.max(rss_after);
+    eprintln!(
+        "ping flood: {} MiB ({} pings) in {flood_time:?}; RSS {rss_before} KiB before, at most \
+         {rss_most} KiB during, {rss_after} KiB after",
+        sent >> 20,
+        sent / ping.len() as u64
+    );
+    ensure!(
+        sent >= 16 << 20,
+        "only {sent} bytes of pings went out in {flood_time:?}"
+    );
+    assert!(
+        rss_most < rss_before + GROWTH_KIB,
+        "RSS grew from {rss_before} KiB to {rss_most} KiB while {sent} bytes of pings came in"
+    );
+    assert_still_serving(&server, pg, channel, &mut ws).await
 }
 
 /// A single frame of 10 MB (MaxFrameSize is 64 KiB) closes that connection; the server neither
