@@ -127,11 +127,13 @@ impl Outbox {
         Ok(self.is_empty())
     }
 
-    /// The shard thread's write: `batch` straight into the socket, when nothing waits (else
-    /// it queues behind that). Returns the frames of `batch` it did not take, to be queued; a
-    /// frame it took in part is queued already, as the head.
+    /// The shard thread's write: what waits goes first, and `batch` follows straight into the
+    /// socket only when the socket took all of that. Returns the frames of `batch` it did not
+    /// take, to be queued; a frame it took in part is queued already, as the head. It writes
+    /// past tokio (see the module's doc), whose readiness may say "not writable" long after
+    /// the client has read.
     fn write_batch<'b>(&mut self, batch: &'b [Bytes]) -> io::Result<&'b [Bytes]> {
-        if !self.is_empty() {
+        if !self.is_empty() && !self.write_with(send_vectored)? {
             return Ok(batch);
         }
         let Some(socket) = self.socket.as_deref() else {
@@ -256,8 +258,12 @@ impl ClientOut {
     }
 
     /// Hands frames to the client: written at once when the socket takes them, else queued.
-    /// Only what the socket did not take counts against the capacity, so a client that reads
-    /// as fast as frames come is never taken for a slow one, whatever the batch size.
+    /// Only frames that truly wait count against the capacity: what already waits is flushed
+    /// first, and when the socket took all of it the batch goes straight in after it. So a
+    /// client that reads as fast as frames come is never taken for a slow one, whatever the
+    /// batch size, nor for one frame left half written by the previous batch.
+    ///
+    /// With nothing waiting (the usual case) this is one `sendmsg` under the outbox's lock.
     pub fn send(&self, frames: &[Bytes]) -> Delivery {
         let mut outbox = self.lock();
         if outbox.sealed {
@@ -523,5 +529,30 @@ mod batch_tests {
                 .enumerate()
                 .all(|(i, c)| c.iter().all(|&b| b == i as u8))
         );
+    }
+
+    /// A frame left half written by the previous batch does not make the next one wait when
+    /// the socket has room: what waits is flushed first, and the batch, larger than the
+    /// capacity, goes straight in. (Counting the whole batch as waiting kicked such a client
+    /// as too slow.)
+    #[tokio::test]
+    async fn a_half_written_frame_does_not_count_a_batch_the_socket_takes() {
+        let out = ClientOut::new(4);
+        let (server, mut peer) = socket_pair().await;
+        out.attach(server);
+        {
+            // As after a batch whose last frame the socket took in part, the peer having
+            // read everything since.
+            let mut outbox = out.lock();
+            outbox.frames.push_back(Bytes::from_static(b"tail."));
+            outbox.head_started = true;
+        }
+        let frames: Vec<Bytes> = (0..10u8).map(|i| Bytes::from(vec![b'a' + i; 10])).collect();
+        assert_eq!(out.send(&frames), Delivery::Accepted);
+        assert!(!out.has_backlog());
+        let expected = [&b"tail."[..], &frames.concat()].concat();
+        let mut got = vec![0; expected.len()];
+        peer.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, expected);
     }
 }
