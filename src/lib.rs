@@ -64,13 +64,33 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the service until `shutdown` is cancelled, then closes every client (1001) and the
 /// database connection, waiting at most [`SHUTDOWN_GRACE`].
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    match limits::raise_open_files_limit() {
-        Ok((before, after)) if before != after => {
-            log::info!("open files limit raised from {before} to {after}")
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let open_files = match limits::raise_open_files_limit() {
+        Ok((before, after)) => {
+            if before == after {
+                log::info!("open files limit is {after}");
+            } else {
+                log::info!("open files limit raised from {before} to {after}");
+            }
+            Some(after)
         }
-        Ok((_, after)) => log::info!("open files limit is {after}"),
-        Err(err) => log::warn!("cannot raise the open files limit: {err}"),
+        Err(err) => {
+            log::warn!("cannot raise the open files limit: {err}");
+            None
+        }
+    };
+    // A client holds a descriptor: past the limit, accepts fail instead of answering 503.
+    if let Some(limit) = open_files {
+        let fits = limits::client_capacity(limit);
+        if config.sender.max_clients > fits {
+            log::info!(
+                "MaxClients lowered from {} to {fits}: the open files limit is {limit}, and {} \
+                 descriptors are kept for the database, handshakes and HTTP requests",
+                config.sender.max_clients,
+                limits::reserved_descriptors(limit)
+            );
+            config.sender.max_clients = fits;
+        }
     }
     let tls = source::pg::tls_connector(&config.receiver)?;
     let listener = transport::accept::bind(config.sender.port).await?;
