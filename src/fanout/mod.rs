@@ -129,7 +129,7 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
-    use super::outbox::test_support::socket_pair;
+    use super::outbox::test_support::{read_until_closed, socket_pair};
     use super::*;
     use crate::message::frame_from_payload;
     use tokio::io::AsyncReadExt;
@@ -210,15 +210,7 @@ mod tests {
         expect_bytes(&mut peer, Frame::ping().wire()).await;
         reg.client.control.kick(CloseReason::TooSlow);
         drop(reg);
-        let mut rest = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            peer.read_to_end(&mut rest),
-        )
-        .await
-        .expect("the socket is closed")
-        .expect("read");
-        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(read_until_closed(&mut peer).await, b"");
         assert_eq!(hub.client_count(), 0);
     }
 

@@ -352,7 +352,20 @@ impl ClientOut {
 #[cfg(test)]
 pub(crate) mod test_support {
     use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
+
+    /// What the peer receives until the server's side closes; panics if it stays open for
+    /// seconds (a failure guard: it closes at once or never).
+    pub async fn read_until_closed(peer: &mut TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), peer.read_to_end(&mut got))
+            .await
+            .expect("the socket is closed")
+            .expect("read");
+        got
+    }
 
     /// A connected pair on loopback: (the server's side, shared as the hub holds it; the peer).
     pub async fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
@@ -369,8 +382,9 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::socket_pair as pair;
+    use super::test_support::{read_until_closed, socket_pair as pair};
     use super::*;
+    use crate::message::websocket::encode;
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
@@ -416,33 +430,17 @@ mod tests {
         out.attach(server);
         assert_eq!(out.send(&[Bytes::from_static(b"bye")]), Delivery::Accepted);
         out.detach();
-        let mut got = Vec::new();
-        tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            peer.read_to_end(&mut got),
-        )
-        .await
-        .expect("the socket is closed")
-        .expect("read");
-        assert_eq!(got, b"bye");
+        assert_eq!(read_until_closed(&mut peer).await, b"bye");
         assert_eq!(out.send(&[Bytes::from_static(b"late")]), Delivery::Closed);
         assert!(!out.has_backlog());
     }
-}
-
-#[cfg(test)]
-mod control_tests {
-    use super::test_support::socket_pair;
-    use super::*;
-    use crate::message::websocket::encode;
-    use tokio::io::AsyncReadExt;
 
     /// A client that pings without reading is owed one pong, the newest, however many pings
     /// it sends; the server's own pings are bounded the same way.
     #[tokio::test]
     async fn one_pong_and_one_ping_wait_at_most_and_the_newest_wins() {
         let out = ClientOut::new(4);
-        let (server, mut peer) = socket_pair().await;
+        let (server, mut peer) = pair().await;
         out.attach(server.clone());
         // More than the socket takes while the peer does not read: its rest waits.
         let big = Bytes::from(vec![b'd'; 32 << 20]);
@@ -488,7 +486,7 @@ mod control_tests {
     #[tokio::test]
     async fn a_control_frame_goes_out_at_the_next_frame_boundary() {
         let out = ClientOut::new(4);
-        let (server, mut peer) = socket_pair().await;
+        let (server, mut peer) = pair().await;
         {
             // As after a frame the socket took in part (its rest is queued), then another.
             let mut outbox = out.lock();
