@@ -40,7 +40,8 @@ pub struct Hub {
     metrics: Arc<Metrics>,
 }
 
-/// One client's place in the hub, which it leaves when dropped.
+/// One client's place in the hub, which it leaves when dropped: the client's task holds it
+/// for as long as it serves the connection.
 pub struct Registration {
     pub id: u64,
     pub client: Arc<Client>,
@@ -49,6 +50,9 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        // A shard thread's list of members may hold this client until its next batch: the
+        // socket must not wait for that to close.
+        self.client.out.detach();
         self.hub.shards.shard_of(self.id).leave(self.id);
         self.hub.live.fetch_sub(1, Ordering::Relaxed);
         self.hub.metrics.clients_connected.dec();
@@ -146,7 +150,7 @@ pub struct Rooms<'a>(Vec<Room<'a>>);
 
 #[cfg(test)]
 mod tests {
-    use super::outbox::test_support::socket_pair;
+    use super::outbox::test_support::{read_until_closed, socket_pair};
     use super::*;
     use crate::message::{Outgoing, Position};
     use tokio::io::AsyncReadExt;
@@ -226,6 +230,22 @@ mod tests {
         assert_eq!(hub.metrics.clients_disconnected_slow.get(), 1);
         hub.publish_batch(one(ping())).await;
         expect_bytes(&mut peer, &ping_bytes().repeat(4)).await;
+    }
+
+    /// A client told to close (here kicked) and then let go by its task closes its socket at
+    /// once, although no batch follows: the shard thread's list of members, rebuilt only when
+    /// a batch arrives, still holds the client.
+    #[tokio::test]
+    async fn a_client_let_go_closes_its_socket_although_no_batch_follows() {
+        let hub = hub(4);
+        let (reg, mut peer) = attached(&hub).await;
+        hub.publish_batch(one(ping())).await;
+        // Read: the shard thread has listed the client.
+        expect_bytes(&mut peer, &ping_bytes()).await;
+        reg.client.control.kick(CloseReason::TooSlow);
+        drop(reg);
+        assert_eq!(read_until_closed(&mut peer).await, b"");
+        assert_eq!(hub.client_count(), 0);
     }
 
     #[tokio::test]

@@ -869,6 +869,13 @@ impl Server {
         };
         Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
+
+    /// How many descriptors the process has open (the entries of `/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> Result<usize> {
+        let path = format!("/proc/{}/fd", self.pid());
+        let entries = std::fs::read_dir(&path).with_context(|| format!("read {path}"))?;
+        Ok(entries.count())
+    }
 }
 
 impl Drop for Server {
