@@ -30,7 +30,6 @@
 //! did not take for the client's [`transport::subscriber::Subscriber`] task to flush.
 
 pub mod auth;
-pub mod bench;
 pub mod config;
 pub mod error;
 pub mod fanout;

@@ -19,12 +19,12 @@ use bytes::Bytes;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::Notify;
 
-use super::error::BenchError;
-use super::options::SendFloorArgs;
-use super::payload::{self, Stamp};
-use super::procstat;
-use super::report::{Floor, Report, Settings, fmt_int};
-use super::scenario::{OwnUse, cpus};
+use crate::error::BenchError;
+use crate::options::SendFloorArgs;
+use crate::payload::{self, Stamp};
+use crate::procstat;
+use crate::report::{Floor, Report, Settings, fmt_int};
+use crate::scenario::{OwnUse, cpus};
 
 /// After the last send, how long the readers get to read everything: loopback delivers within
 /// microseconds, so reaching this means bytes were lost, not late.
@@ -385,7 +385,7 @@ fn problems(floor: &Floor, sent: &Sent, received: &Received, all_read: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::options::ReportArgs;
+    use crate::options::ReportArgs;
 
     #[test]
     fn frame_is_what_the_server_writes() {
