@@ -16,7 +16,7 @@ use base64::Engine as _;
 use log::LevelFilter;
 
 use crate::error::ConfigError;
-use crate::pg::{CaCertificates, SslMode};
+use crate::source::pg::{CaCertificates, SslMode};
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]

@@ -1,77 +1,98 @@
 //! vulcan-stream: every PostgreSQL NOTIFY on one channel, broadcast to every websocket client.
 //!
 //! # Layout
+//! One room per job; data flows one way, **source → stream → fan-out → transport**, and no
+//! import points back up.
 //! - [`config`]: the Go original's TOML file plus environment, validated into [`Config`].
-//! - [`logging`]: level names and the log target.
-//! - [`event`]: payload → validated, shared [`event::Frame`]; the ping frame.
-//! - [`pg`]: connection options and libpq's sslmodes on native-tls.
-//! - [`receiver`]: the LISTEN connection, its health checks and reconnects.
-//! - [`hub`]: connected clients, `publish`, the heartbeat.
-//! - [`fanout`]: the threads that write published frames into the clients' sockets.
-//! - [`client`]: one client's outgoing side: direct writes, the bounded outbox.
-//! - [`subscriber`]: one client's task: reads, backlog flushes, liveness, close.
-//! - [`wire`]: websocket framing (encode server frames, parse client frames).
-//! - [`server`]: HTTP routes and the accept loop.
-//! - [`shutdown`]: signal handling.
-//! - [`limits`]: the open-files limit.
-//! - [`metrics`]: Prometheus counters and gauges.
+//! - [`message`]: one accepted payload and its encodings, each made once and shared.
+//! - [`source`]: where messages come from: the `LISTEN` connection ([`source::notify`]) and its
+//!   PostgreSQL connection options ([`source::pg`]).
+//! - [`stream`]: the one path from a source to the clients: each payload checked once, then
+//!   published in order; the heartbeat; whether the source is live.
+//! - [`fanout`]: delivery: the connected clients ([`fanout::Hub`]), the shard threads that
+//!   write into their sockets ([`fanout::shard`]), each client's outbox ([`fanout::outbox`]).
+//! - [`transport`]: HTTP routes, the accept loop, the websocket handshake, admission, and each
+//!   client's task.
+//! - [`auth`]: the shared token.
+//! - Shared leaves: [`metrics`], [`error`], [`logging`], [`shutdown`], [`limits`].
 //! - [`test_client`]: the end-to-end probe behind `vulcan-stream-test-client`.
 //!
+//! Who imports whom: `transport` uses `fanout`, `stream`, `auth` and `message`; `source` uses
+//! `stream`; `stream` uses `fanout` and `message`; `fanout` uses `message`; the leaves
+//! (`config`, `message`, `metrics`, `error`) import none of these rooms.
+//!
 //! # Flow
-//! A NOTIFY reaches [`receiver::Receiver`] as a notification; [`event`] checks it once and
-//! frames the original bytes once; [`hub::Hub::publish_batch`] queues that one buffer for the
-//! [`fanout`] threads, each of which writes it to its share of the clients without waiting on
-//! any: [`client::ClientOut`] writes it into the socket directly, or queues what the socket did
-//! not take for the client's [`subscriber::Subscriber`] task to flush.
+//! A NOTIFY reaches [`source::notify::Receiver`], which hands the payload to
+//! [`stream::Stream::accept`]: checked once, framed once as the original bytes. The stream
+//! publishes batches to [`fanout::Hub::publish_batch`], which queues that one buffer for the
+//! shard threads; each writes it to its share of the clients without waiting on any: the
+//! client's [`fanout::ClientOut`] writes it into the socket directly, or queues what the socket
+//! did not take for the client's [`transport::subscriber::Subscriber`] task to flush.
 
-pub mod bench;
-pub mod client;
+pub mod auth;
 pub mod config;
 pub mod error;
-pub mod event;
 pub mod fanout;
-pub mod hub;
 pub mod limits;
 pub mod logging;
+pub mod message;
 pub mod metrics;
-pub mod pg;
-pub mod receiver;
-pub mod server;
 pub mod shutdown;
-pub mod subscriber;
+pub mod source;
+pub mod stream;
 pub mod test_client;
-pub mod wire;
+pub mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 pub use error::{ConfigError, Error};
 
-use hub::Hub;
+use fanout::Hub;
 use metrics::Metrics;
-use receiver::{ListenerState, Receiver};
-use server::AppState;
+use source::notify::Receiver;
+use stream::Stream;
+use transport::AppState;
 
 /// How long clients get to receive their close frames after a stop signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the service until `shutdown` is cancelled, then closes every client (1001) and the
 /// database connection, waiting at most [`SHUTDOWN_GRACE`].
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    match limits::raise_open_files_limit() {
-        Ok((before, after)) if before != after => {
-            log::info!("open files limit raised from {before} to {after}")
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let open_files = match limits::raise_open_files_limit() {
+        Ok((before, after)) => {
+            if before == after {
+                log::info!("open files limit is {after}");
+            } else {
+                log::info!("open files limit raised from {before} to {after}");
+            }
+            Some(after)
         }
-        Ok((_, after)) => log::info!("open files limit is {after}"),
-        Err(err) => log::warn!("cannot raise the open files limit: {err}"),
+        Err(err) => {
+            log::warn!("cannot raise the open files limit: {err}");
+            None
+        }
+    };
+    // A client holds a descriptor: past the limit, accepts fail instead of answering 503.
+    if let Some(limit) = open_files {
+        let fits = limits::client_capacity(limit);
+        if config.sender.max_clients > fits {
+            log::info!(
+                "MaxClients lowered from {} to {fits}: the open files limit is {limit}, and {} \
+                 descriptors are kept for the database, handshakes and HTTP requests",
+                config.sender.max_clients,
+                limits::reserved_descriptors(limit)
+            );
+            config.sender.max_clients = fits;
+        }
     }
-    let tls = pg::tls_connector(&config.receiver)?;
-    let listener = server::bind(config.sender.port).await?;
+    let tls = source::pg::tls_connector(&config.receiver)?;
+    let listener = transport::accept::bind(config.sender.port).await?;
     let local = listener.local_addr().map_err(|source| Error::Bind {
         addr: std::net::SocketAddr::from(([0, 0, 0, 0], config.sender.port)),
         source,
@@ -88,30 +109,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown.clone(),
         metrics.clone(),
     ));
-    let (state_tx, state_rx) = watch::channel(ListenerState::Connecting);
+    let stream = Arc::new(Stream::new(hub.clone(), metrics.clone()));
     let tasks = TaskTracker::new();
 
     tasks.spawn(
         Receiver {
             config: config.receiver.clone(),
             tls,
-            hub: hub.clone(),
+            stream: stream.clone(),
             metrics: metrics.clone(),
-            state: state_tx,
             shutdown: shutdown.clone(),
         }
         .run(),
     );
-    tasks.spawn(hub.clone().run_pinger(config.sender.ping_interval));
+    tasks.spawn(
+        stream
+            .clone()
+            .run_heartbeat(config.sender.ping_interval, shutdown.clone()),
+    );
     let app = Arc::new(AppState {
         hub,
         metrics,
-        listener_state: state_rx,
+        listener_state: stream.listener_state(),
         sender: config.sender.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     });
-    tasks.spawn(server::serve(listener, app));
+    tasks.spawn(transport::accept::serve(listener, app));
 
     shutdown.cancelled().await;
     tasks.close();

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub clients_rejected: Counter,
     pub listener_up: Gauge,
     pub listener_reconnects: Counter,
+    pub accept_pauses: Counter,
     registry: Registry,
 }
 
@@ -43,6 +44,7 @@ impl Metrics {
             clients_rejected: Counter::default(),
             listener_up: Gauge::default(),
             listener_reconnects: Counter::default(),
+            accept_pauses: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -94,6 +96,11 @@ impl Metrics {
             "listener_reconnects",
             "LISTEN connections re-established after a loss",
             m.listener_reconnects.clone(),
+        );
+        registry.register(
+            "accept_pauses",
+            "Pauses of the accept loop for want of file descriptors",
+            m.accept_pauses.clone(),
         );
         registry.register(
             "build",

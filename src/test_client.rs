@@ -12,7 +12,7 @@ use tokio::time::{Instant, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::config::Config;
-use crate::pg;
+use crate::source::pg;
 
 /// What the probe saw when it succeeded.
 #[derive(Debug)]

@@ -536,6 +536,8 @@ pub struct ServerOpts {
     /// The open-files soft limit the process starts with (`RLIMIT_NOFILE`, hard limit kept);
     /// `None` inherits the test process's.
     pub open_files_soft: Option<u64>,
+    /// Lowers the hard limit too (the server cannot raise past it).
+    pub open_files_hard: Option<u64>,
 }
 
 impl ServerOpts {
@@ -547,6 +549,7 @@ impl ServerOpts {
             args: Vec::new(),
             wait_ready: true,
             open_files_soft: None,
+            open_files_hard: None,
         }
         .env("PORT", "0")
         .env("LOG_LEVEL", "info")
@@ -582,6 +585,13 @@ impl ServerOpts {
     /// Starts the server with this open-files soft limit (e.g. the usual default, 1024).
     pub fn open_files_soft_limit(mut self, soft: u64) -> Self {
         self.open_files_soft = Some(soft);
+        self
+    }
+
+    /// Starts the server with this open-files limit, soft and hard (as `ulimit -n` sets it).
+    pub fn open_files_limit(mut self, limit: u64) -> Self {
+        self.open_files_soft = Some(limit);
+        self.open_files_hard = Some(limit);
         self
     }
 }
@@ -621,7 +631,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(soft) = opts.open_files_soft {
-            set_open_files_soft_limit(&mut cmd, soft);
+            set_open_files_limit(&mut cmd, soft, opts.open_files_hard);
         }
         let mut child = cmd.spawn().context("spawn vulcan-stream")?;
         let stderr = child.stderr.take().expect("stderr is piped");
@@ -875,9 +885,9 @@ impl Drop for Server {
     }
 }
 
-/// Makes `cmd`'s process start with an open-files soft limit of `soft` (its hard limit
-/// unchanged; `soft` is capped at it).
-fn set_open_files_soft_limit(cmd: &mut Command, soft: u64) {
+/// Makes `cmd`'s process start with an open-files soft limit of `soft`, and a hard limit of
+/// `hard` when given (otherwise unchanged; `soft` is capped at it).
+fn set_open_files_limit(cmd: &mut Command, soft: u64, hard: Option<u64>) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec and calls only getrlimit and
     // setrlimit, which are async-signal-safe; it allocates nothing and takes no locks.
@@ -889,6 +899,9 @@ fn set_open_files_soft_limit(cmd: &mut Command, soft: u64) {
             };
             if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(hard) = hard {
+                limit.rlim_max = hard.min(limit.rlim_max);
             }
             limit.rlim_cur = soft.min(limit.rlim_max);
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {

@@ -1,9 +1,9 @@
-//! The LISTEN connection: connect, `LISTEN "<channel>"`, turn notifications into broadcasts,
+//! The LISTEN source: connect, `LISTEN "<channel>"`, hand each notification to the stream,
 //! notice a lost connection, reconnect with capped jittered backoff.
 //!
 //! tokio-postgres delivers notifications only through `Connection::poll_message`, so this task
 //! drives the connection itself instead of spawning it. A loss is noticed by the connection
-//! ending or erroring, by TCP keepalive (see [`crate::pg`]), and by a health query every
+//! ending or erroring, by TCP keepalive (see [`super::pg`]), and by a health query every
 //! `HealthCheckInterval` that must answer within `HealthCheckTimeout`. Notifications sent while no
 //! connection is listening are lost: PostgreSQL queues them only for sessions that LISTEN.
 
@@ -14,34 +14,19 @@ use futures::{FutureExt, StreamExt};
 use postgres_native_tls::MakeTlsConnector;
 use rand::Rng;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
+use super::pg::{self, PgConnection};
 use crate::config::ReceiverConfig;
-use crate::event::{self, Frame, frame_from_payload};
-use crate::hub::Hub;
+use crate::message::Frame;
 use crate::metrics::Metrics;
-use crate::pg::{self, PgConnection};
+use crate::stream::{ListenerState, Stream};
 
 /// At most this many notifications go out as one batch, so that a flood still reaches clients
 /// in bounded slices.
 const MAX_BATCH: usize = 256;
-
-/// The listener's state as `/status` and `/ready` report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerState {
-    Connecting,
-    Listening,
-}
-
-impl ListenerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ListenerState::Connecting => "connecting",
-            ListenerState::Listening => "listening",
-        }
-    }
-}
 
 /// Capped exponential backoff with jitter: the n-th wait is uniform in [d/2, d] where
 /// d = min(cap, base × 2ⁿ), so that replicas restarting together do not retry in lockstep.
@@ -78,9 +63,8 @@ impl Backoff {
 pub struct Receiver {
     pub config: ReceiverConfig,
     pub tls: MakeTlsConnector,
-    pub hub: Arc<Hub>,
+    pub stream: Arc<Stream>,
     pub metrics: Arc<Metrics>,
-    pub state: watch::Sender<ListenerState>,
     pub shutdown: CancellationToken,
 }
 
@@ -163,10 +147,7 @@ impl Receiver {
     }
 
     fn set_state(&self, state: ListenerState) {
-        self.metrics
-            .listener_up
-            .set(i64::from(state == ListenerState::Listening));
-        self.state.send_replace(state);
+        self.stream.set_listener_state(state);
     }
 
     async fn session(
@@ -184,7 +165,10 @@ impl Receiver {
                 Err(err) => return SessionEnd::ConnectFailed(pg::describe_error(&err)),
             },
         };
-        let mut connection = std::pin::pin!(self.forward_notifications(connection));
+        // Set while the receiver waits for fan-out room: the connection is not read then, so
+        // the health query's answer waits unread too, and must not count as lost.
+        let stalled = watch::Sender::new(false);
+        let mut connection = std::pin::pin!(self.forward_notifications(connection, &stalled));
         let listen = format!("LISTEN {}", pg::quote_ident(&self.config.channel));
         tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -219,17 +203,34 @@ impl Receiver {
                 _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                 ended = &mut connection => return SessionEnd::Lost(ended),
                 _ = health.tick() => {
-                    let check = tokio::time::timeout(health_timeout, client.simple_query(""));
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-                        ended = &mut connection => return SessionEnd::Lost(ended),
-                        result = check => match result {
-                            Ok(Ok(_)) => log::debug!("listener health check passed"),
-                            Ok(Err(err)) => return SessionEnd::Lost(pg::describe_error(&err)),
-                            Err(_) => return SessionEnd::Lost(format!(
-                                "health query unanswered after {health_timeout:?}"
-                            )),
-                        },
+                    let mut check = std::pin::pin!(client.simple_query(""));
+                    let mut stall = stalled.subscribe();
+                    // The timeout runs only while the connection is being read; after a stall
+                    // the query gets a whole timeout again.
+                    let mut deadline = Instant::now() + health_timeout;
+                    loop {
+                        let waiting_for_room = *stall.borrow_and_update();
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                            ended = &mut connection => return SessionEnd::Lost(ended),
+                            result = &mut check => match result {
+                                Ok(_) => {
+                                    log::debug!("listener health check passed");
+                                    break;
+                                }
+                                Err(err) => return SessionEnd::Lost(pg::describe_error(&err)),
+                            },
+                            _ = tokio::time::sleep_until(deadline), if !waiting_for_room => {
+                                return SessionEnd::Lost(format!(
+                                    "health query unanswered after {health_timeout:?}"
+                                ));
+                            }
+                            _ = stall.changed() => {
+                                if waiting_for_room {
+                                    deadline = Instant::now() + health_timeout;
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -239,7 +240,11 @@ impl Receiver {
     /// Drives the connection until it ends, broadcasting each notification on our channel.
     /// Notifications that arrived together (one read from the server) are published as one
     /// batch, so that each client gets one write for all of them. Returns why it ended.
-    async fn forward_notifications(&self, mut connection: PgConnection) -> String {
+    async fn forward_notifications(
+        &self,
+        mut connection: PgConnection,
+        stalled: &watch::Sender<bool>,
+    ) -> String {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         let mut batch = Vec::new();
         loop {
@@ -249,7 +254,7 @@ impl Receiver {
             loop {
                 match message {
                     Ok(AsyncMessage::Notification(n)) if n.channel() == self.config.channel => {
-                        if let Some(frame) = self.accept(n.payload()) {
+                        if let Some(frame) = self.stream.accept(n.channel(), n.payload()) {
                             batch.push(frame);
                         }
                     }
@@ -258,7 +263,7 @@ impl Receiver {
                     }
                     Ok(_) => {}
                     Err(err) => {
-                        self.publish(&mut batch).await;
+                        self.publish(&mut batch, stalled).await;
                         return pg::describe_error(&err);
                     }
                 }
@@ -268,50 +273,27 @@ impl Receiver {
                 match messages.next().now_or_never() {
                     Some(Some(next)) => message = next,
                     Some(None) => {
-                        self.publish(&mut batch).await;
+                        self.publish(&mut batch, stalled).await;
                         return "connection closed by the server".to_owned();
                     }
                     None => break,
                 }
             }
-            self.publish(&mut batch).await;
+            self.publish(&mut batch, stalled).await;
         }
     }
+}
 
-    async fn publish(&self, batch: &mut Vec<Frame>) {
-        if batch.is_empty() {
+impl Receiver {
+    /// Publishes a batch; while that waits for fan-out room, `stalled` says so.
+    async fn publish(&self, batch: &mut Vec<Frame>, stalled: &watch::Sender<bool>) {
+        let mut publish = std::pin::pin!(self.stream.publish(batch));
+        if futures::poll!(publish.as_mut()).is_ready() {
             return;
         }
-        self.hub.publish_batch(batch).await;
-        self.metrics
-            .notifications_forwarded
-            .inc_by(batch.len() as u64);
-        log::debug!(
-            "{} notification(s) forwarded to {} clients",
-            batch.len(),
-            self.hub.client_count()
-        );
-        batch.clear();
-    }
-
-    /// Validates one payload; invalid ones are counted and logged, never forwarded.
-    fn accept(&self, payload: &str) -> Option<Frame> {
-        self.metrics.notifications_received.inc();
-        match frame_from_payload(payload) {
-            Ok(frame) => {
-                log::debug!("notification: {}", event::preview(payload));
-                Some(frame)
-            }
-            Err(rejected) => {
-                self.metrics.notifications_invalid.inc();
-                log::warn!(
-                    "notification on {:?} dropped ({rejected}): {:?}",
-                    self.config.channel,
-                    event::preview(payload)
-                );
-                None
-            }
-        }
+        stalled.send_replace(true);
+        publish.await;
+        stalled.send_replace(false);
     }
 }
 

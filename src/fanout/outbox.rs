@@ -1,27 +1,27 @@
-//! One client's outgoing side, shared by the hub (which writes) and the client's task (which
-//! flushes what could not be written at once).
+//! One client's outgoing side, shared by the shard thread that writes to it and the client's
+//! task, which flushes what could not be written at once.
 //!
-//! Publishing writes straight into a writable socket from the receiver's task: one
-//! non-blocking `writev` per client per batch of notifications, with no wakeup of the client's
-//! task. Only what the kernel does not take at once goes into the client's outbox, bounded in
-//! frames; the client's task then waits for the socket to become writable and flushes. Until
-//! the websocket upgrade completes there is no socket yet, and frames wait in the outbox too:
-//! that is how a client registered before its 101 misses nothing.
+//! A shard thread writes straight into a writable socket: one non-blocking `sendmsg` per client
+//! per batch of notifications, with no wakeup of the client's task. Only what the kernel does
+//! not take at once goes into the client's outbox, bounded in frames; the client's task then
+//! waits for the socket to become writable and flushes. Until the websocket upgrade completes
+//! there is no socket yet, and frames wait in the outbox too: that is how a client registered
+//! before its 101 misses nothing.
 //!
-//! The fan-out writes with `send`/`sendmsg` on the socket's descriptor, not through tokio:
-//! tokio's readiness bookkeeping costs a cache miss per client per write, which at a thousand
-//! clients per message is a visible share of the CPU. The descriptor stays valid because the
-//! stream is held here for as long as the descriptor is. The client's task writes through tokio
-//! ([`TcpStream::try_io`]), so that a refused write clears tokio's readiness before it waits
-//! for the socket to become writable; a refusal on the direct path leaves tokio thinking the
-//! socket is writable, which costs the task at most one extra attempt.
+//! The shard threads send on the socket's descriptor (through [`socket2::SockRef`]), not
+//! through tokio: tokio's readiness bookkeeping costs a cache miss per client per write, which
+//! at a thousand clients per message is a visible share of the CPU. The descriptor stays valid
+//! because the stream is held here for as long as it is used. The client's task writes through
+//! tokio ([`TcpStream::try_io`]), so that a refused write clears tokio's readiness before it
+//! waits for the socket to become writable; a refusal on the direct path leaves tokio thinking
+//! the socket is writable, which costs the task at most one extra attempt.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::{Buf, Bytes};
+use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -58,7 +58,7 @@ impl Outbox {
         let (done, offset) = write_frames(self.frames.make_contiguous(), |slices| {
             socket
                 .stream
-                .try_io(Interest::WRITABLE, || send_vectored(socket.fd, slices))
+                .try_io(Interest::WRITABLE, || send_vectored(&socket.stream, slices))
         })?;
         self.frames.drain(..done);
         if offset > 0 {
@@ -74,28 +74,14 @@ impl Outbox {
     }
 }
 
-/// Sends `slices` without blocking: `send` for one buffer, `sendmsg` for several (no `SIGPIPE`
-/// either way: a vanished peer is an `EPIPE` error).
-fn send_vectored(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-    let sent = match slices {
-        [one] => {
-            // SAFETY: `one` is a live buffer of `one.len()` bytes for the duration of the call.
-            unsafe { libc::send(fd, one.as_ptr().cast(), one.len(), flags) }
-        }
-        _ => {
-            // SAFETY: on Unix, `IoSlice` is guaranteed ABI-compatible with `iovec`; the slices
-            // outlive the call and the header points at nothing else.
-            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-            header.msg_iov = slices.as_ptr() as *mut libc::iovec;
-            header.msg_iovlen = slices.len() as _;
-            unsafe { libc::sendmsg(fd, &header, flags) }
-        }
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
+/// Sends `slices` without blocking: `send` for one buffer, `sendmsg` for several. socket2 adds
+/// `MSG_NOSIGNAL`, so a vanished peer is an `EPIPE` error rather than a `SIGPIPE`.
+fn send_vectored(stream: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    let socket = SockRef::from(stream);
+    match slices {
+        [one] => socket.send_with_flags(one, libc::MSG_DONTWAIT),
+        _ => socket.send_vectored_with_flags(slices, libc::MSG_DONTWAIT),
     }
-    Ok(sent as usize)
 }
 
 /// Writes `frames` in order with as few sends as the socket allows, until it would block.
@@ -134,12 +120,11 @@ fn write_frames(
     Ok((done, offset))
 }
 
-/// The client's socket, once the upgrade completed, with its descriptor at hand.
+/// The client's socket, once the upgrade completed.
 #[derive(Debug)]
 struct Attached {
     /// Keeps the descriptor open for as long as this is reachable.
     stream: Arc<TcpStream>,
-    fd: RawFd,
 }
 
 /// The shared outgoing state of one client.
@@ -173,8 +158,7 @@ impl ClientOut {
     /// the client's task, which is told through [`ClientOut::backlog_signalled`].
     pub fn attach(&self, stream: Arc<TcpStream>) {
         let outbox = self.lock();
-        let fd = stream.as_raw_fd();
-        let _ = self.stream.set(Attached { stream, fd });
+        let _ = self.stream.set(Attached { stream });
         if !outbox.frames.is_empty() {
             self.backlog.notify_one();
         }
@@ -191,7 +175,7 @@ impl ClientOut {
         let mut rest = frames;
         let stream = self.stream.get();
         if let Some(socket) = stream.filter(|_| outbox.frames.is_empty()) {
-            match write_frames(frames, |slices| send_vectored(socket.fd, slices)) {
+            match write_frames(frames, |slices| send_vectored(&socket.stream, slices)) {
                 Ok((done, 0)) => rest = &frames[done..],
                 Ok((done, offset)) => {
                     // The stream now holds part of this frame: the rest of it must follow.

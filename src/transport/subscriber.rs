@@ -1,8 +1,8 @@
 //! One websocket client's task: reads (to answer pings and closes, notice liveness and enforce
 //! limits), flushes what the hub could not write at once, pings, and closes.
 //!
-//! Frames normally reach the socket without this task: the hub writes them directly (see
-//! [`crate::client`]). The task wakes only for what the client sends, for a backlog to flush
+//! Frames normally reach the socket without this task: the fan-out writes them directly (see
+//! [`crate::fanout::outbox`]). The task wakes only for what the client sends, for a backlog to flush
 //! when the socket becomes writable again, for its ping timer, and to close. A client that has
 //! not been heard from (any bytes, pongs included) within the pong timeout is dropped: that is
 //! how a vanished peer (pulled cable, expired NAT entry) is found.
@@ -15,9 +15,10 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-use crate::hub::{CloseReason, Registration};
+use super::frames::{ClientEvent, FrameReader, ProtocolError};
+use crate::fanout::{CloseReason, Registration};
+use crate::message::websocket;
 use crate::metrics::Metrics;
-use crate::wire::{self, ClientEvent, FrameReader, ProtocolError};
 
 /// How long a close handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -81,7 +82,7 @@ impl Subscriber {
         };
         match end {
             End::Stopped(reason) => {
-                let close = wire::close_frame(reason.code(), reason.text());
+                let close = websocket::close_frame(reason.code(), reason.text());
                 client.out.seal_with(close, reason == CloseReason::TooSlow);
                 let _ = timeout(CLOSE_TIMEOUT, self.drain_outbox()).await;
                 if reason == CloseReason::GoingAway {
@@ -93,17 +94,18 @@ impl Subscriber {
             End::ClientClosed(code) => {
                 // Echo the client's close (RFC 6455 §5.5.1).
                 let echo = match code {
-                    Some(code) => wire::close_frame(code, ""),
-                    None => wire::encode(wire::opcode::CLOSE, b""),
+                    Some(code) => websocket::close_frame(code, ""),
+                    None => websocket::encode(websocket::opcode::CLOSE, b""),
                 };
                 client.out.seal_with(echo, false);
                 let _ = timeout(CLOSE_TIMEOUT, self.drain_outbox()).await;
                 log::debug!("client {id} ({peer}): closed by the client");
             }
             End::Protocol(err) => {
-                client
-                    .out
-                    .seal_with(wire::close_frame(err.close_code(), &err.to_string()), true);
+                client.out.seal_with(
+                    websocket::close_frame(err.close_code(), &err.to_string()),
+                    true,
+                );
                 let _ = timeout(CLOSE_TIMEOUT, self.drain_outbox()).await;
                 log::info!("client {id} ({peer}): closed, {err}");
             }
@@ -172,7 +174,7 @@ impl Subscriber {
         let mut closed = None;
         let parsed = reader.feed(data, &mut |event| match event {
             ClientEvent::Ping(payload) if closed.is_none() => {
-                out.send_control(wire::encode(wire::opcode::PONG, &payload));
+                out.send_control(websocket::encode(websocket::opcode::PONG, &payload));
             }
             ClientEvent::Close(code) => {
                 closed.get_or_insert(code);

@@ -1,4 +1,5 @@
-//! NOTIFY payload → validated, shareable [`Frame`].
+//! One accepted message: a NOTIFY payload, validated once, and its encodings, each made once
+//! and shared by every client (today the websocket text [`Frame`]).
 //!
 //! Agents decode every frame into a struct with four string fields (`action`, `check_id`,
 //! `agent_id`, `scan_id`), matching keys case-insensitively as Go's `encoding/json` does; a frame
@@ -12,7 +13,7 @@ use std::fmt;
 use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-use crate::wire;
+pub mod websocket;
 
 /// One websocket text frame, header included, encoded once; cloning is a reference count.
 #[derive(Clone, PartialEq, Eq)]
@@ -32,8 +33,8 @@ impl Frame {
 
     fn text(payload: &str) -> Frame {
         Frame {
-            wire: wire::encode(wire::opcode::TEXT, payload.as_bytes()),
-            payload_at: wire::header_len(payload.len()),
+            wire: websocket::encode(websocket::opcode::TEXT, payload.as_bytes()),
+            payload_at: websocket::header_len(payload.len()),
         }
     }
 

@@ -1,4 +1,4 @@
-//! Fan-out threads: the clients are split into shards, and each shard has a thread of its own
+//! Shard threads: the clients are split into shards, and each shard has a thread of its own
 //! that writes published frames into its clients' sockets.
 //!
 //! Why threads apart from the receiver: writing one frame into a thousand sockets is a thousand
@@ -23,8 +23,8 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::client::Delivery;
-use crate::hub::{Client, CloseReason};
+use super::client::{Client, CloseReason};
+use super::outbox::Delivery;
 use crate::metrics::Metrics;
 
 /// Frames published together, shared by every shard.
@@ -34,6 +34,15 @@ pub type Batch = Arc<[Bytes]>;
 struct Queued {
     frames: Batch,
     room: usize,
+    /// The batch's place in the shard's order: a client gets only batches queued after it
+    /// joined.
+    seq: u64,
+}
+
+/// A member of a shard: the client, and the first batch it is to receive.
+struct Member {
+    client: Arc<Client>,
+    first_seq: u64,
 }
 
 /// What the publishers, the registrations and the shard's thread share under one lock. The
@@ -41,7 +50,9 @@ struct Queued {
 #[derive(Default)]
 struct ShardState {
     queue: Vec<Queued>,
-    members: HashMap<u64, Arc<Client>>,
+    members: HashMap<u64, Member>,
+    /// Batches queued so far: the `seq` of the next one.
+    queued: u64,
     /// Bumped on every membership change, so that the thread rebuilds its list only then.
     generation: u64,
     stopped: bool,
@@ -63,10 +74,11 @@ impl Shard {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a client; every batch queued from now on reaches it.
+    /// Adds a client; every batch queued from now on reaches it, and no batch queued before.
     pub fn join(&self, id: u64, client: Arc<Client>) {
         let mut state = self.lock();
-        state.members.insert(id, client);
+        let first_seq = state.queued;
+        state.members.insert(id, Member { client, first_seq });
         state.generation += 1;
     }
 
@@ -97,7 +109,11 @@ impl Shard {
             permit.forget();
             count
         });
-        self.lock().queue.push(Queued { frames, room });
+        let mut state = self.lock();
+        let seq = state.queued;
+        state.queued += 1;
+        state.queue.push(Queued { frames, room, seq });
+        drop(state);
         self.wake.notify_one();
     }
 }
@@ -106,12 +122,12 @@ impl Shard {
 pub struct Room<'a>(Option<SemaphorePermit<'a>>);
 
 /// The shards and their threads; the threads stop when this is dropped.
-pub struct FanOut {
+pub struct Shards {
     shards: Vec<Arc<Shard>>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl FanOut {
+impl Shards {
     /// Starts `count` shards (at least one). `read_ahead` bounds, in frames, how far the
     /// receiver may get ahead of each; `capacity` is the clients' outbox size, for log lines.
     pub fn start(count: usize, read_ahead: usize, capacity: usize, metrics: Arc<Metrics>) -> Self {
@@ -137,7 +153,7 @@ impl FanOut {
             shards.push(shard);
             threads.push(thread);
         }
-        FanOut { shards, threads }
+        Shards { shards, threads }
     }
 
     pub fn shards(&self) -> &[Arc<Shard>] {
@@ -150,7 +166,7 @@ impl FanOut {
     }
 }
 
-impl Drop for FanOut {
+impl Drop for Shards {
     fn drop(&mut self) {
         for shard in &self.shards {
             shard.lock().stopped = true;
@@ -171,11 +187,11 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        let mut members: Vec<(u64, Arc<Client>)> = Vec::new();
+        let mut members: Vec<(u64, Arc<Client>, u64)> = Vec::new();
         let mut seen = None;
         loop {
-            // Take the batches first, the member list second: a client that joined after a
-            // batch was published may get it, but one that joined before never misses it.
+            // Batches and members are taken under one lock, so every member that joined before
+            // a batch was queued is in the list; one that joined after skips it by its seq.
             let queued = {
                 let mut state = self.shard.lock();
                 while state.queue.is_empty() && !state.stopped {
@@ -190,7 +206,12 @@ impl Worker {
                 }
                 if seen != Some(state.generation) {
                     members.clear();
-                    members.extend(state.members.iter().map(|(id, c)| (*id, c.clone())));
+                    members.extend(
+                        state
+                            .members
+                            .iter()
+                            .map(|(id, m)| (*id, m.client.clone(), m.first_seq)),
+                    );
                     seen = Some(state.generation);
                 }
                 std::mem::take(&mut state.queue)
@@ -204,8 +225,9 @@ impl Worker {
         }
     }
 
-    /// Writes the queued batches, in order, to every member.
-    fn pass(&self, members: &[(u64, Arc<Client>)], queued: &[Queued]) {
+    /// Writes the queued batches, in order, to every member, each from the first batch queued
+    /// after it joined.
+    fn pass(&self, members: &[(u64, Arc<Client>, u64)], queued: &[Queued]) {
         let joined: Vec<Bytes>;
         let frames: &[Bytes] = match queued {
             [one] => &one.frames,
@@ -214,11 +236,26 @@ impl Worker {
                 &joined
             }
         };
-        let mut taken = 0u64;
+        let first_seq = queued.first().map_or(0, |q| q.seq);
+        let mut sent = 0u64;
         let mut leaving = Vec::new();
-        for (id, client) in members {
+        for (id, client, joined) in members {
+            let frames = if *joined <= first_seq {
+                frames
+            } else {
+                // Joined while these batches waited: skip those queued before it joined.
+                let skip: usize = queued
+                    .iter()
+                    .take_while(|q| q.seq < *joined)
+                    .map(|q| q.frames.len())
+                    .sum();
+                &frames[skip..]
+            };
+            if frames.is_empty() {
+                continue;
+            }
             match client.out.send(frames) {
-                Delivery::Accepted => taken += 1,
+                Delivery::Accepted => sent += frames.len() as u64,
                 Delivery::Overflow => {
                     self.metrics.clients_disconnected_slow.inc();
                     log::warn!(
@@ -232,9 +269,73 @@ impl Worker {
                 Delivery::Closed => leaving.push(*id),
             }
         }
-        self.metrics.frames_sent.inc_by(taken * frames.len() as u64);
+        self.metrics.frames_sent.inc_by(sent);
         for id in leaving {
             self.shard.leave(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::ClientControl;
+    use crate::fanout::outbox::ClientOut;
+    use crate::fanout::outbox::test_support::socket_pair;
+    use tokio::io::AsyncReadExt;
+    use tokio_util::sync::CancellationToken;
+
+    fn batch(text: &'static [u8]) -> Batch {
+        Arc::from(vec![Bytes::from_static(text)])
+    }
+
+    /// A batch queued before a client joined, but not yet written when it did, is not sent
+    /// to it: its first frame is the first one published after it joined.
+    #[tokio::test]
+    async fn a_client_gets_only_batches_queued_after_it_joined() {
+        let shard = Arc::new(Shard {
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            room: Semaphore::new(16),
+            read_ahead: 16,
+        });
+        let worker = Worker {
+            shard: shard.clone(),
+            metrics: Arc::new(Metrics::new()),
+            capacity: 16,
+        };
+        let client = |server| {
+            let client = Arc::new(Client {
+                out: ClientOut::new(16),
+                control: ClientControl::new(CancellationToken::new()),
+            });
+            client.out.attach(server);
+            client
+        };
+        let (early_socket, mut early_peer) = socket_pair().await;
+        shard.join(1, client(early_socket));
+        shard.enqueue(batch(b"old,"), shard.reserve(1).await);
+        let (late_socket, mut late_peer) = socket_pair().await;
+        shard.join(2, client(late_socket));
+        shard.enqueue(batch(b"new."), shard.reserve(1).await);
+
+        let (queued, members) = {
+            let mut state = shard.lock();
+            let members: Vec<_> = state
+                .members
+                .iter()
+                .map(|(id, m)| (*id, m.client.clone(), m.first_seq))
+                .collect();
+            (std::mem::take(&mut state.queue), members)
+        };
+        worker.pass(&members, &queued);
+
+        let mut early = [0u8; 8];
+        early_peer.read_exact(&mut early).await.expect("early");
+        assert_eq!(&early, b"old,new.");
+        let mut late = [0u8; 4];
+        late_peer.read_exact(&mut late).await.expect("late");
+        assert_eq!(&late, b"new.");
+        assert_eq!(worker.metrics.frames_sent.get(), 3);
     }
 }

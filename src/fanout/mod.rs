@@ -1,86 +1,35 @@
-//! The client registry and broadcast: every frame goes to every client.
+//! Delivery: the connected clients, and the threads that write each published frame into
+//! their sockets.
 //!
 //! [`Hub::publish_batch`] never waits on a client: it queues the frames, encoded once and
-//! shared, for the fan-out threads ([`crate::fanout`]), which hand them to each client's
-//! [`crate::client::ClientOut`]: written straight into the socket when it takes them, otherwise
-//! queued in a bounded outbox. A client whose outbox is full is removed and told to close as
-//! too slow (policy violation, 1008), so one stuck agent costs the others nothing. The only
-//! wait is for the fan-out itself, when the receiver gets more than the read-ahead in front
-//! of it.
+//! shared, for the shard threads ([`shard`]), which hand them to each client's
+//! [`ClientOut`]: written straight into the socket when it takes them, otherwise queued in a
+//! bounded outbox. A client whose outbox is full is removed and told to close as too slow
+//! (policy violation, 1008), so one stuck agent costs the others nothing. The only wait is for
+//! the fan-out itself, when the source gets more than the read-ahead in front of it.
+//!
+//! - [`client`]: one client: its outbox and how it is told to stop.
+//! - [`outbox`]: direct writes into a client's socket, and what waits when it is full.
+//! - [`shard`]: the clients split into shards, each written by a thread of its own.
 
+pub mod client;
+pub mod outbox;
+pub mod shard;
+
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::client::ClientOut;
-use crate::event::Frame;
-use crate::fanout::{Batch, FanOut};
+use crate::message::Frame;
 use crate::metrics::Metrics;
-use crate::wire::close_code;
-
-/// Why the server ends a client's connection, and the close frame that says so.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The client's outbox overflowed: it does not read fast enough.
-    TooSlow,
-    /// The server is shutting down.
-    GoingAway,
-}
-
-impl CloseReason {
-    /// RFC 6455 close code.
-    pub fn code(self) -> u16 {
-        match self {
-            CloseReason::TooSlow => close_code::POLICY_VIOLATION,
-            CloseReason::GoingAway => close_code::GOING_AWAY,
-        }
-    }
-
-    pub fn text(self) -> &'static str {
-        match self {
-            CloseReason::TooSlow => "client too slow: outgoing queue overflowed",
-            CloseReason::GoingAway => "server shutting down",
-        }
-    }
-}
-
-/// How the hub tells one client's task to stop, and why.
-#[derive(Debug)]
-pub struct ClientControl {
-    /// A child of the root shutdown token: cancelled on shutdown or when the client is kicked.
-    stop: CancellationToken,
-    reason: OnceLock<CloseReason>,
-}
-
-impl ClientControl {
-    /// Resolves when the client must close.
-    pub async fn stopped(&self) {
-        self.stop.cancelled().await;
-    }
-
-    /// The close to send; without a recorded reason the stop came from shutdown.
-    pub fn reason(&self) -> CloseReason {
-        self.reason.get().copied().unwrap_or(CloseReason::GoingAway)
-    }
-
-    pub(crate) fn kick(&self, reason: CloseReason) {
-        let _ = self.reason.set(reason);
-        self.stop.cancel();
-    }
-}
-
-/// What the hub and a client's task share.
-#[derive(Debug)]
-pub struct Client {
-    pub out: ClientOut,
-    pub control: ClientControl,
-}
+pub use client::{Client, ClientControl, CloseReason};
+pub use outbox::{ClientOut, Delivery};
+use shard::{Batch, Shards};
 
 /// The set of connected clients.
 pub struct Hub {
-    fanout: FanOut,
+    shards: Shards,
     next_id: AtomicU64,
     /// Registrations alive (including clients that were kicked and are still closing).
     live: AtomicUsize,
@@ -98,7 +47,7 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.hub.fanout.shard_of(self.id).leave(self.id);
+        self.hub.shards.shard_of(self.id).leave(self.id);
         self.hub.live.fetch_sub(1, Ordering::Relaxed);
         self.hub.metrics.clients_connected.dec();
     }
@@ -121,7 +70,7 @@ impl Hub {
         metrics: Arc<Metrics>,
     ) -> Hub {
         Hub {
-            fanout: FanOut::start(threads, queue_capacity, queue_capacity, metrics.clone()),
+            shards: Shards::start(threads, queue_capacity, queue_capacity, metrics.clone()),
             next_id: AtomicU64::new(1),
             live: AtomicUsize::new(0),
             queue_capacity,
@@ -135,14 +84,11 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let client = Arc::new(Client {
             out: ClientOut::new(self.queue_capacity),
-            control: ClientControl {
-                stop: self.shutdown.child_token(),
-                reason: OnceLock::new(),
-            },
+            control: ClientControl::new(self.shutdown.child_token()),
         });
         self.live.fetch_add(1, Ordering::Relaxed);
         self.metrics.clients_connected.inc();
-        self.fanout.shard_of(id).join(id, client.clone());
+        self.shards.shard_of(id).join(id, client.clone());
         Registration {
             id,
             client,
@@ -167,38 +113,21 @@ impl Hub {
             return;
         }
         let batch: Batch = frames.iter().map(|f| f.wire().clone()).collect();
-        let mut rooms = Vec::with_capacity(self.fanout.shards().len());
-        for shard in self.fanout.shards() {
+        let mut rooms = Vec::with_capacity(self.shards.shards().len());
+        for shard in self.shards.shards() {
             rooms.push(shard.reserve(batch.len()).await);
         }
-        for (shard, room) in self.fanout.shards().iter().zip(rooms) {
+        for (shard, room) in self.shards.shards().iter().zip(rooms) {
             shard.enqueue(batch.clone(), room);
-        }
-    }
-
-    /// Sends the `{"action":"ping"}` heartbeat every `interval` until shutdown.
-    pub async fn run_pinger(self: Arc<Self>, interval: Duration) {
-        let start = tokio::time::Instant::now() + interval;
-        let mut ticker = tokio::time::interval_at(start, interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let ping = Frame::ping();
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = ticker.tick() => {
-                    self.publish(&ping).await;
-                    log::debug!("ping sent to {} clients", self.client_count());
-                }
-            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::outbox::test_support::socket_pair;
     use super::*;
-    use crate::client::test_support::socket_pair;
-    use crate::event::frame_from_payload;
+    use crate::message::frame_from_payload;
     use tokio::io::AsyncReadExt;
 
     fn hub(capacity: usize) -> Arc<Hub> {
@@ -275,7 +204,7 @@ mod tests {
         ));
         let reg = hub.register();
         // Holding the shard's room stands in for a pass that has not finished.
-        let shard = hub.fanout.shard_of(reg.id);
+        let shard = hub.shards.shard_of(reg.id);
         let held = shard.reserve(4).await;
         let ping = Frame::ping();
         let publish = hub.publish(&ping);
@@ -293,23 +222,5 @@ mod tests {
         root.cancel();
         reg.client.control.stopped().await;
         assert_eq!(reg.client.control.reason(), CloseReason::GoingAway);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn pinger_sends_the_heartbeat_each_interval() {
-        let root = CancellationToken::new();
-        let hub = Arc::new(Hub::new(4, root.clone(), Arc::new(Metrics::new())));
-        let reg = hub.register();
-        let (server, mut peer) = socket_pair().await;
-        reg.client.out.attach(server);
-        let pinger = tokio::spawn(hub.clone().run_pinger(Duration::from_secs(5)));
-        let ping = Frame::ping();
-        for _ in 0..2 {
-            let mut got = vec![0; ping.wire().len()];
-            peer.read_exact(&mut got).await.expect("ping");
-            assert_eq!(&got[..], &ping.wire()[..]);
-        }
-        root.cancel();
-        pinger.await.expect("pinger stops on shutdown");
     }
 }

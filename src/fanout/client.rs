@@ -1,0 +1,77 @@
+//! One client as the fan-out sees it: its outbox, and how it is told to stop and why.
+//!
+//! The close reason lives here, beside the client, because the fan-out threads are what kick
+//! a client that does not keep up; the transport only turns the reason into a close frame.
+
+use std::sync::OnceLock;
+
+use tokio_util::sync::CancellationToken;
+
+use super::outbox::ClientOut;
+use crate::message::websocket::close_code;
+
+/// Why the server ends a client's connection, and the close frame that says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client's outbox overflowed: it does not read fast enough.
+    TooSlow,
+    /// The server is shutting down.
+    GoingAway,
+}
+
+impl CloseReason {
+    /// RFC 6455 close code.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::TooSlow => close_code::POLICY_VIOLATION,
+            CloseReason::GoingAway => close_code::GOING_AWAY,
+        }
+    }
+
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::TooSlow => "client too slow: outgoing queue overflowed",
+            CloseReason::GoingAway => "server shutting down",
+        }
+    }
+}
+
+/// How the hub tells one client's task to stop, and why.
+#[derive(Debug)]
+pub struct ClientControl {
+    /// A child of the root shutdown token: cancelled on shutdown or when the client is kicked.
+    stop: CancellationToken,
+    reason: OnceLock<CloseReason>,
+}
+
+impl ClientControl {
+    /// `stop` is a child of the root shutdown token, so shutdown reaches every client.
+    pub fn new(stop: CancellationToken) -> ClientControl {
+        ClientControl {
+            stop,
+            reason: OnceLock::new(),
+        }
+    }
+
+    /// Resolves when the client must close.
+    pub async fn stopped(&self) {
+        self.stop.cancelled().await;
+    }
+
+    /// The close to send; without a recorded reason the stop came from shutdown.
+    pub fn reason(&self) -> CloseReason {
+        self.reason.get().copied().unwrap_or(CloseReason::GoingAway)
+    }
+
+    pub(crate) fn kick(&self, reason: CloseReason) {
+        let _ = self.reason.set(reason);
+        self.stop.cancel();
+    }
+}
+
+/// What the hub and a client's task share.
+#[derive(Debug)]
+pub struct Client {
+    pub out: ClientOut,
+    pub control: ClientControl,
+}

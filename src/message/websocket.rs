@@ -1,0 +1,95 @@
+//! Server websocket frames (RFC 6455 §5): unmasked, final, encoded once per message and shared
+//! by every client, whatever their number.
+//!
+//! This is the one piece of the websocket format below the transport: a message's frame is made
+//! where the message is accepted, so that the fan-out only copies a reference.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Frame opcodes (RFC 6455 §5.2).
+pub mod opcode {
+    pub const CONTINUATION: u8 = 0x0;
+    pub const TEXT: u8 = 0x1;
+    pub const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xA;
+}
+
+/// Close codes the server sends (RFC 6455 §7.4.1).
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// Encodes one unmasked, final frame.
+pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 10);
+    out.put_u8(0x80 | opcode);
+    match payload.len() {
+        len if len < 126 => out.put_u8(len as u8),
+        len if len <= usize::from(u16::MAX) => {
+            out.put_u8(126);
+            out.put_u16(len as u16);
+        }
+        len => {
+            out.put_u8(127);
+            out.put_u64(len as u64);
+        }
+    }
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// How many header bytes [`encode`] puts before a payload of `len` bytes.
+pub fn header_len(len: usize) -> usize {
+    match len {
+        len if len < 126 => 2,
+        len if len <= usize::from(u16::MAX) => 4,
+        _ => 10,
+    }
+}
+
+/// A close frame with a code and a reason (the reason is cut to fit a control frame).
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut payload = Vec::with_capacity(2 + reason.len());
+    payload.extend_from_slice(&code.to_be_bytes());
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    encode(opcode::CLOSE, &payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_each_length_form() {
+        assert_eq!(&encode(opcode::TEXT, b"hi")[..], b"\x81\x02hi");
+        let mid = encode(opcode::TEXT, &[b'a'; 300]);
+        assert_eq!(&mid[..4], &[0x81, 126, 0x01, 0x2C]);
+        assert_eq!(mid.len(), 304);
+        let big = encode(opcode::BINARY, &vec![0; 70_000]);
+        assert_eq!(&big[..2], &[0x82, 127]);
+        assert_eq!(big.len(), 70_010);
+        for len in [0, 125, 126, 65_535, 65_536] {
+            assert_eq!(
+                encode(opcode::TEXT, &vec![0; len]).len(),
+                header_len(len) + len
+            );
+        }
+    }
+
+    #[test]
+    fn close_frame_carries_code_and_reason() {
+        let frame = close_frame(1001, "bye");
+        assert_eq!(&frame[..], b"\x88\x05\x03\xe9bye");
+        assert!(close_frame(1008, &"é".repeat(100)).len() <= 127);
+    }
+}

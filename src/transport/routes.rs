@@ -1,0 +1,81 @@
+//! Which path answers what. Paths match exactly, so that `/stream/` and `/STREAM` are 404 as
+//! they were in the original.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, StatusCode};
+
+use super::{AppState, Response, upgrade};
+use crate::stream::ListenerState;
+
+/// Answers one request from `peer`.
+pub fn route(state: &Arc<AppState>, peer: SocketAddr, request: Request<Incoming>) -> Response {
+    let Some(rest) = request.uri().path().strip_prefix('/') else {
+        return text(StatusCode::NOT_FOUND, "not found");
+    };
+    match rest {
+        "status" => status(state),
+        "ready" => ready(state),
+        "metrics" => metrics(state),
+        _ if rest == state.sender.stream_path => upgrade::upgrade(state, peer, request),
+        _ => text(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// A plain-text answer: the status and one line saying why.
+pub fn text(status: StatusCode, body: &'static str) -> Response {
+    text_owned(status, body.to_owned())
+}
+
+/// [`text`] for a line made at run time.
+pub fn text_owned(status: StatusCode, mut body: String) -> Response {
+    body.push('\n');
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Liveness: always 200, with what an operator wants to see first.
+fn status(state: &AppState) -> Response {
+    let body = serde_json::json!({
+        "status": "ok",
+        "listener": state.listener_state.borrow().as_str(),
+        "clients": state.hub.client_count(),
+        "notifications_forwarded": state.metrics.notifications_forwarded.get(),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let mut response = Response::new(body.to_string());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Readiness: 200 only while the LISTEN is active.
+fn ready(state: &AppState) -> Response {
+    match *state.listener_state.borrow() {
+        ListenerState::Listening => text(StatusCode::OK, "ready"),
+        ListenerState::Connecting => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: LISTEN connection not established",
+        ),
+    }
+}
+
+fn metrics(state: &AppState) -> Response {
+    let mut response = Response::new(state.metrics.render());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        // prometheus-client writes OpenMetrics, which Prometheus scrapes when told so.
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,197 @@
+//! The websocket handshake (RFC 6455 §4.2.1), completed by hand rather than by a websocket
+//! library: the client joins the fan-out *before* the 101 goes out (so a client that saw its
+//! 101 misses nothing), and its raw socket goes to the fan-out, which writes shared,
+//! pre-encoded frames into it directly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use super::routes::text_owned;
+use super::subscriber::{Liveness, Subscriber};
+use super::{AppState, Response, admission};
+
+/// Validates the handshake, registers the client, and answers 101; or says what is wrong.
+pub fn upgrade(
+    state: &Arc<AppState>,
+    peer: SocketAddr,
+    mut request: Request<Incoming>,
+) -> Response {
+    let key = match check_handshake(request.method(), request.headers()) {
+        Ok(key) => key,
+        Err(refused) => {
+            state.metrics.clients_rejected.inc();
+            return refused.response();
+        }
+    };
+    let query = request.uri().query().unwrap_or_default();
+    if let Some(refusal) = admission::refusal(state, peer, request.headers(), query) {
+        state.metrics.clients_rejected.inc();
+        return refusal;
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+
+    // Join the fan-out now: frames published from here on are queued for this client.
+    let registration = state.hub.register();
+    let liveness = Liveness {
+        ping_interval: state.sender.ping_interval,
+        pong_timeout: state.sender.pong_timeout,
+        max_message: state.sender.max_frame_size,
+    };
+    let metrics = state.metrics.clone();
+    let shutdown = state.shutdown.clone();
+    state.tasks.spawn(async move {
+        let upgraded = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            upgraded = on_upgrade => match upgraded {
+                Ok(upgraded) => upgraded,
+                Err(err) => {
+                    log::debug!("client {} ({peer}): upgrade failed: {err}", registration.id);
+                    return;
+                }
+            },
+        };
+        // The accept loop serves every connection as a `TokioIo<TcpStream>`, so the socket
+        // comes back as such; taking it whole lets the fan-out write to it directly.
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            log::error!(
+                "client {} ({peer}): upgraded connection is not a TCP stream",
+                registration.id
+            );
+            return;
+        };
+        Subscriber {
+            stream: Arc::new(parts.io.into_inner()),
+            leftover: parts.read_buf,
+            registration,
+            peer,
+            liveness,
+            metrics,
+        }
+        .run()
+        .await;
+    });
+
+    let mut response = Response::new(String::new());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&derive_accept_key(&key))
+            .expect("base64 text is a valid header value"),
+    );
+    response
+}
+
+/// Why a request to the stream path is not a websocket handshake this server accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("method not allowed: use GET")]
+    Method,
+    #[error(
+        "bad request: this is a websocket endpoint (send Connection: Upgrade and Upgrade: websocket)"
+    )]
+    NotUpgrade,
+    #[error("unsupported websocket version: use Sec-WebSocket-Version: 13")]
+    Version,
+    #[error("bad request: missing or invalid Sec-WebSocket-Key")]
+    Key,
+}
+
+impl HandshakeError {
+    /// The answer that says what is missing.
+    pub fn response(self) -> Response {
+        let status = match self {
+            HandshakeError::Method => StatusCode::METHOD_NOT_ALLOWED,
+            HandshakeError::NotUpgrade | HandshakeError::Key => StatusCode::BAD_REQUEST,
+            HandshakeError::Version => StatusCode::UPGRADE_REQUIRED,
+        };
+        let mut response = text_owned(status, self.to_string());
+        if self == HandshakeError::Version {
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        response
+    }
+}
+
+/// The client's key when the request is a valid websocket handshake.
+fn check_handshake(method: &Method, headers: &HeaderMap) -> Result<Vec<u8>, HandshakeError> {
+    if method != Method::GET {
+        return Err(HandshakeError::Method);
+    }
+    let wants_upgrade = header_has_token(headers, header::CONNECTION, "upgrade")
+        && header_has_token(headers, header::UPGRADE, "websocket");
+    if !wants_upgrade {
+        return Err(HandshakeError::NotUpgrade);
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(HandshakeError::Version);
+    }
+    match headers.get(header::SEC_WEBSOCKET_KEY) {
+        Some(key) if is_valid_key(key.as_bytes()) => Ok(key.as_bytes().to_vec()),
+        _ => Err(HandshakeError::Key),
+    }
+}
+
+/// Whether a header holds `token` in its comma-separated list (case-insensitive).
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|part| part.trim().eq_ignore_ascii_case(token))
+        })
+    })
+}
+
+/// RFC 6455 asks for the base64 of 16 random bytes, but the original accepted any key, and its
+/// README's curl example sends the base64 of 13 (`Hello, world!`): accept any short base64.
+fn is_valid_key(key: &[u8]) -> bool {
+    key.len() <= 64
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|bytes| !bytes.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_original_readme_key() {
+        assert!(is_valid_key(b"SGVsbG8sIHdvcmxkIQ=="));
+        assert!(is_valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_valid_key(b""));
+        assert!(!is_valid_key(b"not base64!"));
+    }
+
+    #[test]
+    fn the_method_is_checked_before_the_headers() {
+        let refused = check_handshake(&Method::POST, &HeaderMap::new());
+        assert_eq!(refused, Err(HandshakeError::Method));
+        assert_eq!(
+            HandshakeError::Method.response().status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        let refused = check_handshake(&Method::GET, &HeaderMap::new());
+        assert_eq!(refused, Err(HandshakeError::NotUpgrade));
+        let version = HandshakeError::Version.response();
+        assert_eq!(version.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(version.headers()[header::SEC_WEBSOCKET_VERSION], "13");
+    }
+}
