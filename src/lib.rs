@@ -112,7 +112,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     let stream = Arc::new(Stream::new(
         hub.clone(),
         metrics.clone(),
-        stream::HistoryLimits::default(),
+        stream::HistoryLimits {
+            max_messages: config.sender.history_messages,
+            max_bytes: config.sender.history_bytes,
+            max_age: config.sender.history_age,
+        },
     ));
     let tasks = TaskTracker::new();
 

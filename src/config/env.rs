@@ -39,6 +39,9 @@ pub(super) struct EnvSettings {
     pub handshake_timeout: Option<String>,
     pub max_frame_size: Option<String>,
     pub max_clients: Option<String>,
+    pub history_messages: Option<String>,
+    pub history_bytes: Option<String>,
+    pub history_age: Option<String>,
     pub stream_token: Option<String>,
     pub allowed_origins: Option<String>,
 }

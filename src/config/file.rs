@@ -107,6 +107,12 @@ pub(super) struct SenderSection {
     pub max_frame_size: Option<Value>,
     #[serde(rename = "maxclients")]
     pub max_clients: Option<Value>,
+    #[serde(rename = "historymessages")]
+    pub history_messages: Option<Value>,
+    #[serde(rename = "historybytes")]
+    pub history_bytes: Option<Value>,
+    #[serde(rename = "historyage")]
+    pub history_age: Option<Value>,
     #[serde(rename = "streamtoken")]
     pub stream_token: Option<Value>,
     #[serde(rename = "allowedorigins")]

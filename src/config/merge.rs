@@ -39,6 +39,9 @@ pub(super) struct Settings {
     pub handshake_timeout: Option<Raw>,
     pub max_frame_size: Option<Raw>,
     pub max_clients: Option<Raw>,
+    pub history_messages: Option<Raw>,
+    pub history_bytes: Option<Raw>,
+    pub history_age: Option<Raw>,
     pub stream_token: Option<Raw>,
     pub allowed_origins: Option<Raw>,
 }
@@ -99,6 +102,12 @@ impl Settings {
                 .or(from_file("Sender.MaxFrameSize", sender.max_frame_size)),
             max_clients: from_env("MAX_CLIENTS", env.max_clients)
                 .or(from_file("Sender.MaxClients", sender.max_clients)),
+            history_messages: from_env("HISTORY_MESSAGES", env.history_messages)
+                .or(from_file("Sender.HistoryMessages", sender.history_messages)),
+            history_bytes: from_env("HISTORY_BYTES", env.history_bytes)
+                .or(from_file("Sender.HistoryBytes", sender.history_bytes)),
+            history_age: from_env("HISTORY_AGE", env.history_age)
+                .or(from_file("Sender.HistoryAge", sender.history_age)),
             stream_token: from_env("STREAM_TOKEN", env.stream_token)
                 .or(from_file("Sender.StreamToken", sender.stream_token)),
             allowed_origins: from_env("ALLOWED_ORIGINS", env.allowed_origins)

@@ -109,6 +109,13 @@ pub struct SenderConfig {
     pub max_frame_size: usize,
     /// Upgrades beyond this many connected clients get 503.
     pub max_clients: usize,
+    /// The history that resuming clients are served from: at most this many messages (0 keeps
+    /// none), ...
+    pub history_messages: usize,
+    /// ... this many bytes, every encoding of a message counted, ...
+    pub history_bytes: usize,
+    /// ... and none older than this.
+    pub history_age: Duration,
     /// When set, `/<stream>` requires it as a bearer token or `?token=`.
     pub stream_token: Option<Secret>,
     /// When non-empty, a browser's `Origin` must be one of these (requests without `Origin`,

@@ -8,7 +8,8 @@ use log::LevelFilter;
 
 use super::merge::{Raw, Settings};
 use super::values::{
-    parse_channel, parse_level, parse_port, parse_positive, parse_seconds, parse_stream_path,
+    parse_channel, parse_count, parse_level, parse_port, parse_positive, parse_seconds,
+    parse_stream_path,
 };
 use super::{
     CaCertificates, Config, ConfigError, LoggerConfig, ReceiverConfig, Secret, SenderConfig,
@@ -51,6 +52,10 @@ impl Settings {
                 .unwrap_or(Duration::from_secs(10)),
             max_frame_size: parsed(self.max_frame_size, parse_positive)?.unwrap_or(64 * 1024),
             max_clients: parsed(self.max_clients, parse_positive)?.unwrap_or(20_000),
+            history_messages: parsed(self.history_messages, parse_count)?.unwrap_or(10_000),
+            history_bytes: parsed(self.history_bytes, parse_count)?.unwrap_or(64 << 20),
+            history_age: parsed(self.history_age, parse_seconds)?
+                .unwrap_or(Duration::from_secs(3600)),
             stream_token: secret(self.stream_token)?
                 .filter(|token| !token.is_empty())
                 .map(Secret),

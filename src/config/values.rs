@@ -29,6 +29,13 @@ pub(super) fn parse_positive(text: &str) -> Result<usize, String> {
     }
 }
 
+/// A count or size that may be zero (zero turns the feature off).
+pub(super) fn parse_count(text: &str) -> Result<usize, String> {
+    text.trim()
+        .parse::<usize>()
+        .map_err(|_| "not a whole number".to_owned())
+}
+
 /// Log level names of the original (DEBUG … PANIC) in any case, plus TRACE and OFF.
 pub fn parse_level(text: &str) -> Result<LevelFilter, String> {
     Ok(match text.trim().to_ascii_uppercase().as_str() {

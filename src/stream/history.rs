@@ -23,8 +23,9 @@ pub struct HistoryLimits {
 }
 
 impl Default for HistoryLimits {
-    /// 10,000 messages, 64 MiB, one hour: a few minutes of a busy stream, enough for rolling
-    /// deploys and network blips, at a memory cost an operator can plan for.
+    /// 10,000 messages, 64 MiB, one hour (the configuration's defaults): a few minutes of a
+    /// busy stream, enough for rolling deploys and network blips, at a memory cost an operator
+    /// can plan for.
     fn default() -> Self {
         HistoryLimits {
             max_messages: 10_000,
