@@ -6,7 +6,9 @@
 //! arrived) is one atomic on a cache line of its own. tungstenite's buffers are sized for
 //! frames of a few hundred bytes, so ten thousand clients cost the generator little memory.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::BenchError;
 use crate::payload::{self, Clock, Parsed};
-use crate::stats::{Arrival, Percentiles, SeqState, SharedLatency, new_histogram};
+use crate::stats::{Arrival, LocalLatency, Percentiles, SeqState, SharedLatency, new_histogram};
 
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -37,6 +39,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Target {
     pub url: String,
     pub addr: SocketAddr,
+    /// The URL's host and port, as a `Host` header names them.
+    pub authority: String,
+    /// The URL's path and query.
+    pub path: String,
     pub config: WebSocketConfig,
 }
 
@@ -48,7 +54,11 @@ impl Target {
         let rest = url
             .strip_prefix("ws://")
             .ok_or_else(|| usage("only ws:// URLs are supported"))?;
-        let authority = rest.split('/').next().unwrap_or_default();
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_owned()),
+        };
         let with_port = if authority
             .rsplit_once(':')
             .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
@@ -75,13 +85,14 @@ impl Target {
         Ok(Target {
             url: url.to_owned(),
             addr,
+            authority: authority.to_owned(),
+            path,
             config,
         })
     }
 
-    /// Opens one websocket; `recv_buffer` shrinks the kernel's receive buffer (stuck clients
-    /// use it so that they stall after a few kilobytes rather than a few megabytes).
-    pub async fn connect(&self, recv_buffer: Option<u32>) -> Result<Ws, String> {
+    /// Opens websocket number `id` as `dial` says.
+    pub async fn connect(&self, dial: &Dial, id: usize) -> Result<Ws, String> {
         let attempt = async {
             let socket = if self.addr.is_ipv4() {
                 TcpSocket::new_v4()
@@ -89,10 +100,13 @@ impl Target {
                 TcpSocket::new_v6()
             }
             .map_err(|err| err.to_string())?;
-            if let Some(size) = recv_buffer {
+            if let Some(size) = dial.recv_buffer {
                 socket
                     .set_recv_buffer_size(size)
                     .map_err(|err| err.to_string())?;
+            }
+            if let Some(source) = dial.source(id) {
+                bind_source(&socket, source)?;
             }
             let stream = socket
                 .connect(self.addr)
@@ -109,6 +123,59 @@ impl Target {
             .await
             .map_err(|_| format!("no websocket within {CONNECT_TIMEOUT:?}"))?
     }
+}
+
+/// How clients open their connections.
+#[derive(Debug, Clone, Default)]
+pub struct Dial {
+    /// Shrinks the kernel's receive buffer (stuck clients use it so that they stall after a
+    /// few kilobytes rather than a few megabytes).
+    pub recv_buffer: Option<u32>,
+    /// Local addresses to connect from, client `id` from `sources[id % len]` (none: the
+    /// kernel's choice). Each local address has its own ephemeral ports.
+    pub sources: Vec<IpAddr>,
+}
+
+impl Dial {
+    pub fn recv_buffer(size: Option<u32>) -> Dial {
+        Dial {
+            recv_buffer: size,
+            sources: Vec::new(),
+        }
+    }
+
+    fn source(&self, id: usize) -> Option<IpAddr> {
+        (!self.sources.is_empty()).then(|| self.sources[id % self.sources.len()])
+    }
+}
+
+/// Binds `socket` to `source` before it connects. The port is left to `connect`
+/// (`IP_BIND_ADDRESS_NO_PORT`), which needs it unique only per destination: a plain bind to
+/// port 0 would take one of the address's ports for good, whatever the destination.
+fn bind_source(socket: &TcpSocket, source: IpAddr) -> Result<(), String> {
+    if source.is_ipv4() {
+        let on: libc::c_int = 1;
+        // SAFETY: the descriptor is the socket's own, the option value an int that outlives the
+        // call, and its length is given.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(format!(
+                "IP_BIND_ADDRESS_NO_PORT: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .map_err(|err| format!("cannot bind to {source}: {err}"))
 }
 
 /// How connecting went.
@@ -132,27 +199,52 @@ pub async fn connect_all(
     first_id: usize,
     count: usize,
     concurrency: usize,
-    recv_buffer: Option<u32>,
+    dial: &Dial,
 ) -> (Vec<(usize, Ws)>, ConnectStats) {
+    let mut clients = Vec::with_capacity(count);
+    let targets = std::slice::from_ref(target);
+    let stats = connect_each(
+        targets,
+        first_id..first_id + count,
+        concurrency,
+        dial,
+        |id, ws| {
+            clients.push((id, ws));
+        },
+    )
+    .await;
+    (clients, stats)
+}
+
+/// Connects the clients numbered `ids`, client `id` to `targets[id % targets.len()]`, at most
+/// `concurrency` at a time, handing each to `connected` as soon as it has its 101.
+pub async fn connect_each(
+    targets: &[Target],
+    ids: Range<usize>,
+    concurrency: usize,
+    dial: &Dial,
+    mut connected: impl FnMut(usize, Ws),
+) -> ConnectStats {
     let started = Instant::now();
     let mut times = new_histogram();
     let mut stats = ConnectStats {
-        attempted: count,
+        attempted: ids.len(),
         concurrency,
         ..ConnectStats::default()
     };
-    let mut clients = Vec::with_capacity(count);
-    let mut attempts = stream::iter(first_id..first_id + count)
+    let mut attempts = stream::iter(ids)
         .map(|id| async move {
             let t = Instant::now();
-            (id, target.connect(recv_buffer).await, t.elapsed())
+            let target = &targets[id % targets.len()];
+            (id, target.connect(dial, id).await, t.elapsed())
         })
         .buffer_unordered(concurrency.max(1));
     while let Some((id, result, took)) = attempts.next().await {
         match result {
             Ok(ws) => {
                 times.saturating_record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
-                clients.push((id, ws));
+                stats.connected += 1;
+                connected(id, ws);
             }
             Err(err) => {
                 stats.failed += 1;
@@ -161,9 +253,8 @@ pub async fn connect_all(
         }
     }
     stats.total_s = started.elapsed().as_secs_f64();
-    stats.connected = clients.len();
     stats.each = Percentiles::of(&times);
-    (clients, stats)
+    stats
 }
 
 /// A counter on a cache line of its own: written by one client, read by the publishers.
@@ -179,6 +270,8 @@ pub struct Shared {
     /// Distinct bench frames each client has received, or [`GONE`].
     pub progress: Vec<Progress>,
     pub latency: SharedLatency,
+    /// The same latencies split by when each message was sent, when a mode asks for it.
+    pub phases: Option<Phases>,
     pub stop: CancellationToken,
 }
 
@@ -190,7 +283,16 @@ impl Shared {
             publishers,
             progress: (0..clients).map(|_| Progress::default()).collect(),
             latency: SharedLatency::new(16),
+            phases: None,
             stop: CancellationToken::new(),
+        }
+    }
+
+    /// [`Shared::new`], with latencies also kept per phase.
+    pub fn with_phases(run: u32, clock: Clock, publishers: usize, clients: usize) -> Shared {
+        Shared {
+            phases: Some(Phases::new()),
+            ..Shared::new(run, clock, publishers, clients)
         }
     }
 
@@ -218,6 +320,52 @@ impl Shared {
             .map(|p| p.0.load(Ordering::Relaxed))
             .filter(|&p| p != GONE)
             .sum()
+    }
+}
+
+/// Latencies in three phases by send time: before the first bound, up to the second, after.
+/// Bounds are [`Clock::now_ns`] values; until set they are `u64::MAX`, so everything counts as
+/// before.
+pub struct Phases {
+    bounds: [AtomicU64; 2],
+    pub latency: [SharedLatency; 3],
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases {
+            bounds: [AtomicU64::new(u64::MAX), AtomicU64::new(u64::MAX)],
+            latency: std::array::from_fn(|_| SharedLatency::new(4)),
+        }
+    }
+
+    /// Messages sent from `at_ns` on belong to phase `phase` (1 or 2).
+    pub fn begin(&self, phase: usize, at_ns: u64) {
+        self.bounds[phase - 1].store(at_ns, Ordering::Relaxed);
+    }
+
+    fn phase_of(&self, sent_ns: u64) -> usize {
+        self.bounds
+            .iter()
+            .take_while(|b| sent_ns >= b.load(Ordering::Relaxed))
+            .count()
+    }
+
+    fn locals(&self, id: usize) -> [LocalLatency; 3] {
+        std::array::from_fn(|phase| self.latency[phase].local(id))
+    }
+
+    fn record(&self, locals: &mut [LocalLatency; 3], sent_ns: u64, ns: u64) {
+        let phase = self.phase_of(sent_ns);
+        if locals[phase].push(ns) {
+            self.latency[phase].flush(&mut locals[phase]);
+        }
+    }
+
+    fn flush(&self, locals: &mut [LocalLatency; 3]) {
+        for (shared, local) in self.latency.iter().zip(locals) {
+            shared.flush(local);
+        }
     }
 }
 
@@ -249,6 +397,7 @@ pub struct ClientResult {
 pub async fn read(id: usize, mut ws: Ws, shared: Arc<Shared>) -> ClientResult {
     let mut states = vec![SeqState::default(); shared.publishers];
     let mut latency = shared.latency.local(id);
+    let mut phased = shared.phases.as_ref().map(|p| p.locals(id));
     let progress = &shared.progress[id].0;
     let (mut unique, mut pings, mut other, mut last_new_ns) = (0u64, 0u64, 0u64, 0u64);
     // One stop future for the whole session: creating one per frame costs a waiter
@@ -275,8 +424,12 @@ pub async fn read(id: usize, mut ws: Ws, shared: Arc<Shared>) -> ClientResult {
                     unique += 1;
                     last_new_ns = now;
                     progress.store(unique, Ordering::Relaxed);
-                    if latency.push(now.saturating_sub(stamp.sent_ns)) {
+                    let ns = now.saturating_sub(stamp.sent_ns);
+                    if latency.push(ns) {
                         shared.latency.flush(&mut latency);
+                    }
+                    if let (Some(phases), Some(locals)) = (&shared.phases, &mut phased) {
+                        phases.record(locals, stamp.sent_ns, ns);
                     }
                 }
                 Parsed::Ping => pings += 1,
@@ -305,6 +458,9 @@ pub async fn read(id: usize, mut ws: Ws, shared: Arc<Shared>) -> ClientResult {
         }
     };
     shared.latency.flush(&mut latency);
+    if let (Some(phases), Some(locals)) = (&shared.phases, &mut phased) {
+        phases.flush(locals);
+    }
     if end != ClientEnd::Open {
         progress.store(GONE, Ordering::Relaxed);
     }

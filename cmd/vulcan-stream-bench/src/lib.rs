@@ -10,9 +10,15 @@
 //!   `pg_notify`.
 //! - [`listen`]: a bare LISTEN connection, the ceiling the server is compared with.
 //! - [`stats`]: lost / duplicated / out-of-order bookkeeping and latency histograms.
-//! - [`procstat`]: RSS and CPU time from `/proc` and `getrusage`.
-//! - [`status`]: the server's `/status` client count.
+//! - [`procstat`]: RSS and CPU time from `/proc` and `getrusage`; the kernel's socket counts.
+//! - [`status`]: the server's `/status` counts, health probes and `/metrics` counters.
 //! - [`scenario`]: the modes, each one measured window.
+//! - [`storm`]: `reconnect-storm`, every client reconnecting at once; `accept-storm`, a storm
+//!   of new connections beside readers and health probes.
+//! - [`broadcast`]: `broadcast`, many clients on one or more servers from several worker
+//!   processes and local addresses; [`limits`], the machine's limits it plans against.
+//! - [`abuse`]: the abusers of `abuse`, a soak beside ping floods, slowloris, oversized
+//!   frames, invalid UTF-8 and connect churn; [`rawws`], the hand-made websocket they use.
 //! - [`floor`]: `send-floor`, the kernel's cost of bare loopback sends, without a server.
 //! - [`report`]: the result as JSON or a table.
 //! - [`targets`]: the project's targets judged from the reports of the standard scenarios.
@@ -23,19 +29,24 @@
 //! PostgreSQL, so it reports its own CPU time next to the server's, and the server's CPU per
 //! delivered frame, which does not depend on how the cores were shared.
 
+pub mod abuse;
+pub mod broadcast;
 pub mod clients;
 pub mod db;
 pub mod error;
 pub mod floor;
+pub mod limits;
 pub mod listen;
 pub mod options;
 pub mod payload;
 pub mod procstat;
 pub mod publisher;
+pub mod rawws;
 pub mod report;
 pub mod scenario;
 pub mod stats;
 pub mod status;
+pub mod storm;
 pub mod targets;
 
 pub use error::BenchError;
@@ -67,11 +78,23 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
             });
         }
         Command::SendFloor(args) => return finish(floor::run(args)?, &args.report),
+        Command::BroadcastWorker(args) => {
+            broadcast::worker(args)?;
+            return Ok(Output {
+                text: String::new(),
+                exit_code: 0,
+                problems: Vec::new(),
+            });
+        }
         Command::Fanout(a) => a.output.clone(),
         Command::Idle(a) => a.output.clone(),
         Command::RawListen(a) => a.output.clone(),
         Command::Stuck(a) => a.output.clone(),
         Command::Soak(a) => a.output.clone(),
+        Command::ReconnectStorm(a) => a.output.clone(),
+        Command::AcceptStorm(a) => a.output.clone(),
+        Command::Broadcast(a) => a.output.clone(),
+        Command::Abuse(a) => a.soak.output.clone(),
     };
     let report = run_load(command, output.threads)?;
     finish(report, &output.report)

@@ -1,5 +1,6 @@
 //! Command-line options, parsed by clap in the binary and checked here.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -26,6 +27,23 @@ pub enum Command {
     /// The kernel's floor under the server's CPU per frame: a bare thread sending one frame
     /// to each of N loopback sockets per tick, and its CPU time per send; no server involved.
     SendFloor(SendFloorArgs),
+    /// N clients drop their connections at once and reconnect at once, as after a replica
+    /// restart: the time until every one is upgraded again and has received a NOTIFY.
+    ReconnectStorm(ReconnectStormArgs),
+    /// Readers at a steady rate while a storm of new connections arrives, with /status and
+    /// /ready probed throughout: what the storm adds to probe and delivery latency.
+    AcceptStorm(AcceptStormArgs),
+    /// N clients on each of one or more servers, spread over several generator processes and
+    /// local addresses: the time to connect, one NOTIFY's time to reach them all, each server's
+    /// RSS per connection and the kernel's socket memory.
+    Broadcast(BroadcastArgs),
+    /// One generator process of a `broadcast` run (started by it, not by hand).
+    #[command(hide = true)]
+    BroadcastWorker(WorkerArgs),
+    /// A soak with abusers beside the readers: ping floods, slowloris request heads, oversized
+    /// frames, invalid UTF-8, connect/disconnect churn; RSS, the readers' sequences and how
+    /// each abuser was closed.
+    Abuse(AbuseArgs),
     /// Judges the performance targets from the JSON reports of the standard scenarios.
     Targets(TargetsArgs),
 }
@@ -213,6 +231,153 @@ pub struct SoakArgs {
     pub output: OutputArgs,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct ReconnectStormArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub clients: ClientArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Reconnections opened at the same time [default: all of them at once].
+    #[arg(long)]
+    pub storm_concurrency: Option<usize>,
+    /// During the storm, a NOTIFY this often: a client is served when one reaches it.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    pub notify_every: Duration,
+    /// Give up on clients not served this long after the drop.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub storm_timeout: Duration,
+    /// Bytes per payload.
+    #[arg(long, default_value_t = 200)]
+    pub payload_size: usize,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AcceptStormArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The readers, connected before the storm (--clients) and measured throughout.
+    #[command(flatten)]
+    pub clients: ClientArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The readers' traffic: --rate defaults to 20 msg/s; it runs until the storm is over.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// New connections in the storm; each closes once it has its 101.
+    #[arg(long, default_value_t = 10_000)]
+    pub storm: usize,
+    /// Keep the storm's connections open until the end: they then receive the readers'
+    /// traffic too, and the delivery latency measured includes the larger fan-out.
+    #[arg(long)]
+    pub storm_hold: bool,
+    /// Storm connections opened at the same time [default: all of them at once].
+    #[arg(long)]
+    pub storm_concurrency: Option<usize>,
+    /// Probing and reading before the storm: the baseline.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub baseline: Duration,
+    /// Probing and reading after the storm.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub tail: Duration,
+    /// One GET of /status and one of /ready this often, each on a new connection.
+    #[arg(long, value_parser = parse_duration, default_value = "10ms")]
+    pub probe_interval: Duration,
+    /// Give up on storm connections after this long.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub storm_timeout: Duration,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BroadcastArgs {
+    /// A server's websocket stream; repeat for several servers (replicas on one PostgreSQL).
+    #[arg(long = "url", required = true)]
+    pub urls: Vec<String>,
+    /// A server's process, in the order of --url: its RSS is read from /proc/<PID> and its
+    /// open-files limit tells how many clients it admits.
+    #[arg(long = "server-pid", value_name = "PID")]
+    pub server_pids: Vec<u32>,
+    /// Clients per server (--clients), opened --connect-concurrency at a time per process.
+    #[command(flatten)]
+    pub clients: ClientArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Generator processes [default: as few as this process's open-files limit allows].
+    #[arg(long)]
+    pub processes: Option<usize>,
+    /// A local address to connect from (e.g. 127.0.0.2), one per process in turn; repeat it.
+    /// Each address has its own ephemeral ports.
+    #[arg(long = "source-addr", value_name = "IP")]
+    pub source_addrs: Vec<IpAddr>,
+    /// NOTIFYs published, in one statement, once every client is connected.
+    #[arg(long, default_value_t = 1)]
+    pub messages: u64,
+    /// Bytes per payload.
+    #[arg(long, default_value_t = 200)]
+    pub payload_size: usize,
+    /// After every client is registered, wait this long before reading the servers' RSS
+    /// (longer than the ping interval counts what a heartbeat allocates).
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub settle: Duration,
+    /// Give up waiting for the NOTIFY after this long.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+    /// Give up connecting after this long.
+    #[arg(long, value_parser = parse_duration, default_value = "300s")]
+    pub connect_timeout: Duration,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// What to do, as JSON.
+    #[arg(long)]
+    pub spec: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AbuseArgs {
+    /// The soak: the well-behaved readers (--clients) and their traffic (--rate defaults to
+    /// 100 msg/s, --duration to 10m), the RSS samples.
+    #[command(flatten)]
+    pub soak: SoakArgs,
+    /// Clients that send websocket Pings and never read.
+    #[arg(long, default_value_t = 2)]
+    pub ping_flooders: usize,
+    /// Pings per second from each flooder (125-byte payloads).
+    #[arg(long, default_value_t = 20_000)]
+    pub ping_rate: u32,
+    /// Connections that send their request head one byte at a time.
+    #[arg(long, default_value_t = 50)]
+    pub slowloris: usize,
+    /// A slowloris connection sends its next byte after this long.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub slowloris_interval: Duration,
+    /// The server's HandshakeTimeout: slowloris connections must be dropped then.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+    /// Clients that, one after another, announce a frame of --big-frame-size bytes and send it.
+    #[arg(long, default_value_t = 1)]
+    pub big_frames: usize,
+    #[arg(long, default_value_t = 10_000_000)]
+    pub big_frame_size: u64,
+    /// Clients that, one after another, send a text frame that is not UTF-8.
+    #[arg(long, default_value_t = 1)]
+    pub bad_utf8: usize,
+    /// Pause of a big-frame or invalid-UTF-8 client between two attempts.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub abuse_pause: Duration,
+    /// Websockets opened and closed again per second.
+    #[arg(long, default_value_t = 500.0)]
+    pub churn_rate: f64,
+}
+
 /// Sockets, rate and frame as in the target "1,000 clients at 50 msg/s", so that the
 /// server's CPU per frame there can be read against what the kernel alone costs.
 #[derive(Debug, Clone, Args)]
@@ -262,6 +427,21 @@ pub struct TargetsArgs {
     /// soak.
     #[arg(long)]
     pub soak: Option<PathBuf>,
+    /// reconnect-storm, 10,000 clients.
+    #[arg(long)]
+    pub reconnect_storm: Option<PathBuf>,
+    /// accept-storm, 10,000 connections.
+    #[arg(long)]
+    pub accept_storm: Option<PathBuf>,
+    /// broadcast, 19,000 clients on one server.
+    #[arg(long)]
+    pub connect_19k: Option<PathBuf>,
+    /// broadcast, 20,000 clients on each of five servers.
+    #[arg(long)]
+    pub replicas: Option<PathBuf>,
+    /// abuse.
+    #[arg(long)]
+    pub abuse: Option<PathBuf>,
     /// send-floor, 1,000 sockets at 50/s: shown beside the server's CPU per frame at 50 msg/s
     /// (it does not change the verdict).
     #[arg(long)]
@@ -314,13 +494,7 @@ impl LoadArgs {
         if self.batch.is_some_and(|b| !(1..=100_000).contains(&b)) {
             return usage("--batch must be between 1 and 100000");
         }
-        if !(payload::MIN_SIZE..=payload::MAX_SIZE).contains(&self.payload_size) {
-            return usage(&format!(
-                "--payload-size must be between {} and {} bytes",
-                payload::MIN_SIZE,
-                payload::MAX_SIZE
-            ));
-        }
+        check_payload_size(self.payload_size)?;
         if self.messages == Some(0) {
             return usage("--messages must be at least 1");
         }
@@ -360,18 +534,24 @@ impl SendFloorArgs {
         if self.duration.is_zero() {
             return usage("--duration must be positive");
         }
-        if !(payload::MIN_SIZE..=payload::MAX_SIZE).contains(&self.payload_size) {
-            return usage(&format!(
-                "--payload-size must be between {} and {} bytes",
-                payload::MIN_SIZE,
-                payload::MAX_SIZE
-            ));
-        }
+        check_payload_size(self.payload_size)?;
         if self.threads.is_some_and(|t| !(1..=256).contains(&t)) {
             return usage("--threads must be between 1 and 256");
         }
         Ok(())
     }
+}
+
+/// `--payload-size` must hold the stamp and fit a NOTIFY.
+pub fn check_payload_size(size: usize) -> Result<(), BenchError> {
+    if !(payload::MIN_SIZE..=payload::MAX_SIZE).contains(&size) {
+        return usage(&format!(
+            "--payload-size must be between {} and {} bytes",
+            payload::MIN_SIZE,
+            payload::MAX_SIZE
+        ));
+    }
+    Ok(())
 }
 
 fn usage(message: &str) -> Result<(), BenchError> {

@@ -6,7 +6,7 @@
 //! three integer scans, not a JSON parse: at a million frames a second the generator's own CPU
 //! matters, because it shares the cores with the server it measures.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Smallest accepted `--payload-size`: the stamp fields at their longest fit.
 pub const MIN_SIZE: usize = 128;
@@ -29,10 +29,38 @@ impl Clock {
         }
     }
 
+    /// A clock whose zero is `origin_ns` on the machine's monotonic clock (see
+    /// [`monotonic_ns`]): processes given the same origin stamp and time on one scale.
+    pub fn from_origin(origin_ns: u64) -> Clock {
+        let now = Instant::now();
+        let since_origin = Duration::from_nanos(monotonic_ns().saturating_sub(origin_ns));
+        Clock {
+            start: now.checked_sub(since_origin).unwrap_or(now),
+        }
+    }
+
+    /// This clock's zero on the machine's monotonic clock, for [`Clock::from_origin`] in
+    /// another process.
+    pub fn origin_ns(&self) -> u64 {
+        monotonic_ns().saturating_sub(self.now_ns())
+    }
+
     /// Nanoseconds since the clock was created.
     pub fn now_ns(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock [`Instant`] reads on Linux, and one clock for
+/// every process of the machine.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the struct we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
 }
 
 impl Default for Clock {
@@ -164,6 +192,16 @@ mod tests {
         encode(longest, MIN_SIZE, &mut out);
         assert_eq!(out.len(), MIN_SIZE);
         assert_eq!(parse(&out, u32::MAX), Parsed::Bench(longest));
+    }
+
+    #[test]
+    fn clocks_with_one_origin_agree() {
+        let clock = Clock::new();
+        std::thread::sleep(Duration::from_millis(5));
+        let other = Clock::from_origin(clock.origin_ns());
+        let (a, b) = (clock.now_ns(), other.now_ns());
+        assert!(a >= 5_000_000, "{a}");
+        assert!(a.abs_diff(b) < 1_000_000, "{a} vs {b}");
     }
 
     #[test]

@@ -91,6 +91,81 @@ fn share(total_before: u64, total_after: u64, part: u64) -> f64 {
     part as f64 * 100.0 / total as f64
 }
 
+/// The kernel's socket counts and TCP buffer memory (`/proc/net/sockstat`), machine-wide.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SockStat {
+    /// `sockets: used`: sockets of every kind.
+    pub sockets_used: u64,
+    /// IPv4 TCP sockets in use (a loopback connection has two ends).
+    pub tcp_inuse: u64,
+    /// IPv6 TCP sockets in use (`/proc/net/sockstat6`): a dual-stack server's ends are IPv6
+    /// sockets even for IPv4 clients.
+    #[serde(default)]
+    pub tcp6_inuse: u64,
+    pub tcp_orphan: u64,
+    pub tcp_tw: u64,
+    /// TCP's `mem`: pages held for socket buffers, all TCP sockets together (IPv4 and IPv6).
+    pub tcp_mem_pages: u64,
+    pub page_size: u64,
+}
+
+impl SockStat {
+    /// TCP sockets in use, IPv4 and IPv6.
+    pub fn tcp_sockets(&self) -> u64 {
+        self.tcp_inuse + self.tcp6_inuse
+    }
+
+    /// TCP buffer memory in KiB.
+    pub fn tcp_mem_kib(&self) -> u64 {
+        self.tcp_mem_pages * self.page_size / 1024
+    }
+}
+
+/// Reads `/proc/net/sockstat` and `/proc/net/sockstat6`.
+pub fn sockstat() -> io::Result<SockStat> {
+    let text = std::fs::read_to_string("/proc/net/sockstat")?;
+    let mut stat = parse_sockstat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "/proc/net/sockstat: no TCP line",
+        )
+    })?;
+    // Without IPv6 there is no sockstat6, and no IPv6 socket.
+    if let Ok(text) = std::fs::read_to_string("/proc/net/sockstat6") {
+        stat.tcp6_inuse = sockstat_field(&text, "TCP6:", "inuse").unwrap_or(0);
+    }
+    // SAFETY: sysconf has no preconditions.
+    stat.page_size = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    Ok(stat)
+}
+
+/// The value of `name` on the line that starts with `prefix`: "TCP: inuse 14 orphan 0 tw 6
+/// alloc 18 mem 263" has names and values in turn.
+fn sockstat_field(text: &str, prefix: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(prefix))?;
+    let mut words = line.split_whitespace().skip(1);
+    while let Some(word) = words.next() {
+        let value = words.next()?;
+        if word == name {
+            return value.parse().ok();
+        }
+    }
+    None
+}
+
+fn parse_sockstat(text: &str) -> Option<SockStat> {
+    let tcp = |name| sockstat_field(text, "TCP:", name);
+    Some(SockStat {
+        sockets_used: sockstat_field(text, "sockets:", "used").unwrap_or(0),
+        tcp_inuse: tcp("inuse")?,
+        tcp6_inuse: 0,
+        tcp_orphan: tcp("orphan").unwrap_or(0),
+        tcp_tw: tcp("tw").unwrap_or(0),
+        tcp_mem_pages: tcp("mem")?,
+        page_size: 4096,
+    })
+}
+
 fn invalid(what: &str, pid: u32) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("/proc/{pid}: {what}"))
 }
@@ -150,6 +225,25 @@ mod tests {
         let machine = "cpu  10 0 5 75 5 2 3 0 0 0\ncpu0 1 2 3 4\n";
         let ticks = parse_machine(machine).expect("cpu line");
         assert_eq!((ticks.busy, ticks.irq, ticks.total), (20, 5, 100));
+        let sockstat =
+            "sockets: used 41\nTCP: inuse 14 orphan 1 tw 6 alloc 18 mem 263\nUDP: inuse 0 mem 0\n";
+        let stat = parse_sockstat(sockstat).expect("a TCP line");
+        assert_eq!(
+            (
+                stat.sockets_used,
+                stat.tcp_inuse,
+                stat.tcp_orphan,
+                stat.tcp_tw,
+                stat.tcp_mem_pages
+            ),
+            (41, 14, 1, 6, 263)
+        );
+        assert_eq!(stat.tcp_mem_kib(), 1052);
+        assert_eq!(
+            sockstat_field("TCP6: inuse 2400\nUDP6: inuse 0\n", "TCP6:", "inuse"),
+            Some(2400)
+        );
+        assert!(super::sockstat().is_ok());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! statement was sent, so its latency includes the statement and the commit.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,8 @@ pub struct Counters {
     pub issued: AtomicU64,
     /// First statement's send time ([`Clock::now_ns`]); `u64::MAX` before.
     pub first_send_ns: AtomicU64,
+    /// Set to end the publishers before their plan does (after the statement in flight).
+    pub stop: AtomicBool,
 }
 
 /// What the publishers did.
@@ -189,7 +191,10 @@ impl PublisherTask {
         let mut payloads: Vec<String> = Vec::new();
         loop {
             let left = self.quota.map_or(u64::MAX, |q| q - done.committed);
-            if left == 0 || self.deadline.is_some_and(|d| Instant::now() >= d) {
+            if left == 0
+                || self.deadline.is_some_and(|d| Instant::now() >= d)
+                || self.counters.stop.load(Ordering::Relaxed)
+            {
                 break;
             }
             let n = batch.min(left);
@@ -208,6 +213,9 @@ impl PublisherTask {
                 // An absolute schedule: a late statement does not delay the ones after it.
                 tokio::time::sleep_until(next_send).await;
                 next_send += interval;
+                if self.counters.stop.load(Ordering::Relaxed) {
+                    break;
+                }
             }
             let sent_ns = self.clock.now_ns();
             self.counters

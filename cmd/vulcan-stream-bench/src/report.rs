@@ -4,10 +4,14 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::abuse::Abuse;
+use crate::broadcast::Broadcast;
 use crate::clients::ConnectStats;
+use crate::options::ClientArgs;
 use crate::procstat::ProcSample;
 use crate::publisher::Published;
 use crate::stats::{Counts, Percentiles};
+use crate::storm::{AcceptStorm, ReconnectStorm};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
@@ -29,6 +33,14 @@ pub struct Report {
     /// `send-floor` only; absent from reports written before the mode existed.
     #[serde(default)]
     pub floor: Option<Floor>,
+    #[serde(default)]
+    pub reconnect_storm: Option<ReconnectStorm>,
+    #[serde(default)]
+    pub accept_storm: Option<AcceptStorm>,
+    #[serde(default)]
+    pub broadcast: Option<Broadcast>,
+    #[serde(default)]
+    pub abuse: Option<Abuse>,
     pub generator: GeneratorUse,
     /// Share of all CPUs busy during the measured window (server, generator, PostgreSQL and
     /// anything else).
@@ -63,6 +75,20 @@ pub struct Settings {
     pub threads: usize,
     pub read_buffer: usize,
     pub connect_concurrency: usize,
+}
+
+impl Settings {
+    /// The settings of `clients` websocket clients of `url` (the rest default).
+    pub fn of_clients(url: &str, clients: &ClientArgs, threads: usize) -> Settings {
+        Settings {
+            url: Some(url.to_owned()),
+            clients: clients.clients,
+            threads,
+            read_buffer: clients.read_buffer,
+            connect_concurrency: clients.connect_concurrency,
+            ..Settings::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -153,6 +179,11 @@ pub struct Soak {
     pub max_kib: u64,
     pub growth_kib: i64,
     pub growth_pct: f64,
+    /// Means of the first and the last third of the samples after warm-up.
+    #[serde(default)]
+    pub first_third_mean_kib: f64,
+    #[serde(default)]
+    pub last_third_mean_kib: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -163,6 +194,27 @@ pub struct ServerUse {
     pub cpu_s: f64,
     /// Server CPU time per delivered frame, in microseconds.
     pub cpu_us_per_frame: Option<f64>,
+}
+
+impl ServerUse {
+    /// The server's use between two readings of process `pid`, and its CPU per frame when
+    /// `frames` were delivered; `None` without both readings.
+    pub fn between(
+        pid: Option<u32>,
+        before: Option<ProcSample>,
+        after: Option<ProcSample>,
+        frames: Option<u64>,
+    ) -> Option<ServerUse> {
+        let (pid, before, after) = (pid?, before?, after?);
+        let cpu_s = after.cpu_s - before.cpu_s;
+        Some(ServerUse {
+            pid,
+            before,
+            after,
+            cpu_s,
+            cpu_us_per_frame: frames.filter(|&n| n > 0).map(|n| cpu_s * 1e6 / n as f64),
+        })
+    }
 }
 
 /// The bare-send floor (`send-floor`): what the kernel alone charges a thread that writes one
@@ -464,13 +516,15 @@ impl Report {
             rows.push((
                 "soak RSS",
                 format!(
-                    "after {:.0} s warm-up: first {} KiB, last {} KiB, max {} KiB, growth {} KiB ({:+.1} %), {} samples every {:.0} s",
+                    "after {:.0} s warm-up: first {} KiB, last {} KiB, max {} KiB, growth {} KiB ({:+.1} %); mean of the first third {} KiB, of the last {} KiB; {} samples every {:.0} s",
                     so.warmup_s,
                     fmt_int(so.first_kib),
                     fmt_int(so.last_kib),
                     fmt_int(so.max_kib),
                     so.growth_kib,
                     so.growth_pct,
+                    fmt_int(so.first_third_mean_kib.round() as u64),
+                    fmt_int(so.last_third_mean_kib.round() as u64),
                     so.samples.len(),
                     so.interval_s
                 ),
@@ -493,6 +547,18 @@ impl Report {
         }
         if let Some(f) = &self.floor {
             rows.push(("floor", fmt_floor(f)));
+        }
+        if let Some(storm) = &self.reconnect_storm {
+            storm.rows(&mut rows);
+        }
+        if let Some(storm) = &self.accept_storm {
+            storm.rows(&mut rows);
+        }
+        if let Some(broadcast) = &self.broadcast {
+            broadcast.rows(&mut rows);
+        }
+        if let Some(abuse) = &self.abuse {
+            abuse.rows(&mut rows);
         }
         let g = &self.generator;
         rows.push((

@@ -18,13 +18,15 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::clients::{self, ClientEnd, ClientResult, GONE, Shared, Target};
+use crate::abuse::{Abuse, AbuseSide};
+use crate::broadcast;
+use crate::clients::{self, ClientEnd, Dial, GONE, Shared, Target};
 use crate::db::Db;
 use crate::error::BenchError;
 use crate::listen::RawListener;
 use crate::options::{
-    ClientArgs, Command, DbArgs, FanoutArgs, IdleArgs, LoadArgs, OutputArgs, RawListenArgs,
-    ServerArgs, SoakArgs, StuckArgs,
+    AbuseArgs, AcceptStormArgs, ClientArgs, Command, DbArgs, FanoutArgs, IdleArgs, LoadArgs,
+    OutputArgs, RawListenArgs, ServerArgs, SoakArgs, StuckArgs,
 };
 use crate::payload::Clock;
 use crate::procstat::{self, ProcSample};
@@ -35,6 +37,7 @@ use crate::report::{
 };
 use crate::stats::{Counts, Percentiles};
 use crate::status::StatusUrl;
+use crate::storm::{self, AcceptStorm, AcceptStormSide, PhaseLatency, side_runtime};
 
 /// How long to wait for the server to report every client registered.
 const REGISTER_LIMIT: Duration = Duration::from_secs(30);
@@ -47,10 +50,16 @@ pub async fn run(command: Command, publishers: Handle) -> Result<Report, BenchEr
         Command::RawListen(a) => load(LoadSpec::raw_listen(a)?, publishers).await,
         Command::Stuck(a) => load(LoadSpec::stuck(a)?, publishers).await,
         Command::Soak(a) => load(LoadSpec::soak(a)?, publishers).await,
+        Command::AcceptStorm(a) => load(LoadSpec::accept_storm(a)?, publishers).await,
+        Command::Abuse(a) => load(LoadSpec::abuse(a)?, publishers).await,
         Command::Idle(a) => idle(a).await,
-        Command::Targets(_) | Command::SendFloor(_) => Err(BenchError::Usage(
-            "targets and send-floor are not load modes".to_owned(),
-        )),
+        Command::ReconnectStorm(a) => storm::reconnect(a, publishers).await,
+        Command::Broadcast(a) => broadcast::run(a, publishers).await,
+        Command::Targets(_) | Command::SendFloor(_) | Command::BroadcastWorker(_) => {
+            Err(BenchError::Usage(
+                "targets, send-floor and broadcast-worker are not load modes".to_owned(),
+            ))
+        }
     }
 }
 
@@ -68,7 +77,134 @@ struct LoadSpec {
     stuck_wait: Duration,
     /// Sample interval and warm-up.
     soak: Option<(Duration, Duration)>,
+    /// What runs beside the readers.
+    side: Option<SideSpec>,
     output: OutputArgs,
+}
+
+/// What a load run does beside its readers and publishers.
+enum SideSpec {
+    /// A storm of connections and health probes; it ends the publishing when it is done.
+    AcceptStorm(Box<AcceptStormArgs>),
+    /// Abusers, until the publishing ends.
+    Abuse(Box<AbuseArgs>),
+}
+
+/// A side activity under way.
+enum Side {
+    AcceptStorm(JoinHandle<AcceptStorm>),
+    Abuse {
+        task: JoinHandle<Abuse>,
+        stop: CancellationToken,
+        runtime: tokio::runtime::Runtime,
+    },
+}
+
+impl Side {
+    /// Starts `spec` against `target`.
+    fn start(
+        spec: SideSpec,
+        target: &Target,
+        status: Option<&StatusUrl>,
+        clock: Clock,
+        shared: &Arc<Shared>,
+        counters: &Arc<Counters>,
+    ) -> Result<Side, BenchError> {
+        match spec {
+            SideSpec::AcceptStorm(args) => {
+                let status = status.cloned().ok_or_else(|| {
+                    BenchError::Usage("accept-storm probes /status: give --status-url".to_owned())
+                })?;
+                let storm = AcceptStormSide::new(&args, target.clone(), status);
+                Ok(Side::AcceptStorm(tokio::spawn(storm.run(
+                    clock,
+                    shared.clone(),
+                    counters.clone(),
+                ))))
+            }
+            SideSpec::Abuse(args) => {
+                // Abusers that flood must not delay the readers: a runtime of their own.
+                let runtime = side_runtime("abuse").map_err(BenchError::Run)?;
+                let stop = CancellationToken::new();
+                let abuse = AbuseSide::new(&args, target.clone(), status.cloned());
+                let task = runtime.spawn(abuse.run(stop.clone()));
+                Ok(Side::Abuse {
+                    task,
+                    stop,
+                    runtime,
+                })
+            }
+        }
+    }
+
+    /// Ends it (the storm has ended by itself) and puts what it saw in `report`.
+    async fn finish(self, report: &mut Report) {
+        match self {
+            Side::AcceptStorm(task) => {
+                let Ok(storm) = task.await else {
+                    report.problems.push("the storm's task failed".to_owned());
+                    return;
+                };
+                if storm.storm.failed > 0 {
+                    report.problems.push(format!(
+                        "{} storm connections failed (first: {})",
+                        storm.storm.failed,
+                        storm.storm.first_error.clone().unwrap_or_default()
+                    ));
+                }
+                for (path, probes) in [("/status", &storm.status), ("/ready", &storm.ready)] {
+                    if probes.failed > 0 {
+                        report.problems.push(format!(
+                            "{} {path} probes failed (first: {})",
+                            probes.failed,
+                            probes.first_error.clone().unwrap_or_default()
+                        ));
+                    }
+                }
+                report.notes.extend(storm.notes.iter().cloned());
+                report.accept_storm = Some(storm);
+            }
+            Side::Abuse {
+                task,
+                stop,
+                runtime,
+            } => {
+                stop.cancel();
+                let abuse = task.await;
+                runtime.shutdown_background();
+                let Ok(abuse) = abuse else {
+                    report.problems.push("the abusers' task failed".to_owned());
+                    return;
+                };
+                for class in &abuse.classes {
+                    if !abuse.passed(class) && class.wrong == 0 && class.right > 0 {
+                        report.problems.push(format!(
+                            "{}: {} ended, but the server counted {} closed as too slow",
+                            class.name,
+                            class.right,
+                            abuse.slow_closes.unwrap_or(0)
+                        ));
+                    }
+                    if class.wrong > 0 {
+                        report.problems.push(format!(
+                            "{}: {} of {} connections did not end as expected ({})",
+                            class.name,
+                            class.wrong,
+                            class.attempts,
+                            class.ends.join(", ")
+                        ));
+                    }
+                    if class.not_checked > 0 && class.right == 0 {
+                        report.notes.push(format!(
+                            "{}: not checked, the server does not validate UTF-8",
+                            class.name
+                        ));
+                    }
+                }
+                report.abuse = Some(abuse);
+            }
+        }
+    }
 }
 
 impl LoadSpec {
@@ -84,13 +220,7 @@ impl LoadSpec {
         clients.check(server.is_none())?;
         load.check()?;
         output.check()?;
-        if let Some(pid) = server.as_ref().and_then(|s| s.server_pid) {
-            if !procstat::exists(pid) {
-                return Err(BenchError::Usage(format!(
-                    "--server-pid {pid}: no such process"
-                )));
-            }
-        }
+        check_server_pid(server.as_ref().and_then(|s| s.server_pid))?;
         let db = Db::new(db.db.as_deref(), db.channel.as_deref())?;
         let (messages, duration) = match (load.messages, load.duration) {
             (None, None) => (Some(default_messages), None),
@@ -109,6 +239,7 @@ impl LoadSpec {
             stuck_recv_buffer: 0,
             stuck_wait: Duration::ZERO,
             soak: None,
+            side: None,
             output,
         })
     }
@@ -180,6 +311,53 @@ impl LoadSpec {
         Ok(spec)
     }
 
+    fn accept_storm(a: AcceptStormArgs) -> Result<LoadSpec, BenchError> {
+        let mut load = a.load.clone();
+        if load.messages.is_some() || load.duration.is_some() {
+            return Err(BenchError::Usage(
+                "accept-storm publishes until the storm is over: no --messages or --duration"
+                    .to_owned(),
+            ));
+        }
+        if a.storm == 0 || a.probe_interval.is_zero() || a.storm_timeout.is_zero() {
+            return Err(BenchError::Usage(
+                "--storm, --probe-interval and --storm-timeout must be positive".to_owned(),
+            ));
+        }
+        // A bound only: the storm stops the publishers once its tail is over.
+        load.duration = Some(a.baseline + a.storm_timeout + a.tail + Duration::from_secs(10));
+        load.rate.get_or_insert(20.0);
+        let mut spec = LoadSpec::new(
+            "accept-storm",
+            Some(a.server.clone()),
+            a.clients.clone(),
+            &a.db,
+            load,
+            a.output.clone(),
+            0,
+        )?;
+        spec.side = Some(SideSpec::AcceptStorm(Box::new(a)));
+        Ok(spec)
+    }
+
+    /// A soak (`--rate` 100 msg/s and `--duration` 10m unless given) with the abusers beside.
+    fn abuse(a: AbuseArgs) -> Result<LoadSpec, BenchError> {
+        if a.slowloris_interval.is_zero() {
+            return Err(BenchError::Usage(
+                "--slowloris-interval must be positive".to_owned(),
+            ));
+        }
+        if !(a.churn_rate.is_finite() && a.churn_rate >= 0.0) {
+            return Err(BenchError::Usage(
+                "--churn-rate must be a number, 0 or more".to_owned(),
+            ));
+        }
+        let mut spec = LoadSpec::soak(a.soak.clone())?;
+        spec.mode = "abuse";
+        spec.side = Some(SideSpec::Abuse(Box::new(a)));
+        Ok(spec)
+    }
+
     fn settings(&self) -> Settings {
         let flow = self.load.rate.is_none() && self.load.window > 0 && self.clients.clients > 0;
         Settings {
@@ -201,7 +379,7 @@ impl LoadSpec {
     }
 }
 
-fn status_url(server: &ServerArgs) -> Result<Option<StatusUrl>, BenchError> {
+pub(crate) fn status_url(server: &ServerArgs) -> Result<Option<StatusUrl>, BenchError> {
     match &server.status_url {
         Some(url) => StatusUrl::parse(url)
             .map(Some)
@@ -210,19 +388,29 @@ fn status_url(server: &ServerArgs) -> Result<Option<StatusUrl>, BenchError> {
     }
 }
 
-fn sample_server(pid: Option<u32>) -> Result<Option<ProcSample>, BenchError> {
+/// A `--server-pid` must name a live process.
+pub(crate) fn check_server_pid(pid: Option<u32>) -> Result<(), BenchError> {
+    match pid {
+        Some(pid) if !procstat::exists(pid) => Err(BenchError::Usage(format!(
+            "--server-pid {pid}: no such process"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn sample_server(pid: Option<u32>) -> Result<Option<ProcSample>, BenchError> {
     pid.map(|pid| {
         procstat::sample(pid).map_err(|err| BenchError::Run(format!("server pid {pid}: {err}")))
     })
     .transpose()
 }
 
-pub(super) fn cpus() -> usize {
+pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Describes how a connection ended, for counting alike ends together.
-fn describe(end: &ClientEnd) -> String {
+pub(crate) fn describe(end: &ClientEnd) -> String {
     match end {
         ClientEnd::Open => "open".to_owned(),
         ClientEnd::Closed { code, reason } => match code {
@@ -234,7 +422,7 @@ fn describe(end: &ClientEnd) -> String {
     }
 }
 
-fn summarise(ends: impl IntoIterator<Item = String>) -> Vec<String> {
+pub(crate) fn summarise(ends: impl IntoIterator<Item = String>) -> Vec<String> {
     let mut counted: BTreeMap<String, usize> = BTreeMap::new();
     for end in ends {
         *counted.entry(end).or_default() += 1;
@@ -245,7 +433,7 @@ fn summarise(ends: impl IntoIterator<Item = String>) -> Vec<String> {
         .collect()
 }
 
-async fn collect(readers: Vec<JoinHandle<ClientResult>>) -> Vec<ClientResult> {
+pub(crate) async fn collect<T>(readers: Vec<JoinHandle<T>>) -> Vec<T> {
     let mut results = Vec::with_capacity(readers.len());
     for reader in readers {
         if let Ok(result) = reader.await {
@@ -332,6 +520,14 @@ fn soak_summary(samples: Vec<(f64, u64)>, interval: Duration, warmup: Duration) 
     };
     let first = judged.first().copied().unwrap_or(0);
     let last = judged.last().copied().unwrap_or(0);
+    let third = judged.len() / 3;
+    let mean = |kib: &[u64]| {
+        if kib.is_empty() {
+            0.0
+        } else {
+            kib.iter().sum::<u64>() as f64 / kib.len() as f64
+        }
+    };
     let growth = last as i64 - first as i64;
     Soak {
         warmup_s: warm,
@@ -345,11 +541,13 @@ fn soak_summary(samples: Vec<(f64, u64)>, interval: Duration, warmup: Duration) 
         } else {
             0.0
         },
+        first_third_mean_kib: mean(&judged[..third]),
+        last_third_mean_kib: mean(&judged[judged.len() - third..]),
         samples,
     }
 }
 
-fn lost_task(err: tokio::task::JoinError) -> BenchError {
+pub(crate) fn lost_task(err: tokio::task::JoinError) -> BenchError {
     BenchError::Run(format!("publisher task failed: {err}"))
 }
 
@@ -358,7 +556,10 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
     let run: u32 = rand::random();
     let n = spec.clients.clients;
     let publishers = spec.load.publishers;
-    let shared = Arc::new(Shared::new(run, clock, publishers, n));
+    let shared = Arc::new(match spec.side {
+        Some(SideSpec::AcceptStorm(_)) => Shared::with_phases(run, clock, publishers, n),
+        _ => Shared::new(run, clock, publishers, n),
+    });
     let pid = spec.server.as_ref().and_then(|s| s.server_pid);
     let mut report = Report {
         mode: spec.mode.to_owned(),
@@ -371,11 +572,18 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
     let mut readers = Vec::new();
     let mut stuck = Vec::new();
     let mut status = None;
+    let mut target = None;
     if let Some(server) = &spec.server {
-        let target = Target::resolve(&server.url, spec.clients.read_buffer).await?;
+        let target = target.insert(Target::resolve(&server.url, spec.clients.read_buffer).await?);
         status = status_url(server)?;
-        let (connected, stats) =
-            clients::connect_all(&target, 0, n, spec.clients.connect_concurrency, None).await;
+        let (connected, stats) = clients::connect_all(
+            target,
+            0,
+            n,
+            spec.clients.connect_concurrency,
+            &Dial::default(),
+        )
+        .await;
         if connected.is_empty() {
             return Err(BenchError::Server {
                 url: server.url.clone(),
@@ -397,11 +605,11 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
         report.connect = Some(stats);
         if spec.stuck > 0 {
             let (connected, stats) = clients::connect_all(
-                &target,
+                target,
                 n,
                 spec.stuck,
                 spec.clients.connect_concurrency,
-                Some(spec.stuck_recv_buffer),
+                &Dial::recv_buffer(Some(spec.stuck_recv_buffer)),
             )
             .await;
             if stats.failed > 0 {
@@ -480,6 +688,17 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
         })
     });
     let counters = Arc::new(Counters::default());
+    let side = match (spec.side, &target) {
+        (Some(side), Some(target)) => Some(Side::start(
+            side,
+            target,
+            status.as_ref(),
+            clock,
+            &shared,
+            &counters,
+        )?),
+        _ => None,
+    };
     let published = {
         let db = spec.db.clone();
         pg.spawn(
@@ -496,6 +715,9 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
     )
     .await;
 
+    if let Some(side) = side {
+        side.finish(&mut report).await;
+    }
     watch_stop.cancel();
     let receiver_done = match watcher {
         Some(watcher) => watcher.await.ok().flatten(),
@@ -548,6 +770,17 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
 
     shared.stop.cancel();
     let results = collect(readers).await;
+    // The readers have flushed their latencies: split them at the storm's bounds.
+    if let (Some(storm), Some(phases)) = (&mut report.accept_storm, &shared.phases) {
+        let [before, during, after] =
+            std::array::from_fn(|i| Percentiles::of(&phases.latency[i].merged()));
+        storm.delivery = PhaseLatency {
+            before,
+            during,
+            after,
+            ..PhaseLatency::default()
+        };
+    }
     let raw_result = match raw {
         Some(raw) => Some(raw.finish().await),
         None => None,
@@ -682,16 +915,7 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
             error: raw.error,
         });
     }
-    if let (Some(before), Some(after), Some(pid)) = (server_before, server_after, pid) {
-        let cpu_s = after.cpu_s - before.cpu_s;
-        report.server = Some(ServerUse {
-            pid,
-            before,
-            after,
-            cpu_s,
-            cpu_us_per_frame: (delivered > 0).then(|| cpu_s * 1e6 / delivered as f64),
-        });
-    }
+    report.server = ServerUse::between(pid, server_before, server_after, Some(delivered));
     OwnUse {
         own: (own_before, own_after),
         machine: (machine_before, machine_after),
@@ -706,27 +930,14 @@ async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
     args.clients.check(false)?;
     args.output.check()?;
     let pid = args.server.server_pid;
-    if let Some(pid) = pid {
-        if !procstat::exists(pid) {
-            return Err(BenchError::Usage(format!(
-                "--server-pid {pid}: no such process"
-            )));
-        }
-    }
+    check_server_pid(pid)?;
     let n = args.clients.clients;
     let clock = Clock::new();
     let run: u32 = rand::random();
     let mut report = Report {
         mode: "idle".to_owned(),
         run,
-        settings: Settings {
-            url: Some(args.server.url.clone()),
-            clients: n,
-            threads: args.output.threads,
-            read_buffer: args.clients.read_buffer,
-            connect_concurrency: args.clients.connect_concurrency,
-            ..Settings::default()
-        },
+        settings: Settings::of_clients(&args.server.url, &args.clients, args.output.threads),
         cpus: cpus(),
         ..Report::default()
     };
@@ -737,8 +948,14 @@ async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
     let machine_before = procstat::machine();
     let wall = Instant::now();
 
-    let (connected, stats) =
-        clients::connect_all(&target, 0, n, args.clients.connect_concurrency, None).await;
+    let (connected, stats) = clients::connect_all(
+        &target,
+        0,
+        n,
+        args.clients.connect_concurrency,
+        &Dial::default(),
+    )
+    .await;
     if connected.is_empty() {
         return Err(BenchError::Server {
             url: args.server.url.clone(),
@@ -796,15 +1013,7 @@ async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
             .map(|(b, a)| per_client(b.rss_kib, a.rss_kib)),
         generator_rss_per_client_kib: per_client(own_before.rss_kib, own_after.rss_kib),
     });
-    if let (Some(before), Some(after), Some(pid)) = (server_before, server_after, pid) {
-        report.server = Some(ServerUse {
-            pid,
-            before,
-            after,
-            cpu_s: after.cpu_s - before.cpu_s,
-            cpu_us_per_frame: None,
-        });
-    }
+    report.server = ServerUse::between(pid, server_before, server_after, None);
     OwnUse {
         own: (own_before, own_after),
         machine: (machine_before, machine_after),
@@ -877,6 +1086,11 @@ mod tests {
         assert_eq!((s.first_kib, s.last_kib, s.max_kib), (6000, 6060, 6100));
         assert_eq!(s.growth_kib, 60);
         assert!((s.growth_pct - 1.0).abs() < 1e-9);
+        // Three samples after warm-up: a third is one sample each.
+        assert_eq!(
+            (s.first_third_mean_kib, s.last_third_mean_kib),
+            (6000.0, 6060.0)
+        );
     }
 
     #[test]

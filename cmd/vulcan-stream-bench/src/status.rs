@@ -1,6 +1,7 @@
 //! The server's `/status` endpoint, read with a minimal HTTP/1.1 GET: the generator only needs
 //! the `clients` count, to know when every client is registered, and the count of
-//! notifications forwarded, to time the server's receiver.
+//! notifications forwarded, to time the server's receiver. The same GET probes `/status` and
+//! `/ready` as a health checker would, and reads a counter of `/metrics`.
 
 use std::time::Duration;
 
@@ -75,12 +76,49 @@ impl StatusUrl {
     }
 
     async fn get(&self) -> Result<String, String> {
+        let (status, head, body) = self.request(&self.path).await?;
+        if status != 200 {
+            let status_line = head.lines().next().unwrap_or_default();
+            return Err(format!("answered {status_line:?}"));
+        }
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            return Ok(dechunk(&body));
+        }
+        Ok(body)
+    }
+
+    /// A counter of the server's `/metrics` (OpenMetrics text), by its full name
+    /// (`..._total`).
+    pub async fn metric(&self, name: &str) -> Result<f64, String> {
+        let (status, _, body) = timeout(Duration::from_secs(5), self.request("/metrics"))
+            .await
+            .map_err(|_| "no answer within 5 s".to_owned())??;
+        if status != 200 {
+            return Err(format!("/metrics answered {status}"));
+        }
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| format!("/metrics has no {name}"))
+    }
+
+    /// GETs `path` on this server, as a health probe does (a new connection each time); returns
+    /// the status code.
+    pub async fn probe(&self, path: &str) -> Result<u16, String> {
+        self.request(path).await.map(|(status, _, _)| status)
+    }
+
+    /// One request on a new connection: the status code, the head and the body.
+    async fn request(&self, path: &str) -> Result<(u16, String, String), String> {
         let mut stream = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|err| err.to_string())?;
         let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\n\r\n",
-            self.path, self.host, self.port
+            "GET {path} HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\n\r\n",
+            self.host, self.port
         );
         stream
             .write_all(request.as_bytes())
@@ -95,17 +133,12 @@ impl StatusUrl {
         let (head, body) = response
             .split_once("\r\n\r\n")
             .ok_or_else(|| "malformed HTTP response".to_owned())?;
-        let status_line = head.lines().next().unwrap_or_default();
-        if !status_line.contains(" 200") {
-            return Err(format!("answered {status_line:?}"));
-        }
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            return Ok(dechunk(body));
-        }
-        Ok(body.to_owned())
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| format!("no status code in {head:?}"))?;
+        Ok((status, head.to_owned(), body.to_owned()))
     }
 
     /// Polls until at least `want` clients are registered; returns the last count seen.

@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::abuse::{BAD_UTF8, BIG_FRAME, CHURN, PING_FLOOD, SLOWLORIS};
+use crate::broadcast::Broadcast;
 use crate::error::BenchError;
 use crate::options::TargetsArgs;
 use crate::report::{Report, fmt_int, fmt_us};
@@ -15,6 +17,12 @@ use crate::report::{Report, fmt_int, fmt_us};
 pub const KEEP_UP_RATIO: f64 = 0.9;
 /// RSS is "flat" when the last sample after warm-up exceeds the first by at most this much.
 pub const SOAK_GROWTH_PCT: f64 = 5.0;
+/// Under abuse, RSS is "flat" when the mean of the last third of the samples after warm-up
+/// exceeds the mean of the first third by at most this share of it, or by at most
+/// [`ABUSE_GROWTH_KIB`], whichever is more: a soak of ten minutes is too short to tell a slow
+/// leak from the allocator settling by one sample each.
+pub const ABUSE_GROWTH_PCT: f64 = 10.0;
+pub const ABUSE_GROWTH_KIB: f64 = 5.0 * 1024.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Verdict {
@@ -25,6 +33,9 @@ pub enum Verdict {
     /// The scenario's report was not given or lacks the figure.
     #[serde(rename = "not run")]
     NotRun,
+    /// The figure could not be checked against this server (it lacks the behaviour).
+    #[serde(rename = "not checked")]
+    NotChecked,
 }
 
 impl Verdict {
@@ -37,6 +48,7 @@ impl Verdict {
             Verdict::Pass => "PASS",
             Verdict::Fail => "FAIL",
             Verdict::NotRun => "not run",
+            Verdict::NotChecked => "not checked",
         }
     }
 }
@@ -72,6 +84,11 @@ pub struct Reports {
     pub stuck_baseline: Option<Report>,
     pub stuck: Option<Report>,
     pub soak: Option<Report>,
+    pub reconnect_storm: Option<Report>,
+    pub accept_storm: Option<Report>,
+    pub connect_19k: Option<Report>,
+    pub replicas: Option<Report>,
+    pub abuse: Option<Report>,
     /// `send-floor`: shown beside target 3's CPU per frame, never judged.
     pub send_floor: Option<Report>,
 }
@@ -258,7 +275,270 @@ pub fn evaluate(r: &Reports) -> Vec<Row> {
             ))
         }),
     ));
+    storm_rows(r, &mut rows);
+    broadcast_rows(r, &mut rows);
+    abuse_rows(r, &mut rows);
     rows
+}
+
+/// Targets 7 and 8: the reconnect storm and the accept storm.
+fn storm_rows(r: &Reports, rows: &mut Vec<Row>) {
+    rows.push(row(
+        "7. reconnect storm, 10,000 clients: all upgraded and served a NOTIFY",
+        "≤ 2 s",
+        r.reconnect_storm.as_ref().and_then(|r| {
+            let s = r.reconnect_storm.as_ref()?;
+            let all = s.served == s.clients && s.reconnect.failed == 0 && s.closes.is_empty();
+            Some((
+                format!(
+                    "{} ({} clients; all upgraded at {}; {} served, {} failed)",
+                    s.served_all_ms
+                        .map_or("not all served".to_owned(), |ms| fmt_us(ms * 1e3)),
+                    fmt_int(s.clients as u64),
+                    s.upgraded_all_ms
+                        .map_or("-".to_owned(), |ms| fmt_us(ms * 1e3)),
+                    fmt_int(s.served as u64),
+                    s.reconnect.failed
+                ),
+                all && s.served_all_ms.is_some_and(|ms| ms <= 2000.0),
+            ))
+        }),
+    ));
+    let storm = r
+        .accept_storm
+        .as_ref()
+        .and_then(|r| r.accept_storm.as_ref());
+    rows.push(row(
+        "8. accept storm: 10,000 connections at once, all accepted",
+        "all",
+        storm.map(|s| {
+            (
+                format!(
+                    "{} of {} in {:.2} s ({} at a time)",
+                    fmt_int(s.storm.connected as u64),
+                    fmt_int(s.storm.attempted as u64),
+                    s.storm_s,
+                    fmt_int(s.storm.concurrency as u64)
+                ),
+                s.storm.attempted > 0 && s.storm.failed == 0,
+            )
+        }),
+    ));
+    for (what, phases) in [
+        ("/status latency", storm.map(|s| &s.status)),
+        ("/ready latency", storm.map(|s| &s.ready)),
+        (
+            "delivery latency to connected clients",
+            storm.map(|s| &s.delivery),
+        ),
+    ] {
+        rows.push(row(
+            &format!("8. accept storm: {what} added"),
+            "≤ 100 ms",
+            phases.filter(|p| p.during.count > 0).map(|p| {
+                let added = p.added_max_us();
+                (
+                    format!(
+                        "+{} (during: p99 {}, max {}; before: p50 {}){}",
+                        fmt_us(added),
+                        fmt_us(p.during.p99_us),
+                        fmt_us(p.during.max_us.max(p.after.max_us)),
+                        fmt_us(p.before.p50_us),
+                        if p.failed > 0 {
+                            format!(", {} failed", p.failed)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    added <= 100_000.0 && p.failed == 0,
+                )
+            }),
+        ));
+    }
+}
+
+/// The broadcast's reach, and what it connected.
+fn reach_text(b: &Broadcast) -> String {
+    format!(
+        "{} ({} clients, p99 {}; connected in {:.2} s)",
+        b.reach_all_ms
+            .map_or("not all reached".to_owned(), |ms| fmt_us(ms * 1e3)),
+        fmt_int(b.clients() as u64),
+        fmt_us(b.reach.p99_us),
+        b.connect.total_s
+    )
+}
+
+fn reached_within(b: &Broadcast, limit_ms: f64) -> bool {
+    b.reach_all_ms.is_some_and(|ms| ms <= limit_ms) && b.counts.is_clean() && b.closes.is_empty()
+}
+
+/// Connected against `wanted`, and the limits that stopped the plan short of it.
+fn connected_text(b: &Broadcast, wanted: u64) -> (String, bool) {
+    let connected = b.clients() as u64;
+    let mut text = format!(
+        "{} in {:.2} s ({} failed)",
+        fmt_int(connected),
+        b.connect.total_s,
+        b.connect.failed
+    );
+    if !b.limits.is_empty() {
+        text.push_str(&format!("; stopped by {}", b.limits.join("; ")));
+    }
+    (text, connected >= wanted && b.connect.failed == 0)
+}
+
+/// Targets 9 and 10: 19,000 clients on one server, 100,000 on five.
+fn broadcast_rows(r: &Reports, rows: &mut Vec<Row>) {
+    let one = r.connect_19k.as_ref().and_then(|r| r.broadcast.as_ref());
+    rows.push(row(
+        "9. 19,000 clients, one server: all connected",
+        "19,000",
+        one.map(|b| connected_text(b, 19_000)),
+    ));
+    rows.push(row(
+        "9. 19,000 clients: one NOTIFY reaches all",
+        "≤ 250 ms",
+        one.map(|b| (reach_text(b), reached_within(b, 250.0))),
+    ));
+    rows.push(row(
+        "9. 19,000 clients: server RSS per connection",
+        "≤ 5 KiB",
+        one.and_then(|b| {
+            let v = b.worst_rss_per_client_kib()?;
+            Some((
+                format!(
+                    "{v:.2} KiB (kernel TCP buffers {} KiB per connection: {})",
+                    b.kernel_kib_per_client()
+                        .map_or("n/a".to_owned(), |k| format!("{k:.2}")),
+                    b.sockstat_text()
+                ),
+                v <= 5.0,
+            ))
+        }),
+    ));
+    let five = r.replicas.as_ref().and_then(|r| r.broadcast.as_ref());
+    rows.push(row(
+        "10. 100,000 clients on 5 servers: all connected",
+        "100,000",
+        five.map(|b| connected_text(b, 100_000)),
+    ));
+    rows.push(row(
+        "10. 5 servers: one NOTIFY reaches every connected client",
+        "≤ 1 s",
+        five.map(|b| {
+            let rss: Vec<String> = b
+                .servers
+                .iter()
+                .filter_map(|s| s.rss_per_client_kib.map(|v| format!("{v:.2}")))
+                .collect();
+            (
+                format!(
+                    "{}; RSS per connection {} KiB; kernel TCP buffers {} KiB per connection",
+                    reach_text(b),
+                    rss.join(" / "),
+                    b.kernel_kib_per_client()
+                        .map_or("n/a".to_owned(), |k| format!("{k:.2}"))
+                ),
+                reached_within(b, 1000.0),
+            )
+        }),
+    ));
+}
+
+/// Target 11: the abuse soak.
+fn abuse_rows(r: &Reports, rows: &mut Vec<Row>) {
+    let report = r.abuse.as_ref();
+    rows.push(row(
+        "11. abuse soak: server RSS flat after warm-up",
+        &format!(
+            "last third ≤ first third + {ABUSE_GROWTH_PCT:.0} % or {:.0} MiB",
+            ABUSE_GROWTH_KIB / 1024.0
+        ),
+        report.and_then(|r| {
+            let s = r.soak.as_ref()?;
+            let growth = s.last_third_mean_kib - s.first_third_mean_kib;
+            let allowed = (s.first_third_mean_kib * ABUSE_GROWTH_PCT / 100.0).max(ABUSE_GROWTH_KIB);
+            Some((
+                format!(
+                    "{} → {} KiB ({:+.0} KiB, {:+.1} %; max {} KiB, {:.0} s)",
+                    fmt_int(s.first_third_mean_kib.round() as u64),
+                    fmt_int(s.last_third_mean_kib.round() as u64),
+                    growth,
+                    growth * 100.0 / s.first_third_mean_kib.max(1.0),
+                    fmt_int(s.max_kib),
+                    s.samples.last().map_or(0.0, |&(t, _)| t)
+                ),
+                growth <= allowed && s.samples.len() >= 3,
+            ))
+        }),
+    ));
+    rows.push(row(
+        "11. abuse soak: the readers lose nothing",
+        "0 lost",
+        report.and_then(loss_text),
+    ));
+    let abuse = report.and_then(|r| r.abuse.as_ref());
+    rows.push(row(
+        "11. abuse soak: abusers closed as expected",
+        "1008 / handshake timeout / 1009 / 1000",
+        abuse.map(|a| {
+            let mut parts = Vec::new();
+            let mut ok = true;
+            for name in [PING_FLOOD, SLOWLORIS, BIG_FRAME, CHURN] {
+                match a.class(name) {
+                    Some(c) => {
+                        ok &= a.passed(c);
+                        parts.push(format!(
+                            "{name} {}/{}{}",
+                            fmt_int(c.right),
+                            fmt_int(c.attempts - c.open_at_end),
+                            if c.wrong > 0 {
+                                format!(" ({} wrong)", fmt_int(c.wrong))
+                            } else {
+                                String::new()
+                            }
+                        ));
+                    }
+                    None => {
+                        ok = false;
+                        parts.push(format!("{name}: none ran"));
+                    }
+                }
+            }
+            if let Some(n) = a.slow_closes {
+                parts.push(format!(
+                    "{} closed as too slow by the server's count",
+                    fmt_int(n)
+                ));
+            }
+            (parts.join(", "), ok)
+        }),
+    ));
+    let utf8 = abuse.and_then(|a| a.class(BAD_UTF8));
+    rows.push(match utf8 {
+        Some(c) if c.wrong == 0 && c.right == 0 && c.not_checked > 0 => Row {
+            target: "11. abuse soak: invalid UTF-8 closed with 1007".to_owned(),
+            threshold: "1007".to_owned(),
+            measured: "not checked: server does not validate UTF-8".to_owned(),
+            verdict: Verdict::NotChecked,
+        },
+        _ => row(
+            "11. abuse soak: invalid UTF-8 closed with 1007",
+            "1007",
+            utf8.map(|c| {
+                (
+                    format!(
+                        "{}/{} ({})",
+                        fmt_int(c.right),
+                        fmt_int(c.attempts - c.open_at_end),
+                        c.ends.join(", ")
+                    ),
+                    c.passed(),
+                )
+            }),
+        ),
+    });
 }
 
 pub fn table(rows: &[Row]) -> String {
@@ -324,6 +604,11 @@ pub fn run(args: &TargetsArgs) -> Result<(String, bool), BenchError> {
         stuck_baseline: read(&args.stuck_baseline)?,
         stuck: read(&args.stuck)?,
         soak: read(&args.soak)?,
+        reconnect_storm: read(&args.reconnect_storm)?,
+        accept_storm: read(&args.accept_storm)?,
+        connect_19k: read(&args.connect_19k)?,
+        replicas: read(&args.replicas)?,
+        abuse: read(&args.abuse)?,
         send_floor: read(&args.send_floor)?,
     };
     let rows = evaluate(&reports);
@@ -450,6 +735,179 @@ mod tests {
         assert_eq!(
             (not_run.measured.as_str(), not_run.verdict),
             ("-", Verdict::NotRun)
+        );
+    }
+
+    fn find<'a>(rows: &'a [Row], target: &str) -> &'a Row {
+        rows.iter()
+            .find(|r| r.target.starts_with(target))
+            .unwrap_or_else(|| panic!("no row {target:?}"))
+    }
+
+    #[test]
+    fn storms_are_judged_on_the_slowest_client_and_the_worst_probe() {
+        use crate::stats::Percentiles;
+        use crate::storm::{AcceptStorm, PhaseLatency, ReconnectStorm};
+        let storm = |served_ms: f64| Report {
+            reconnect_storm: Some(ReconnectStorm {
+                clients: 10_000,
+                served: 10_000,
+                served_all_ms: Some(served_ms),
+                upgraded_all_ms: Some(served_ms - 80.0),
+                ..ReconnectStorm::default()
+            }),
+            ..Report::default()
+        };
+        let at = |ms: f64| Percentiles {
+            count: 10,
+            p50_us: ms * 1e3,
+            p99_us: ms * 1e3,
+            max_us: ms * 1e3,
+            ..Percentiles::default()
+        };
+        let phases = |before: f64, during: f64| PhaseLatency {
+            before: at(before),
+            during: at(during),
+            after: at(before),
+            ..PhaseLatency::default()
+        };
+        let accept = Report {
+            accept_storm: Some(AcceptStorm {
+                status: phases(1.0, 60.0),
+                ready: phases(1.0, 150.0),
+                delivery: PhaseLatency::default(),
+                ..AcceptStorm::default()
+            }),
+            ..Report::default()
+        };
+        let rows = evaluate(&Reports {
+            reconnect_storm: Some(storm(1900.0)),
+            accept_storm: Some(accept),
+            ..Reports::default()
+        });
+        assert_eq!(find(&rows, "7. reconnect storm").verdict, Verdict::Pass);
+        assert_eq!(
+            find(&rows, "8. accept storm: /status").verdict,
+            Verdict::Pass
+        );
+        let ready = find(&rows, "8. accept storm: /ready");
+        assert_eq!(ready.verdict, Verdict::Fail);
+        assert!(
+            ready.measured.starts_with("+149.00 ms"),
+            "{}",
+            ready.measured
+        );
+        // No message was sent during the storm: nothing to judge.
+        assert_eq!(
+            find(&rows, "8. accept storm: delivery").verdict,
+            Verdict::NotRun
+        );
+        let slow = evaluate(&Reports {
+            reconnect_storm: Some(storm(2100.0)),
+            ..Reports::default()
+        });
+        assert_eq!(find(&slow, "7. reconnect storm").verdict, Verdict::Fail);
+    }
+
+    #[test]
+    fn a_limit_that_stopped_the_replicas_fails_them_by_name() {
+        use crate::broadcast::ServerShare;
+        let share = ServerShare {
+            clients: 19_744,
+            rss_per_client_kib: Some(3.5),
+            ..ServerShare::default()
+        };
+        let replicas = Report {
+            broadcast: Some(Broadcast {
+                servers: vec![share; 5],
+                limits: vec!["open files per server process: ...".to_owned()],
+                reach_all_ms: Some(640.0),
+                ..Broadcast::default()
+            }),
+            ..Report::default()
+        };
+        let rows = evaluate(&Reports {
+            replicas: Some(replicas),
+            ..Reports::default()
+        });
+        let connected = find(&rows, "10. 100,000 clients");
+        assert_eq!(connected.verdict, Verdict::Fail);
+        assert!(
+            connected.measured.starts_with("98,720 in")
+                && connected
+                    .measured
+                    .contains("stopped by open files per server process"),
+            "{}",
+            connected.measured
+        );
+        assert_eq!(find(&rows, "10. 5 servers").verdict, Verdict::Pass);
+    }
+
+    #[test]
+    fn abuse_without_utf8_validation_is_not_checked_rather_than_failed() {
+        use crate::abuse::{Abuse, AbuseClass};
+        use crate::report::Soak;
+        let class = |name: &str, right: u64, not_checked: u64| AbuseClass {
+            name: name.to_owned(),
+            attempts: right + not_checked,
+            right,
+            not_checked,
+            ..AbuseClass::default()
+        };
+        let abuse = |slow_closes: u64| Report {
+            settings: Settings {
+                clients: 1000,
+                ..Settings::default()
+            },
+            soak: Some(Soak {
+                samples: vec![(60.0, 20_000), (300.0, 24_000), (600.0, 25_000)],
+                first_third_mean_kib: 20_000.0,
+                last_third_mean_kib: 25_000.0,
+                ..Soak::default()
+            }),
+            abuse: Some(Abuse {
+                classes: vec![
+                    class(PING_FLOOD, 40, 0),
+                    class(SLOWLORIS, 3000, 0),
+                    class(BIG_FRAME, 1000, 0),
+                    class(BAD_UTF8, 0, 1000),
+                    class(CHURN, 300_000, 0),
+                ],
+                slow_closes: Some(slow_closes),
+                ..Abuse::default()
+            }),
+            ..Report::default()
+        };
+        let rows = evaluate(&Reports {
+            abuse: Some(abuse(40)),
+            ..Reports::default()
+        });
+        // 5,000 KiB is within 5 MiB though above 10 %.
+        assert_eq!(
+            find(&rows, "11. abuse soak: server RSS").verdict,
+            Verdict::Pass
+        );
+        assert_eq!(
+            find(&rows, "11. abuse soak: abusers").verdict,
+            Verdict::Pass
+        );
+        let utf8 = find(&rows, "11. abuse soak: invalid UTF-8");
+        assert_eq!(
+            (utf8.measured.as_str(), utf8.verdict),
+            (
+                "not checked: server does not validate UTF-8",
+                Verdict::NotChecked
+            )
+        );
+        assert!(table(&rows).contains("not checked"));
+        // Flooders the server did not count as closed for slowness were closed otherwise.
+        let rows = evaluate(&Reports {
+            abuse: Some(abuse(39)),
+            ..Reports::default()
+        });
+        assert_eq!(
+            find(&rows, "11. abuse soak: abusers").verdict,
+            Verdict::Fail
         );
     }
 }
