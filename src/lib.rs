@@ -1,4 +1,5 @@
-//! vulcan-stream: every PostgreSQL NOTIFY on one channel, broadcast to every websocket client.
+//! vulcan-stream: every PostgreSQL NOTIFY on one channel, broadcast to every websocket client
+//! and every Server-Sent Events reader.
 //!
 //! # Layout
 //! One room per job; data flows one way, **source → stream → fan-out → transport**, and no
@@ -11,8 +12,8 @@
 //!   published in order; the heartbeat; whether the source is live.
 //! - [`fanout`]: delivery: the connected clients ([`fanout::Hub`]), the shard threads that
 //!   write into their sockets ([`fanout::shard`]), each client's outbox ([`fanout::outbox`]).
-//! - [`transport`]: HTTP routes, the accept loop, the websocket handshake, admission, and each
-//!   client's task.
+//! - [`transport`]: HTTP routes, the accept loop, the websocket handshake, Server-Sent Events,
+//!   admission, and each client's task.
 //! - [`auth`]: the shared token.
 //! - Shared leaves: [`metrics`], [`error`], [`logging`], [`shutdown`], [`limits`].
 //! - [`test_client`]: the end-to-end probe behind `vulcan-stream-test-client`.
@@ -27,7 +28,8 @@
 //! publishes batches to [`fanout::Hub::publish_batch`], which queues that one buffer for the
 //! shard threads; each writes it to its share of the clients without waiting on any: the
 //! client's [`fanout::ClientOut`] writes it into the socket directly, or queues what the socket
-//! did not take for the client's [`transport::subscriber::Subscriber`] task to flush.
+//! did not take for the client's task to flush ([`transport::subscriber::Subscriber`] for a
+//! websocket, the one in [`transport::sse`] for an event stream).
 
 pub mod auth;
 pub mod config;
@@ -98,7 +100,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         source,
     })?;
     log::info!(
-        "vulcan-stream {} listening on {local} (websocket path /{})",
+        "vulcan-stream {} listening on {local} (stream path /{}, websocket and SSE)",
         env!("CARGO_PKG_VERSION"),
         config.sender.stream_path
     );

@@ -4,6 +4,10 @@
 //! The websocket is open before the NOTIFY is sent, and the server registers a client before
 //! answering 101, so no sleep is needed. Other frames (pings, live traffic) are counted, not
 //! treated as failures.
+//!
+//! - [`sse`]: a Server-Sent Events client and the event-stream parser.
+
+pub mod sse;
 
 use std::time::Duration;
 
