@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use super::pg::{self, PgConnection};
+use super::pg::{self, ConnectFailure, PgConnection};
 use crate::config::ReceiverConfig;
 use crate::message::Outgoing;
 use crate::metrics::Metrics;
@@ -72,7 +72,7 @@ pub struct Receiver {
 enum SessionEnd {
     Shutdown,
     /// Never reached LISTEN.
-    ConnectFailed(String),
+    ConnectFailed(ConnectFailure),
     /// Was listening, then lost it.
     Lost(String),
 }
@@ -80,7 +80,8 @@ enum SessionEnd {
 impl Receiver {
     pub async fn run(self) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        // The cause last logged at WARN: a repeat of it is logged at DEBUG only.
+        // The kind of cause last logged at WARN (see [`ConnectFailure::kind`]): a repeat of it
+        // is logged at DEBUG only.
         let mut last_cause: Option<String> = None;
         let mut attempts: u64 = 0;
         let mut listened_before = false;
@@ -112,18 +113,18 @@ impl Receiver {
                 SessionEnd::ConnectFailed(cause) => Some(cause),
             };
             let delay = backoff.next_delay();
-            if let Some(cause) = cause {
-                if last_cause.as_deref() == Some(cause.as_str()) {
+            if let Some(ConnectFailure { text, kind }) = cause {
+                if last_cause.as_deref() == Some(kind.as_str()) {
                     log::debug!(
-                        "cannot connect to {} (attempt {attempts}): {cause}; retrying in {delay:.1?}",
+                        "cannot connect to {} (attempt {attempts}): {text}; retrying in {delay:.1?}",
                         self.target()
                     );
                 } else {
                     log::warn!(
-                        "cannot connect to {}: {cause}; retrying with backoff (next in {delay:.1?})",
+                        "cannot connect to {}: {text}; retrying with backoff (next in {delay:.1?})",
                         self.target()
                     );
-                    last_cause = Some(cause);
+                    last_cause = Some(kind);
                 }
             }
             tokio::select! {
@@ -162,7 +163,9 @@ impl Receiver {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
             result = connect => match result {
                 Ok(pair) => pair,
-                Err(err) => return SessionEnd::ConnectFailed(pg::describe_error(&err)),
+                Err(err) => {
+                    return SessionEnd::ConnectFailed(pg::describe_connect_error(&err, &self.config));
+                }
             },
         };
         // Set while the receiver waits for fan-out room: the connection is not read then, so
@@ -172,9 +175,9 @@ impl Receiver {
         let listen = format!("LISTEN {}", pg::quote_ident(&self.config.channel));
         tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-            ended = &mut connection => return SessionEnd::ConnectFailed(ended),
+            ended = &mut connection => return SessionEnd::ConnectFailed(ConnectFailure::new(ended)),
             result = client.batch_execute(&listen) => if let Err(err) = result {
-                return SessionEnd::ConnectFailed(pg::describe_error(&err));
+                return SessionEnd::ConnectFailed(ConnectFailure::new(pg::describe_error(&err)));
             },
         }
         self.set_state(ListenerState::Listening);
