@@ -1014,6 +1014,18 @@ pub async fn ws_connect(port: u16, path: &str) -> Result<Ws> {
 /// Connects to `ws://127.0.0.1:<port><path>` with extra request headers (e.g. `Authorization`,
 /// `Origin`); returns after the 101.
 pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Ws> {
+    Ok(ws_handshake(port, path, headers).await?.0)
+}
+
+/// [`ws_connect_with`], returning the server's 101 response too (its headers).
+pub async fn ws_handshake(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+)> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
     let url = format!("ws://127.0.0.1:{port}{path}");
@@ -1024,11 +1036,10 @@ pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) ->
             HeaderValue::from_str(value)?,
         );
     }
-    let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
+    tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
         .await
         .with_context(|| format!("connect {url}: timeout"))?
-        .with_context(|| format!("connect {url} with {headers:?}"))?;
-    Ok(ws)
+        .with_context(|| format!("connect {url} with {headers:?}"))
 }
 
 /// Reads messages until `pick` returns a value; fails after `timeout` naming `what`, on a

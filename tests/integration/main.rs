@@ -18,5 +18,6 @@ mod lifecycle;
 mod operations;
 mod payloads;
 mod resilience;
+mod resume;
 mod test_client;
 mod tls;
