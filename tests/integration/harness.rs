@@ -429,6 +429,10 @@ pub struct PgTlsOpts {
     /// `pg_hba.conf` lines placed before initdb's rules (which trust every local TCP client,
     /// with or without TLS), e.g. `host all alice 127.0.0.1/32 scram-sha-256`.
     pub hba_first: Vec<String>,
+    /// The CA(s) that client certificates must lead to (PEM), installed as `ssl_ca_file`. The
+    /// server then asks every TLS client for a certificate; clients without one still connect
+    /// unless a `pg_hba.conf` rule demands it (`cert`, `clientcert=verify-full`).
+    pub client_ca_pem: Option<String>,
 }
 
 impl PgCluster {
@@ -439,10 +443,17 @@ impl PgCluster {
         let cluster = PgCluster::private().await?;
         cluster.stop().await?;
         let data = cluster.dir.path().join("data");
+        let client_ca = opts
+            .client_ca_pem
+            .as_ref()
+            .map(|pem| ("client-ca.crt", pem));
         for (name, content) in [
             ("server.crt", &opts.cert_pem),
             ("server.key", &opts.key_pem),
-        ] {
+        ]
+        .into_iter()
+        .chain(client_ca)
+        {
             let path = data.join(name);
             std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -473,6 +484,10 @@ impl PgCluster {
               listen_addresses = '127.0.0.1'\n",
         )
         .context("append TLS settings to postgresql.conf")?;
+        if client_ca.is_some() {
+            file.write_all(b"ssl_ca_file = 'client-ca.crt'\n")
+                .context("append ssl_ca_file to postgresql.conf")?;
+        }
         if !opts.hba_first.is_empty() {
             let hba = data.join("pg_hba.conf");
             let old = std::fs::read_to_string(&hba).context("read pg_hba.conf")?;
@@ -999,6 +1014,18 @@ pub async fn ws_connect(port: u16, path: &str) -> Result<Ws> {
 /// Connects to `ws://127.0.0.1:<port><path>` with extra request headers (e.g. `Authorization`,
 /// `Origin`); returns after the 101.
 pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Ws> {
+    Ok(ws_handshake(port, path, headers).await?.0)
+}
+
+/// [`ws_connect_with`], returning the server's 101 response too (its headers).
+pub async fn ws_handshake(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+)> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
     let url = format!("ws://127.0.0.1:{port}{path}");
@@ -1009,11 +1036,10 @@ pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) ->
             HeaderValue::from_str(value)?,
         );
     }
-    let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
+    tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
         .await
         .with_context(|| format!("connect {url}: timeout"))?
-        .with_context(|| format!("connect {url} with {headers:?}"))?;
-    Ok(ws)
+        .with_context(|| format!("connect {url} with {headers:?}"))
 }
 
 /// Reads messages until `pick` returns a value; fails after `timeout` naming `what`, on a

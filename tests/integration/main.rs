@@ -18,6 +18,7 @@ mod lifecycle;
 mod operations;
 mod payloads;
 mod resilience;
+mod resume;
 mod sse;
 mod test_client;
 mod tls;
