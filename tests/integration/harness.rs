@@ -870,6 +870,12 @@ impl Server {
         }
     }
 
+    /// Waits until at least `count` clients have been disconnected as too slow.
+    pub async fn wait_slow_disconnects(&self, count: u64) -> Result<f64> {
+        let name = "vulcan_stream_clients_disconnected_slow_total";
+        self.wait_metric(name, TIMEOUT, |v| v >= count as f64).await
+    }
+
     /// The process's resident set size and its peak, in KiB (`VmRSS`, `VmHWM`).
     pub fn memory_kib(&self) -> Result<(u64, u64)> {
         let path = format!("/proc/{}/status", self.pid());
