@@ -6,6 +6,7 @@
 mod harness;
 
 mod bench_smoke;
+mod browser;
 mod config_errors;
 mod config_file;
 mod delivery;
