@@ -1,18 +1,22 @@
-//! vulcan-stream: every PostgreSQL NOTIFY on one channel, broadcast to every websocket client.
+//! vulcan-stream: every PostgreSQL NOTIFY on one channel, broadcast to every websocket (and
+//! Server-Sent Events) client, with positions so that a client that reconnects misses nothing
+//! in silence.
 //!
 //! # Layout
 //! One room per job; data flows one way, **source → stream → fan-out → transport**, and no
 //! import points back up.
 //! - [`config`]: the Go original's TOML file plus environment, validated into [`Config`].
-//! - [`message`]: one accepted payload and its encodings, each made once and shared.
+//! - [`message`]: one accepted payload and its encodings (legacy and `vulcan-stream.v1`
+//!   websocket frames, Server-Sent Events), each made once and shared; positions.
 //! - [`source`]: where messages come from: the `LISTEN` connection ([`source::notify`]) and its
 //!   PostgreSQL connection options ([`source::pg`]).
-//! - [`stream`]: the one path from a source to the clients: each payload checked once, then
-//!   published in order; the heartbeat; whether the source is live.
+//! - [`stream`]: the one path from a source to the clients: each payload checked once, given
+//!   its position, kept in the bounded history and published in order; resumes; epochs and
+//!   resets; the heartbeat; whether the source is live.
 //! - [`fanout`]: delivery: the connected clients ([`fanout::Hub`]), the shard threads that
 //!   write into their sockets ([`fanout::shard`]), each client's outbox ([`fanout::outbox`]).
-//! - [`transport`]: HTTP routes, the accept loop, the websocket handshake, admission, and each
-//!   client's task.
+//! - [`transport`]: HTTP routes, the accept loop, the websocket handshake, Server-Sent Events,
+//!   admission, and each client's task.
 //! - [`auth`]: the shared token.
 //! - Shared leaves: [`metrics`], [`error`], [`logging`], [`shutdown`], [`limits`].
 //! - [`test_client`]: the end-to-end probe behind `vulcan-stream-test-client`.
@@ -23,11 +27,15 @@
 //!
 //! # Flow
 //! A NOTIFY reaches [`source::notify::Receiver`], which hands the payload to
-//! [`stream::Stream::accept`]: checked once, framed once as the original bytes. The stream
-//! publishes batches to [`fanout::Hub::publish_batch`], which queues that one buffer for the
-//! shard threads; each writes it to its share of the clients without waiting on any: the
-//! client's [`fanout::ClientOut`] writes it into the socket directly, or queues what the socket
-//! did not take for the client's [`transport::subscriber::Subscriber`] task to flush.
+//! [`stream::Stream::accept`]: checked once, given the next position, encoded once per format.
+//! [`stream::Stream::publish`] appends the batch to the history and queues it, under one lock,
+//! for the fan-out's shard threads ([`fanout::Hub::enqueue`]); each writes every client's
+//! format to its share of the clients without waiting on any: the client's
+//! [`fanout::ClientOut`] writes it into the socket directly, or queues what the socket did not
+//! take for the client's task to flush ([`transport::subscriber::Subscriber`] for a websocket,
+//! the one in [`transport::sse`] for an event stream). A client that resumes joins through
+//! [`stream::Stream::join`] under the same lock: what it missed goes into its outbox first, and
+//! it gets every batch queued after that, so the hand-over has neither gap nor duplicate.
 
 pub mod auth;
 pub mod config;
@@ -98,7 +106,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         source,
     })?;
     log::info!(
-        "vulcan-stream {} listening on {local} (websocket path /{})",
+        "vulcan-stream {} listening on {local} (stream path /{}, websocket and SSE)",
         env!("CARGO_PKG_VERSION"),
         config.sender.stream_path
     );

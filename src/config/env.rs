@@ -28,6 +28,8 @@ pub(super) struct EnvSettings {
     pub pg_pwd: Option<String>,
     pub pg_sslmode: Option<String>,
     pub pg_ca_b64: Option<String>,
+    pub pg_sslcert_b64: Option<String>,
+    pub pg_sslkey_b64: Option<String>,
     pub pg_channel: Option<String>,
     pub pg_health_interval: Option<String>,
     pub pg_health_timeout: Option<String>,

@@ -34,4 +34,20 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    /// One of two settings that work only together is set without the other. `missing` names
+    /// both places the other one can be set.
+    #[error("{set} is set without {missing}: {reason}")]
+    Unpaired {
+        set: String,
+        missing: String,
+        reason: &'static str,
+    },
+    /// A setting that cannot take effect with another one's value (`other` names it, with its
+    /// value).
+    #[error("{origin} cannot be used with {other}: {reason}")]
+    Conflict {
+        origin: String,
+        other: String,
+        reason: &'static str,
+    },
 }

@@ -77,6 +77,10 @@ pub(super) struct ReceiverSection {
     pub db_ssl_mode: Option<Value>,
     #[serde(rename = "dbca")]
     pub db_ca: Option<Value>,
+    #[serde(rename = "dbsslcert")]
+    pub db_ssl_cert: Option<Value>,
+    #[serde(rename = "dbsslkey")]
+    pub db_ssl_key: Option<Value>,
     #[serde(rename = "streamchannel")]
     pub stream_channel: Option<Value>,
     #[serde(rename = "healthcheckinterval")]

@@ -28,6 +28,8 @@ pub(super) struct Settings {
     pub db_pass: Option<Raw>,
     pub db_ssl_mode: Option<Raw>,
     pub db_ca: Option<Raw>,
+    pub db_ssl_cert: Option<Raw>,
+    pub db_ssl_key: Option<Raw>,
     pub stream_channel: Option<Raw>,
     pub health_check_interval: Option<Raw>,
     pub health_check_timeout: Option<Raw>,
@@ -73,6 +75,10 @@ impl Settings {
                 .or(from_file("Receiver.DBSSLMode", receiver.db_ssl_mode)),
             db_ca: from_env("PG_CA_B64", env.pg_ca_b64)
                 .or(from_file("Receiver.DBCA", receiver.db_ca)),
+            db_ssl_cert: from_env("PG_SSLCERT_B64", env.pg_sslcert_b64)
+                .or(from_file("Receiver.DBSSLCert", receiver.db_ssl_cert)),
+            db_ssl_key: from_env("PG_SSLKEY_B64", env.pg_sslkey_b64)
+                .or(from_file("Receiver.DBSSLKey", receiver.db_ssl_key)),
             stream_channel: from_env("PG_CHANNEL", env.pg_channel)
                 .or(from_file("Receiver.StreamChannel", receiver.stream_channel)),
             health_check_interval: from_env("PG_HEALTH_INTERVAL", env.pg_health_interval).or(
@@ -145,9 +151,9 @@ impl Raw {
         }
     }
 
-    /// An error naming the origin and the value, quoted if text, as TOML otherwise.
-    pub(super) fn invalid(&self, reason: impl Into<String>) -> ConfigError {
-        let value = match self {
+    /// The value as messages show it: quoted if text, as TOML otherwise, cut when long.
+    fn shown(&self) -> String {
+        match self {
             Raw::Env { value, .. }
             | Raw::File {
                 value: toml::Value::String(value),
@@ -156,10 +162,19 @@ impl Raw {
                 format!("{:?}", preview(value))
             }
             Raw::File { value, .. } => preview(&value.to_string()).to_owned(),
-        };
+        }
+    }
+
+    /// `origin=value`, for a message about another setting that this one's value rules out.
+    pub(super) fn describe(&self) -> String {
+        format!("{}={}", self.origin(), self.shown())
+    }
+
+    /// An error naming the origin and the value.
+    pub(super) fn invalid(&self, reason: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             origin: self.origin().to_owned(),
-            value,
+            value: self.shown(),
             reason: reason.into(),
         }
     }

@@ -11,7 +11,8 @@
 //! - `merge.rs`: for each setting, the variable over the file key, remembering which one it
 //!   was, so that an error names what the operator has to fix.
 //! - `validate.rs`: gives each value its type (parsers in `values.rs`) or its default.
-//! - `tls.rs`: the database's TLS settings, `sslmode` and the CA certificates.
+//! - `tls.rs`: the database's TLS settings: `sslmode`, the CA certificates, the client
+//!   certificate and key (`private_key.rs` brings the key to the PKCS#8 form native-tls reads).
 //! - `error.rs`: [`ConfigError`].
 //!
 //! Configuration is a leaf of the crate: it imports nothing from the rooms that use it.
@@ -26,12 +27,13 @@ mod env;
 mod error;
 mod file;
 mod merge;
+mod private_key;
 mod tls;
 mod validate;
 mod values;
 
 pub use error::ConfigError;
-pub use tls::{CaCertificates, SslMode};
+pub use tls::{CaCertificates, ClientIdentity, SslMode};
 pub use values::parse_level;
 
 use env::EnvSettings;
@@ -64,6 +66,9 @@ pub struct ReceiverConfig {
     pub password: String,
     pub sslmode: SslMode,
     pub ca: Option<CaCertificates>,
+    /// The certificate and key presented to the server (libpq's `sslcert` and `sslkey`); set
+    /// only with an sslmode other than `disable`.
+    pub client_identity: Option<ClientIdentity>,
     /// The LISTEN channel, used as a quoted identifier (case-sensitive).
     pub channel: String,
     /// How often the LISTEN connection is checked with a query.
@@ -83,6 +88,7 @@ impl fmt::Debug for ReceiverConfig {
             .field("password", &"<redacted>")
             .field("sslmode", &self.sslmode)
             .field("ca", &self.ca)
+            .field("client_identity", &self.client_identity)
             .field("channel", &self.channel)
             .field("health_interval", &self.health_interval)
             .field("health_timeout", &self.health_timeout)
@@ -95,7 +101,7 @@ impl fmt::Debug for ReceiverConfig {
 pub struct SenderConfig {
     /// 0 binds an ephemeral port (logged at start).
     pub port: u16,
-    /// The websocket path segment, without slashes: `stream` serves `/stream`.
+    /// The stream path segment, without slashes: `stream` serves `/stream` (websocket and SSE).
     pub stream_path: String,
     /// Period of the `{"action":"ping"}` frame and of websocket Ping frames.
     pub ping_interval: Duration,
@@ -107,7 +113,7 @@ pub struct SenderConfig {
     pub handshake_timeout: Duration,
     /// The largest websocket frame or message a client may send.
     pub max_frame_size: usize,
-    /// Upgrades beyond this many connected clients get 503.
+    /// Clients (websocket or SSE) beyond this many connected get 503.
     pub max_clients: usize,
     /// The history that resuming clients are served from: at most this many messages (0 keeps
     /// none), ...
@@ -309,6 +315,94 @@ mod tests {
         );
         assert!(error(Some("[Sender]\nAllowedOrigins = [1]\n"), &[]).contains("array of strings"));
         assert!(error(None, &[("MAX_CLIENTS", "0")]).starts_with("MAX_CLIENTS"));
+    }
+
+    #[test]
+    fn client_certificate_and_key_come_together_and_need_tls() {
+        let b64 =
+            |text: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, text);
+        let cert = b64("-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n");
+        let key = b64(
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXJrZXI=\n-----END PRIVATE KEY-----\n",
+        );
+        let tls = ("PG_SSLMODE", "verify-full");
+        assert_eq!(
+            error(None, &[tls, ("PG_SSLCERT_B64", &cert)]),
+            "PG_SSLCERT_B64 is set without PG_SSLKEY_B64 or Receiver.DBSSLKey: \
+             a client certificate needs its private key"
+        );
+        let message = error(Some(&format!("[Receiver]\nDBSSLKey = \"{key}\"\n")), &[tls]);
+        assert!(
+            message.starts_with(
+                "Receiver.DBSSLKey is set without PG_SSLCERT_B64 or Receiver.DBSSLCert"
+            ),
+            "{message}"
+        );
+        assert!(!message.contains(&key), "{message}");
+        let both = [
+            ("PG_SSLCERT_B64", cert.as_str()),
+            ("PG_SSLKEY_B64", key.as_str()),
+        ];
+        assert!(error(None, &both).starts_with(
+            "PG_SSLCERT_B64 and PG_SSLKEY_B64 cannot be used with sslmode disable (the default)"
+        ));
+        let file = "[Receiver]\nDBSSLMode = \"disable\"\n";
+        assert!(
+            error(Some(file), &both)
+                .contains(r#"cannot be used with Receiver.DBSSLMode="disable": "#)
+        );
+    }
+
+    #[test]
+    fn a_bad_client_certificate_or_key_is_named_and_the_key_never_shown() {
+        let b64 =
+            |text: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, text);
+        let cert = b64("hello");
+        let marker = "c2VjcmV0LWtleS1tYXJrZXI";
+        let tls = ("PG_SSLMODE", "require");
+        // The key's base64 is checked before either is parsed.
+        let message = error(
+            None,
+            &[
+                tls,
+                ("PG_SSLCERT_B64", &cert),
+                ("PG_SSLKEY_B64", &format!("{marker}*")),
+            ],
+        );
+        assert_eq!(message, "PG_SSLKEY_B64=<redacted>: not base64");
+        let key = b64(&format!(
+            "-----BEGIN EC PRIVATE KEY-----\n{marker}=\n-----END EC PRIVATE KEY-----\n"
+        ));
+        let message = error(
+            None,
+            &[tls, ("PG_SSLCERT_B64", &cert), ("PG_SSLKEY_B64", &key)],
+        );
+        assert!(
+            message.starts_with(&format!("PG_SSLCERT_B64={cert:?}: not a PEM certificate")),
+            "{message}"
+        );
+        let pem_cert = b64("-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n");
+        let message = error(
+            None,
+            &[tls, ("PG_SSLCERT_B64", &pem_cert), ("PG_SSLKEY_B64", &key)],
+        );
+        assert!(message.starts_with("PG_SSLCERT_B64="), "{message}");
+        let file = format!(
+            "[Receiver]\nDBSSLMode = \"require\"\nDBSSLCert = \"{cert}\"\nDBSSLKey = 1234\n"
+        );
+        assert_eq!(
+            error(Some(&file), &[]),
+            "Receiver.DBSSLKey=<redacted>: expected a string"
+        );
+        let message = error(
+            None,
+            &[
+                tls,
+                ("PG_SSLCERT_B64", &cert),
+                ("PG_SSLKEY_B64", "-----BEGIN PRIVATE KEY-----"),
+            ],
+        );
+        assert!(message.contains("base64 -w0"), "{message}");
     }
 
     #[test]

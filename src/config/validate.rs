@@ -7,13 +7,14 @@ use std::time::Duration;
 use log::LevelFilter;
 
 use super::merge::{Raw, Settings};
+use super::tls::{IdentityError, decode_base64, decode_secret_base64};
 use super::values::{
     parse_channel, parse_count, parse_level, parse_port, parse_positive, parse_seconds,
     parse_stream_path,
 };
 use super::{
-    CaCertificates, Config, ConfigError, LoggerConfig, ReceiverConfig, Secret, SenderConfig,
-    SslMode,
+    CaCertificates, ClientIdentity, Config, ConfigError, LoggerConfig, ReceiverConfig, Secret,
+    SenderConfig, SslMode,
 };
 
 impl Settings {
@@ -24,14 +25,21 @@ impl Settings {
                 .map(PathBuf::from),
             level: parsed(self.log_level, parse_level)?.unwrap_or(LevelFilter::Info),
         };
+        let sslmode_setting = self.db_ssl_mode.as_ref().map(Raw::describe);
+        let sslmode = ssl_mode(self.db_ssl_mode)?;
         let receiver = ReceiverConfig {
             host: text(self.db_host)?.unwrap_or_else(|| "localhost".to_owned()),
             port: parsed(self.db_port, parse_port)?.unwrap_or(5432),
             dbname: text(self.db_name)?.unwrap_or_else(|| "stream".to_owned()),
             user: text(self.db_user)?.unwrap_or_else(|| "postgres".to_owned()),
             password: secret(self.db_pass)?.unwrap_or_default(),
-            sslmode: ssl_mode(self.db_ssl_mode)?,
+            sslmode,
             ca: parsed(self.db_ca, CaCertificates::parse_base64)?,
+            client_identity: client_identity(
+                self.db_ssl_cert,
+                self.db_ssl_key,
+                (sslmode, sslmode_setting),
+            )?,
             channel: parsed(self.stream_channel, parse_channel)?
                 .unwrap_or_else(|| "events".to_owned()),
             health_interval: parsed(self.health_check_interval, parse_seconds)?
@@ -115,6 +123,57 @@ fn list(raw: Option<Raw>) -> Result<Vec<String>, ConfigError> {
         .filter(|item| !item.is_empty())
         .map(str::to_owned)
         .collect())
+}
+
+/// The client certificate and its key: both or neither, and not with sslmode `disable` (which
+/// would silently leave them unused: `disable` is the default, so forgetting `PG_SSLMODE` is the
+/// likely mistake). `sslmode` comes with the setting that chose it, if one did. The key's value
+/// is never shown.
+fn client_identity(
+    cert: Option<Raw>,
+    key: Option<Raw>,
+    sslmode: (SslMode, Option<String>),
+) -> Result<Option<ClientIdentity>, ConfigError> {
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(cert), None) => {
+            return Err(ConfigError::Unpaired {
+                set: cert.origin().to_owned(),
+                missing: "PG_SSLKEY_B64 or Receiver.DBSSLKey".to_owned(),
+                reason: "a client certificate needs its private key",
+            });
+        }
+        (None, Some(key)) => {
+            return Err(ConfigError::Unpaired {
+                set: key.origin().to_owned(),
+                missing: "PG_SSLCERT_B64 or Receiver.DBSSLCert".to_owned(),
+                reason: "a private key needs its client certificate",
+            });
+        }
+    };
+    if let (SslMode::Disable, setting) = sslmode {
+        return Err(ConfigError::Conflict {
+            origin: format!("{} and {}", cert.origin(), key.origin()),
+            other: setting.unwrap_or_else(|| "sslmode disable (the default)".to_owned()),
+            reason: "a client certificate is sent only over TLS; set PG_SSLMODE or \
+                     Receiver.DBSSLMode to require, verify-ca or verify-full",
+        });
+    }
+    let cert_pem = cert.parse(decode_base64)?;
+    let key_text = key
+        .text()
+        .ok_or_else(|| key.invalid_secret("expected a string"))?;
+    let key_pem = decode_secret_base64(key_text).map_err(|reason| key.invalid_secret(reason))?;
+    let identity = ClientIdentity::parse(&cert_pem, &key_pem).map_err(|err| match err {
+        IdentityError::Certificate(reason) => cert.invalid(reason),
+        IdentityError::Key(reason) => key.invalid_secret(reason),
+        IdentityError::Mismatch(reason) => key.invalid_secret(format!(
+            "does not go with the certificate of {} ({reason})",
+            cert.origin()
+        )),
+    })?;
+    Ok(Some(identity))
 }
 
 /// Unset is `disable`. A file's `DBSSLMode = ""` is `require`, as the original's driver read it

@@ -8,17 +8,17 @@
 //! connection is listening are lost: PostgreSQL queues them only for sessions that LISTEN.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use postgres_native_tls::MakeTlsConnector;
 use rand::Rng;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use super::pg::{self, PgConnection};
+use super::pg::{self, ConnectFailure, PgConnection};
 use crate::config::ReceiverConfig;
 use crate::message::Outgoing;
 use crate::metrics::Metrics;
@@ -72,7 +72,7 @@ pub struct Receiver {
 enum SessionEnd {
     Shutdown,
     /// Never reached LISTEN.
-    ConnectFailed(String),
+    ConnectFailed(ConnectFailure),
     /// Was listening, then lost it.
     Lost(String),
 }
@@ -80,7 +80,8 @@ enum SessionEnd {
 impl Receiver {
     pub async fn run(self) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        // The cause last logged at WARN: a repeat of it is logged at DEBUG only.
+        // The kind of cause last logged at WARN (see [`ConnectFailure::kind`]): a repeat of it
+        // is logged at DEBUG only.
         let mut last_cause: Option<String> = None;
         let mut attempts: u64 = 0;
         let mut listened_before = false;
@@ -112,18 +113,18 @@ impl Receiver {
                 SessionEnd::ConnectFailed(cause) => Some(cause),
             };
             let delay = backoff.next_delay();
-            if let Some(cause) = cause {
-                if last_cause.as_deref() == Some(cause.as_str()) {
+            if let Some(ConnectFailure { text, kind }) = cause {
+                if last_cause.as_deref() == Some(kind.as_str()) {
                     log::debug!(
-                        "cannot connect to {} (attempt {attempts}): {cause}; retrying in {delay:.1?}",
+                        "cannot connect to {} (attempt {attempts}): {text}; retrying in {delay:.1?}",
                         self.target()
                     );
                 } else {
                     log::warn!(
-                        "cannot connect to {}: {cause}; retrying with backoff (next in {delay:.1?})",
+                        "cannot connect to {}: {text}; retrying with backoff (next in {delay:.1?})",
                         self.target()
                     );
-                    last_cause = Some(cause);
+                    last_cause = Some(kind);
                 }
             }
             tokio::select! {
@@ -162,19 +163,19 @@ impl Receiver {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
             result = connect => match result {
                 Ok(pair) => pair,
-                Err(err) => return SessionEnd::ConnectFailed(pg::describe_error(&err)),
+                Err(err) => {
+                    return SessionEnd::ConnectFailed(pg::describe_connect_error(&err, &self.config));
+                }
             },
         };
-        // Set while the receiver waits for fan-out room: the connection is not read then, so
-        // the health query's answer waits unread too, and must not count as lost.
-        let stalled = watch::Sender::new(false);
-        let mut connection = std::pin::pin!(self.forward_notifications(connection, &stalled));
+        let activity = Activity::default();
+        let mut connection = std::pin::pin!(self.forward_notifications(connection, &activity));
         let listen = format!("LISTEN {}", pg::quote_ident(&self.config.channel));
         tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-            ended = &mut connection => return SessionEnd::ConnectFailed(ended),
+            ended = &mut connection => return SessionEnd::ConnectFailed(ConnectFailure::new(ended)),
             result = client.batch_execute(&listen) => if let Err(err) = result {
-                return SessionEnd::ConnectFailed(pg::describe_error(&err));
+                return SessionEnd::ConnectFailed(ConnectFailure::new(pg::describe_error(&err)));
             },
         }
         self.set_state(ListenerState::Listening);
@@ -209,12 +210,9 @@ impl Receiver {
                 ended = &mut connection => return SessionEnd::Lost(ended),
                 _ = health.tick() => {
                     let mut check = std::pin::pin!(client.simple_query(""));
-                    let mut stall = stalled.subscribe();
-                    // The timeout runs only while the connection is being read; after a stall
-                    // the query gets a whole timeout again.
                     let mut deadline = Instant::now() + health_timeout;
+                    let mut seen = activity.read.load(Ordering::Relaxed);
                     loop {
-                        let waiting_for_room = *stall.borrow_and_update();
                         tokio::select! {
                             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                             ended = &mut connection => return SessionEnd::Lost(ended),
@@ -225,15 +223,17 @@ impl Receiver {
                                 }
                                 Err(err) => return SessionEnd::Lost(pg::describe_error(&err)),
                             },
-                            _ = tokio::time::sleep_until(deadline), if !waiting_for_room => {
-                                return SessionEnd::Lost(format!(
-                                    "health query unanswered after {health_timeout:?}"
-                                ));
-                            }
-                            _ = stall.changed() => {
-                                if waiting_for_room {
-                                    deadline = Instant::now() + health_timeout;
+                            _ = tokio::time::sleep_until(deadline) => {
+                                // The answer queues behind every notification sent before it:
+                                // a connection that delivers, or waits on the fan-out, is alive.
+                                let read = activity.read.load(Ordering::Relaxed);
+                                if read == seen && !activity.waiting_for_room.load(Ordering::Relaxed) {
+                                    return SessionEnd::Lost(format!(
+                                        "health query unanswered after {health_timeout:?}"
+                                    ));
                                 }
+                                seen = read;
+                                deadline = Instant::now() + health_timeout;
                             }
                         }
                     }
@@ -248,7 +248,7 @@ impl Receiver {
     async fn forward_notifications(
         &self,
         mut connection: PgConnection,
-        stalled: &watch::Sender<bool>,
+        activity: &Activity,
     ) -> String {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         let mut batch = Vec::new();
@@ -257,6 +257,7 @@ impl Receiver {
                 return "connection closed by the server".to_owned();
             };
             loop {
+                activity.read.fetch_add(1, Ordering::Relaxed);
                 match message {
                     Ok(AsyncMessage::Notification(n)) if n.channel() == self.config.channel => {
                         if let Some(frame) = self.stream.accept(n.channel(), n.payload()) {
@@ -268,7 +269,7 @@ impl Receiver {
                     }
                     Ok(_) => {}
                     Err(err) => {
-                        self.publish(&mut batch, stalled).await;
+                        self.publish(&mut batch, activity).await;
                         return pg::describe_error(&err);
                     }
                 }
@@ -278,27 +279,38 @@ impl Receiver {
                 match messages.next().now_or_never() {
                     Some(Some(next)) => message = next,
                     Some(None) => {
-                        self.publish(&mut batch, stalled).await;
+                        self.publish(&mut batch, activity).await;
                         return "connection closed by the server".to_owned();
                     }
                     None => break,
                 }
             }
-            self.publish(&mut batch, stalled).await;
+            self.publish(&mut batch, activity).await;
         }
     }
 }
 
+/// What the health check needs to tell a lost connection from a busy one: the answer to its
+/// query waits behind every notification PostgreSQL sent before it, and behind the fan-out
+/// when the receiver waits for room. Both are shared by the session's two halves.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Messages read from the connection.
+    read: AtomicU64,
+    /// Set while a publish waits for fan-out room (the connection is not read meanwhile).
+    waiting_for_room: AtomicBool,
+}
+
 impl Receiver {
-    /// Publishes a batch; while that waits for fan-out room, `stalled` says so.
-    async fn publish(&self, batch: &mut Vec<Arc<Outgoing>>, stalled: &watch::Sender<bool>) {
+    /// Publishes a batch; while that waits for fan-out room, `activity` says so.
+    async fn publish(&self, batch: &mut Vec<Arc<Outgoing>>, activity: &Activity) {
         let mut publish = std::pin::pin!(self.stream.publish(batch));
         if futures::poll!(publish.as_mut()).is_ready() {
             return;
         }
-        stalled.send_replace(true);
+        activity.waiting_for_room.store(true, Ordering::Relaxed);
         publish.await;
-        stalled.send_replace(false);
+        activity.waiting_for_room.store(false, Ordering::Relaxed);
     }
 }
 

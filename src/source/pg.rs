@@ -3,7 +3,9 @@
 //! tokio-postgres knows only disable/prefer/require and leaves certificate checks to the TLS
 //! connector, so each libpq mode is mapped here to a pair (tokio-postgres mode, connector
 //! strictness). Both the receiver and the test client connect through [`connect`], so they
-//! share one meaning of every mode.
+//! share one meaning of every mode. A configured client certificate (libpq's `sslcert` and
+//! `sslkey`) is presented whenever TLS is negotiated; the configuration refuses one with
+//! `disable`.
 
 use std::time::Duration;
 
@@ -49,10 +51,14 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// The connection future type both sides drive; it must be polled for notifications to arrive.
 pub type PgConnection = Connection<Socket, postgres_native_tls::TlsStream<Socket>>;
 
-/// Builds the TLS connector for a mode. Kept separate from [`connect`] so that a broken TLS
-/// setup is found once at start rather than on every reconnect.
+/// Builds the TLS connector for a mode, with the client certificate if one is configured.
+/// Kept separate from [`connect`] so that a broken TLS setup is found once at start rather
+/// than on every reconnect.
 pub fn tls_connector(cfg: &ReceiverConfig) -> Result<MakeTlsConnector, Error> {
     let mut builder = TlsConnector::builder();
+    if let Some(client) = &cfg.client_identity {
+        builder.identity(client.identity().clone());
+    }
     if let Some(ca) = &cfg.ca {
         for cert in ca.certificates() {
             builder.add_root_certificate(cert.clone());
@@ -98,6 +104,54 @@ pub async fn connect(
 /// `My-Events` (or one containing `"`) is LISTENed to exactly as configured.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A failed connection attempt, described for log lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    /// The cause, password-free (see [`describe_error`]).
+    pub text: String,
+    /// What every repeat of this failure has in common, so that it is reported once even when
+    /// its text varies from one attempt to the next; otherwise the text itself.
+    pub kind: String,
+}
+
+impl ConnectFailure {
+    /// A failure that reads the same each time it happens.
+    pub fn new(text: String) -> ConnectFailure {
+        ConnectFailure {
+            kind: text.clone(),
+            text,
+        }
+    }
+}
+
+/// How a refused client certificate shows when the server's reset overtook its alert.
+const DROPPED_BEFORE_AUTHENTICATION: &str = "the server dropped the connection before \
+    authentication: with a client certificate under TLS 1.3, that is also how a server refuses \
+    the certificate (its log says why)";
+
+/// [`describe_error`] for a failed [`connect`], as one [`ConnectFailure`].
+///
+/// Under TLS 1.3 the server checks a client certificate after the client has finished its side
+/// of the handshake and sent its startup message. A refusal then reaches the client as an alert
+/// on its next read (`tlsv1 alert unknown ca`), or, when the reset that follows the alert gets
+/// there first, as a bare reset: at random, from one attempt to the next. With a client
+/// certificate configured, a connection lost before authentication therefore says what it
+/// probably means, and both forms count as one failure.
+pub fn describe_connect_error(err: &tokio_postgres::Error, cfg: &ReceiverConfig) -> ConnectFailure {
+    let text = describe_error(err);
+    // tokio-postgres does not expose its error kinds: `Io` is told by its message. `Connect`
+    // (no TCP connection) and `Tls` (a handshake that failed, TLS 1.2's refusals included) say
+    // other things.
+    let dropped = err.is_closed() || err.to_string() == "error communicating with the server";
+    if cfg.client_identity.is_some() && dropped {
+        return ConnectFailure {
+            text: format!("{text} ({DROPPED_BEFORE_AUTHENTICATION})"),
+            kind: DROPPED_BEFORE_AUTHENTICATION.to_owned(),
+        };
+    }
+    ConnectFailure::new(text)
 }
 
 /// A short, password-free description of a connection error's cause, for log lines.

@@ -1,5 +1,5 @@
-//! Test harness: a throwaway PostgreSQL cluster, the real binaries, a websocket client and a raw
-//! HTTP/1.1 client.
+//! Test harness: a throwaway PostgreSQL cluster, the real binaries, a websocket client, a raw
+//! HTTP/1.1 client and a Server-Sent Events client.
 //!
 //! Every wait is on an event (a log line, a readiness probe, a client count, a frame) bounded by a
 //! deadline; deadlines only turn a hang into a failure.
@@ -429,6 +429,10 @@ pub struct PgTlsOpts {
     /// `pg_hba.conf` lines placed before initdb's rules (which trust every local TCP client,
     /// with or without TLS), e.g. `host all alice 127.0.0.1/32 scram-sha-256`.
     pub hba_first: Vec<String>,
+    /// The CA(s) that client certificates must lead to (PEM), installed as `ssl_ca_file`. The
+    /// server then asks every TLS client for a certificate; clients without one still connect
+    /// unless a `pg_hba.conf` rule demands it (`cert`, `clientcert=verify-full`).
+    pub client_ca_pem: Option<String>,
 }
 
 impl PgCluster {
@@ -439,10 +443,17 @@ impl PgCluster {
         let cluster = PgCluster::private().await?;
         cluster.stop().await?;
         let data = cluster.dir.path().join("data");
+        let client_ca = opts
+            .client_ca_pem
+            .as_ref()
+            .map(|pem| ("client-ca.crt", pem));
         for (name, content) in [
             ("server.crt", &opts.cert_pem),
             ("server.key", &opts.key_pem),
-        ] {
+        ]
+        .into_iter()
+        .chain(client_ca)
+        {
             let path = data.join(name);
             std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -473,6 +484,10 @@ impl PgCluster {
               listen_addresses = '127.0.0.1'\n",
         )
         .context("append TLS settings to postgresql.conf")?;
+        if client_ca.is_some() {
+            file.write_all(b"ssl_ca_file = 'client-ca.crt'\n")
+                .context("append ssl_ca_file to postgresql.conf")?;
+        }
         if !opts.hba_first.is_empty() {
             let hba = data.join("pg_hba.conf");
             let old = std::fs::read_to_string(&hba).context("read pg_hba.conf")?;
@@ -855,6 +870,12 @@ impl Server {
         }
     }
 
+    /// Waits until at least `count` clients have been disconnected as too slow.
+    pub async fn wait_slow_disconnects(&self, count: u64) -> Result<f64> {
+        let name = "vulcan_stream_clients_disconnected_slow_total";
+        self.wait_metric(name, TIMEOUT, |v| v >= count as f64).await
+    }
+
     /// The process's resident set size and its peak, in KiB (`VmRSS`, `VmHWM`).
     pub fn memory_kib(&self) -> Result<(u64, u64)> {
         let path = format!("/proc/{}/status", self.pid());
@@ -999,6 +1020,18 @@ pub async fn ws_connect(port: u16, path: &str) -> Result<Ws> {
 /// Connects to `ws://127.0.0.1:<port><path>` with extra request headers (e.g. `Authorization`,
 /// `Origin`); returns after the 101.
 pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Ws> {
+    Ok(ws_handshake(port, path, headers).await?.0)
+}
+
+/// [`ws_connect_with`], returning the server's 101 response too (its headers).
+pub async fn ws_handshake(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+)> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
     let url = format!("ws://127.0.0.1:{port}{path}");
@@ -1009,11 +1042,10 @@ pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) ->
             HeaderValue::from_str(value)?,
         );
     }
-    let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
+    tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
         .await
         .with_context(|| format!("connect {url}: timeout"))?
-        .with_context(|| format!("connect {url} with {headers:?}"))?;
-    Ok(ws)
+        .with_context(|| format!("connect {url} with {headers:?}"))
 }
 
 /// Reads messages until `pick` returns a value; fails after `timeout` naming `what`, on a
@@ -1088,6 +1120,50 @@ pub async fn next_close(ws: &mut Ws) -> Result<Option<CloseFrame>> {
 /// Sends a text frame from the client.
 pub async fn ws_send(ws: &mut Ws, text: &str) -> Result<()> {
     ws.send(Message::text(text)).await.context("websocket send")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server-Sent Events client
+// ---------------------------------------------------------------------------------------------
+
+pub use vulcan_stream::test_client::sse::{EventStream, Item as SseItem};
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub kind: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// Opens `http://127.0.0.1:<port><path>` as an event stream, with extra request headers;
+/// returns after the 200 (its head is in [`EventStream::headers`]).
+pub async fn sse_connect(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<EventStream> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    tokio::time::timeout(TIMEOUT, EventStream::open(&url, headers))
+        .await
+        .with_context(|| format!("open {url}: timeout"))?
+        .with_context(|| format!("open {url} with {headers:?}"))
+}
+
+/// The next item (event, comment or retry) within `timeout`; fails when the stream ends.
+pub async fn sse_next_within(stream: &mut EventStream, timeout: Duration) -> Result<SseItem> {
+    tokio::time::timeout(timeout, stream.next())
+        .await
+        .with_context(|| format!("nothing on the event stream within {timeout:?}"))?
+        .context("event stream read")?
+        .context("the event stream ended")
+}
+
+/// The next event, skipping comments (heartbeats) and `retry` fields.
+pub async fn sse_event(stream: &mut EventStream) -> Result<SseEvent> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let SseItem::Event { kind, id, data } = sse_next_within(stream, left).await? {
+            return Ok(SseEvent { kind, id, data });
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

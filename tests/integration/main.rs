@@ -6,6 +6,7 @@
 mod harness;
 
 mod bench_smoke;
+mod browser;
 mod config_errors;
 mod config_file;
 mod delivery;
@@ -18,5 +19,7 @@ mod lifecycle;
 mod operations;
 mod payloads;
 mod resilience;
+mod resume;
+mod sse;
 mod test_client;
 mod tls;
