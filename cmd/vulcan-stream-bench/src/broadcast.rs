@@ -772,6 +772,13 @@ pub async fn run(args: BroadcastArgs, pg: Handle) -> Result<Report, BenchError> 
             broadcast.limits.join("; ")
         ));
     }
+    // The servers and the workers are this run's too, not "other processes".
+    let ours_cpu_s = broadcast.generator_cpu_s
+        + broadcast
+            .servers
+            .iter()
+            .filter_map(|s| s.cpu_s)
+            .sum::<f64>();
     report.connect = Some(broadcast.connect.clone());
     report.broadcast = Some(broadcast);
     OwnUse {
@@ -780,6 +787,10 @@ pub async fn run(args: BroadcastArgs, pg: Handle) -> Result<Report, BenchError> 
         wall_s,
     }
     .record(&mut report, args.output.threads, None);
+    if wall_s > 0.0 {
+        report.others_pct_of_core =
+            (report.others_pct_of_core - ours_cpu_s * 100.0 / wall_s).max(0.0);
+    }
     report.published = Some(published);
     Ok(report)
 }

@@ -9,6 +9,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
+/// How long a request may take.
+const ANSWER_LIMIT: Duration = Duration::from_secs(5);
+const NO_ANSWER: &str = "no answer within 5 s";
+
 /// Where `/status` lives: host, port and path of a plain `http://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusUrl {
@@ -65,9 +69,9 @@ impl StatusUrl {
 
     /// A numeric field of the status JSON.
     async fn counter(&self, field: &str) -> Result<u64, String> {
-        let body = timeout(Duration::from_secs(5), self.get())
+        let body = timeout(ANSWER_LIMIT, self.get())
             .await
-            .map_err(|_| "no answer within 5 s".to_owned())??;
+            .map_err(|_| NO_ANSWER.to_owned())??;
         let value: serde_json::Value =
             serde_json::from_str(&body).map_err(|err| format!("not JSON: {err}"))?;
         value[field]
@@ -93,9 +97,9 @@ impl StatusUrl {
     /// A counter of the server's `/metrics` (OpenMetrics text), by its full name
     /// (`..._total`).
     pub async fn metric(&self, name: &str) -> Result<f64, String> {
-        let (status, _, body) = timeout(Duration::from_secs(5), self.request("/metrics"))
+        let (status, _, body) = timeout(ANSWER_LIMIT, self.request("/metrics"))
             .await
-            .map_err(|_| "no answer within 5 s".to_owned())??;
+            .map_err(|_| NO_ANSWER.to_owned())??;
         if status != 200 {
             return Err(format!("/metrics answered {status}"));
         }
@@ -141,18 +145,23 @@ impl StatusUrl {
         Ok((status, head.to_owned(), body.to_owned()))
     }
 
-    /// Polls until at least `want` clients are registered; returns the last count seen.
+    /// Polls until at least `want` clients are registered; returns the last count seen. A
+    /// server busy with thousands of connections may leave a poll unanswered for a while: that
+    /// one is retried until the limit, any other failure ends the wait.
     pub async fn wait_for_clients(&self, want: u64, limit: Duration) -> Result<u64, String> {
         let deadline = Instant::now() + limit;
         loop {
-            let seen = self.clients().await?;
-            if seen >= want {
-                return Ok(seen);
+            let seen = self.clients().await;
+            match &seen {
+                Ok(seen) if *seen >= want => return Ok(*seen),
+                Err(why) if why != NO_ANSWER => return Err(why.clone()),
+                _ => {}
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "{seen} of {want} clients registered after {limit:?}"
-                ));
+                return Err(match seen {
+                    Ok(seen) => format!("{seen} of {want} clients registered after {limit:?}"),
+                    Err(why) => format!("{why}, still after {limit:?}"),
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
