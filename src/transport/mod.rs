@@ -7,6 +7,7 @@
 //! - [`admission`]: who may connect: token, Origin, `MaxClients`.
 //! - [`subscriber`]: one websocket client's task once upgraded.
 //! - [`frames`]: the parser of what clients send.
+//! - [`utf8`]: the incremental UTF-8 check of the text messages clients send.
 //!
 //! Nothing imports this room: it is the top of the flow source → stream → fan-out → transport.
 
@@ -16,6 +17,7 @@ pub mod frames;
 pub mod routes;
 pub mod subscriber;
 pub mod upgrade;
+pub mod utf8;
 
 use std::sync::Arc;
 
