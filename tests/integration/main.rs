@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod autobahn;
 mod bench_smoke;
 mod config_errors;
 mod config_file;
