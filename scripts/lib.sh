@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Functions shared by scripts/run, scripts/test and .ci/run; source it.
+# Functions shared by scripts/run, scripts/test, scripts/fuzz and .ci/run;
+# source it.
 # It only defines functions and changes nothing by itself.
 
 # Prints a message on stderr.
