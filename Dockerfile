@@ -12,23 +12,28 @@ RUN apt-get update \
 
 WORKDIR /build
 
-# Dependencies first: this layer is rebuilt only when Cargo.toml or
-# Cargo.lock change. Every target declared in Cargo.toml gets a stub so
-# that cargo accepts the manifest; the integration test stub stays, as the
-# tests are not part of the image.
+# Dependencies first: this layer is rebuilt only when a manifest or
+# Cargo.lock changes. cargo reads every workspace member's manifest and
+# wants every target a manifest declares to exist, so each gets a stub: the
+# root package's library, its two binaries and its integration test, and
+# the load generator's binary (a member of its own, never built here).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src cmd/vulcan-stream cmd/vulcan-stream-test-client tests/integration \
+COPY cmd/vulcan-stream-bench/Cargo.toml cmd/vulcan-stream-bench/
+RUN mkdir -p src cmd/vulcan-stream cmd/vulcan-stream-test-client \
+        cmd/vulcan-stream-bench/src tests/integration \
     && touch src/lib.rs tests/integration/main.rs \
-    && echo 'fn main() {}' > cmd/vulcan-stream/main.rs \
-    && echo 'fn main() {}' > cmd/vulcan-stream-test-client/main.rs \
-    && cargo build --release --locked --bins
+    && for main in cmd/vulcan-stream/main.rs cmd/vulcan-stream-test-client/main.rs \
+        cmd/vulcan-stream-bench/src/main.rs; do echo 'fn main() {}' > "$main"; done \
+    && cargo build --release --locked -p vulcan-stream --bins
 
-# The real sources. COPY keeps their modification times, which may be older
-# than the stubs', so touch them for cargo to notice the change.
+# The real sources of the root package; the load generator keeps its stub.
+# COPY keeps their modification times, which may be older than the stubs',
+# so touch them for cargo to notice the change.
 COPY src ./src
-COPY cmd ./cmd
-RUN find src cmd -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked --bins
+COPY cmd/vulcan-stream ./cmd/vulcan-stream
+COPY cmd/vulcan-stream-test-client ./cmd/vulcan-stream-test-client
+RUN find src cmd/vulcan-stream cmd/vulcan-stream-test-client -name '*.rs' -exec touch {} + \
+    && cargo build --release --locked -p vulcan-stream --bins
 
 # ---- runtime -----------------------------------------------------------
 FROM debian:bookworm-slim

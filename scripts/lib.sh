@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Functions shared by scripts/run, scripts/test, scripts/fuzz and .ci/run;
-# source it.
+# Functions shared by scripts/run, scripts/image, scripts/test, scripts/fuzz and
+# .ci/run; source it.
 # It only defines functions and changes nothing by itself.
 
 # Prints a message on stderr.
@@ -66,6 +66,108 @@ ensure_pg_bindir() {
         note "error: PostgreSQL server binaries (initdb, pg_ctl, postgres) not found"
         return 1
     }
+}
+
+# Prints a free TCP port on 127.0.0.1.
+free_port() {
+    if command -v python3 >/dev/null 2>&1; then
+        python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+        return
+    fi
+    local port
+    for ((port = 20000 + RANDOM % 20000; port < 65535; port++)); do
+        if ! (: <"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            printf '%s\n' "$port"
+            return
+        fi
+    done
+    note "error: no free port found"
+    return 1
+}
+
+# GET http://127.0.0.1:PORT/PATH with bash alone; prints the status code.
+# Run it in a subshell ($(...)): it opens file descriptor 9.
+#   http_status PORT PATH
+http_status() {
+    local port=$1 path=$2 line
+    exec 9<>"/dev/tcp/127.0.0.1/$port" || return 1
+    printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$path" >&9
+    IFS=' ' read -r _ line _ <&9 || true
+    exec 9>&-
+    printf '%s\n' "$line"
+}
+
+# A throwaway PostgreSQL cluster. pg_throwaway_start DIR [SETTING...]
+# creates a cluster in DIR/data (trust authentication, superuser postgres,
+# no fsync) and starts it on a free port of 127.0.0.1 with its socket and
+# logs in DIR; each SETTING is passed to the server as "-c SETTING". It sets
+# pg_bin (the server binaries), pg_dir (DIR) and pg_port. As root the server
+# runs as the postgres user, which is given DIR. pg_throwaway_stop stops it;
+# removing DIR is the caller's.
+pg_throwaway_start() {
+    local dir=$1 setting
+    shift
+    pg_bin=$(ensure_pg_bindir) || return 1
+    pg_dir=$dir
+    pg_port=
+    if [[ $EUID -eq 0 ]]; then
+        id postgres >/dev/null 2>&1 || {
+            note "error: running as root, but there is no postgres user to own the cluster"
+            return 1
+        }
+        chown postgres: "$dir" || return 1
+    fi
+    if ! pg_as_owner "$pg_bin/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-locale \
+        --no-sync >"$dir/initdb.log" 2>&1; then
+        cat "$dir/initdb.log" >&2
+        return 1
+    fi
+    pg_port=$(free_port) || return 1
+    local options="-c listen_addresses=127.0.0.1 -p $pg_port -k '$dir' -c fsync=off"
+    for setting in "$@"; do
+        options+=" -c $setting"
+    done
+    if ! pg_as_owner "$pg_bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
+        -o "$options" start >/dev/null; then
+        cat "$dir/postgres.log" >&2
+        return 1
+    fi
+    local pg_isready=$pg_bin/pg_isready i
+    [[ -x $pg_isready ]] || pg_isready=pg_isready
+    for ((i = 0; ; i++)); do
+        "$pg_isready" -q -h 127.0.0.1 -p "$pg_port" && break
+        if ((i >= 100)); then
+            note "error: PostgreSQL did not become ready"
+            cat "$dir/postgres.log" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# Stops the cluster pg_throwaway_start started, if it runs.
+pg_throwaway_stop() {
+    if [[ -n ${pg_dir:-} && -f $pg_dir/data/postmaster.pid ]]; then
+        pg_as_owner "$pg_bin/pg_ctl" -D "$pg_dir/data" -m fast -w stop >/dev/null 2>&1 || true
+    fi
+}
+
+# Runs a PostgreSQL server program as the throwaway cluster's owner: root
+# may not run them, so as root they run as the postgres user.
+pg_as_owner() {
+    if [[ $EUID -eq 0 ]]; then
+        (cd "$pg_dir" && runuser -u postgres -- "$@")
+    else
+        "$@"
+    fi
+}
+
+# Runs psql on the throwaway cluster's postgres database as its superuser,
+# stopping at the first error.
+pg_psql() {
+    local psql=$pg_bin/psql
+    [[ -x $psql ]] || psql=psql
+    "$psql" -q -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres "$@"
 }
 
 # Succeeds when the OpenSSL headers can be found through pkg-config.

@@ -1,4 +1,5 @@
-//! The crate's error types: one enum per failure domain, each naming what failed.
+//! The crate's error types: one enum per failure domain, each naming what failed. The
+//! configuration's own, [`ConfigError`], is defined in `config` and re-exported here.
 //!
 //! Messages name the key or variable and the offending value, never a password, and do not
 //! repeat their source: binaries print the whole chain with `{:#}`.
@@ -7,26 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Why a configuration could not be loaded. Every variant is the operator's input to fix, so
-/// binaries exit with code 2 on it.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Syntax { path: PathBuf, message: String },
-    /// `origin` is `Section.Key` for a file value or the variable name for the environment.
-    #[error("{origin}={value}: {reason}")]
-    Invalid {
-        origin: String,
-        value: String,
-        reason: String,
-    },
-}
+pub use crate::config::ConfigError;
 
 /// A failure that stops the service after its configuration was accepted.
 #[derive(Debug, thiserror::Error)]

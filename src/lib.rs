@@ -1,14 +1,18 @@
-//! vulcan-stream: every PostgreSQL NOTIFY on one channel, broadcast to every websocket client.
+//! vulcan-stream: every PostgreSQL NOTIFY on one channel, broadcast to every websocket (and
+//! Server-Sent Events) client, with positions so that a client that reconnects misses nothing
+//! in silence.
 //!
 //! # Layout
 //! One room per job; data flows one way, **source → stream → fan-out → transport**, and no
 //! import points back up.
 //! - [`config`]: the Go original's TOML file plus environment, validated into [`Config`].
-//! - [`message`]: one accepted payload and its encodings, each made once and shared.
+//! - [`message`]: one accepted payload and its encodings (legacy and `vulcan-stream.v1`
+//!   websocket frames, Server-Sent Events), each made once and shared; positions.
 //! - [`source`]: where messages come from: the `LISTEN` connection ([`source::notify`]) and its
 //!   PostgreSQL connection options ([`source::pg`]).
-//! - [`stream`]: the one path from a source to the clients: each payload checked once, then
-//!   published in order; the heartbeat; whether the source is live.
+//! - [`stream`]: the one path from a source to the clients: each payload checked once, given
+//!   its position, kept in the bounded history and published in order; resumes; epochs and
+//!   resets; the heartbeat; whether the source is live.
 //! - [`fanout`]: delivery: the connected clients ([`fanout::Hub`]), the shard threads that
 //!   write into their sockets ([`fanout::shard`]), each client's outbox ([`fanout::outbox`]).
 //! - [`transport`]: HTTP routes, the accept loop, the websocket handshake, admission, and each
@@ -23,14 +27,17 @@
 //!
 //! # Flow
 //! A NOTIFY reaches [`source::notify::Receiver`], which hands the payload to
-//! [`stream::Stream::accept`]: checked once, framed once as the original bytes. The stream
-//! publishes batches to [`fanout::Hub::publish_batch`], which queues that one buffer for the
-//! shard threads; each writes it to its share of the clients without waiting on any: the
-//! client's [`fanout::ClientOut`] writes it into the socket directly, or queues what the socket
-//! did not take for the client's [`transport::subscriber::Subscriber`] task to flush.
+//! [`stream::Stream::accept`]: checked once, given the next position, encoded once per format.
+//! [`stream::Stream::publish`] appends the batch to the history and queues it, under one lock,
+//! for the fan-out's shard threads ([`fanout::Hub::enqueue`]); each writes every client's
+//! format to its share of the clients without waiting on any: the client's
+//! [`fanout::ClientOut`] writes it into the socket directly, or queues what the socket did not
+//! take for the client's task ([`transport::subscriber::Subscriber`]) to flush. A client that
+//! resumes joins through [`stream::Stream::join`] under the same lock: what it missed goes into
+//! its outbox first, and it gets every batch queued after that, so the hand-over has neither
+//! gap nor duplicate.
 
 pub mod auth;
-pub mod bench;
 pub mod config;
 pub mod error;
 pub mod fanout;
@@ -64,13 +71,33 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the service until `shutdown` is cancelled, then closes every client (1001) and the
 /// database connection, waiting at most [`SHUTDOWN_GRACE`].
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    match limits::raise_open_files_limit() {
-        Ok((before, after)) if before != after => {
-            log::info!("open files limit raised from {before} to {after}")
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let open_files = match limits::raise_open_files_limit() {
+        Ok((before, after)) => {
+            if before == after {
+                log::info!("open files limit is {after}");
+            } else {
+                log::info!("open files limit raised from {before} to {after}");
+            }
+            Some(after)
         }
-        Ok((_, after)) => log::info!("open files limit is {after}"),
-        Err(err) => log::warn!("cannot raise the open files limit: {err}"),
+        Err(err) => {
+            log::warn!("cannot raise the open files limit: {err}");
+            None
+        }
+    };
+    // A client holds a descriptor: past the limit, accepts fail instead of answering 503.
+    if let Some(limit) = open_files {
+        let fits = limits::client_capacity(limit);
+        if config.sender.max_clients > fits {
+            log::info!(
+                "MaxClients lowered from {} to {fits}: the open files limit is {limit}, and {} \
+                 descriptors are kept for the database, handshakes and HTTP requests",
+                config.sender.max_clients,
+                limits::reserved_descriptors(limit)
+            );
+            config.sender.max_clients = fits;
+        }
     }
     let tls = source::pg::tls_connector(&config.receiver)?;
     let listener = transport::accept::bind(config.sender.port).await?;
@@ -90,7 +117,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown.clone(),
         metrics.clone(),
     ));
-    let stream = Arc::new(Stream::new(hub.clone(), metrics.clone()));
+    let stream = Arc::new(Stream::new(
+        hub.clone(),
+        metrics.clone(),
+        stream::HistoryLimits {
+            max_messages: config.sender.history_messages,
+            max_bytes: config.sender.history_bytes,
+            max_age: config.sender.history_age,
+        },
+    ));
     let tasks = TaskTracker::new();
 
     tasks.spawn(
@@ -112,6 +147,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         hub,
         metrics,
         listener_state: stream.listener_state(),
+        stream: stream.clone(),
         sender: config.sender.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),

@@ -4,9 +4,12 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+use crate::message::ResetReason;
 
 /// Every metric the service keeps, plus the registry that exports them.
 pub struct Metrics {
@@ -20,6 +23,11 @@ pub struct Metrics {
     pub clients_rejected: Counter,
     pub listener_up: Gauge,
     pub listener_reconnects: Counter,
+    pub accept_pauses: Counter,
+    pub resumes_served: Counter,
+    /// Resets by cause: one per LISTEN gap (sent to every opted-in client), one per client
+    /// whose `since` could not be served.
+    resets: Family<Vec<(&'static str, &'static str)>, Counter>,
     registry: Registry,
 }
 
@@ -43,6 +51,9 @@ impl Metrics {
             clients_rejected: Counter::default(),
             listener_up: Gauge::default(),
             listener_reconnects: Counter::default(),
+            accept_pauses: Counter::default(),
+            resumes_served: Counter::default(),
+            resets: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -96,11 +107,34 @@ impl Metrics {
             m.listener_reconnects.clone(),
         );
         registry.register(
+            "accept_pauses",
+            "Pauses of the accept loop for want of file descriptors",
+            m.accept_pauses.clone(),
+        );
+        registry.register(
+            "resumes_served",
+            "Clients that resumed from a position with every missed message from the history",
+            m.resumes_served.clone(),
+        );
+        registry.register(
+            "resets",
+            "Reset events by cause: listen-gap (one per lost LISTEN connection), evicted, \
+             other-epoch, ahead (one per client whose position could not be served)",
+            m.resets.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Counts one reset event of `reason`.
+    pub fn count_reset(&self, reason: ResetReason) {
+        self.resets
+            .get_or_create(&vec![("cause", reason.as_str())])
+            .inc();
     }
 
     /// The text exposition format.

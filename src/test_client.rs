@@ -85,7 +85,7 @@ pub async fn probe(config: &Config, url: &str, limit: Duration) -> Result<Report
             .map_err(|_| timed_out(0))?
             .map_err(|err| ProbeError::Database {
                 target,
-                cause: pg::describe_error(&err),
+                cause: pg::describe_connect_error(&err, db).text,
             })?;
     let driver = tokio::spawn(connection);
 

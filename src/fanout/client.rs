@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use tokio_util::sync::CancellationToken;
 
 use super::outbox::ClientOut;
+use crate::message::Format;
 use crate::message::websocket::close_code;
 
 /// Why the server ends a client's connection, and the close frame that says so.
@@ -74,4 +75,6 @@ impl ClientControl {
 pub struct Client {
     pub out: ClientOut,
     pub control: ClientControl,
+    /// Which encoding of each message this client is sent.
+    pub format: Format,
 }

@@ -19,13 +19,15 @@ pub mod shard;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::Frame;
+use crate::message::Format;
 use crate::metrics::Metrics;
 pub use client::{Client, ClientControl, CloseReason};
 pub use outbox::{ClientOut, Delivery};
-use shard::{Batch, Shards};
+pub use shard::Batch;
+use shard::{Room, Shards};
 
 /// The set of connected clients.
 pub struct Hub {
@@ -38,7 +40,8 @@ pub struct Hub {
     metrics: Arc<Metrics>,
 }
 
-/// One client's place in the hub, which it leaves when dropped.
+/// One client's place in the hub, which it leaves when dropped: the client's task holds it
+/// for as long as it serves the connection.
 pub struct Registration {
     pub id: u64,
     pub client: Arc<Client>,
@@ -47,6 +50,9 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        // A shard thread's list of members may hold this client until its next batch: the
+        // socket must not wait for that to close.
+        self.client.out.detach();
         self.hub.shards.shard_of(self.id).leave(self.id);
         self.hub.live.fetch_sub(1, Ordering::Relaxed);
         self.hub.metrics.clients_connected.dec();
@@ -79,12 +85,21 @@ impl Hub {
         }
     }
 
-    /// Adds a client. Every frame published from this moment reaches it.
-    pub fn register(self: &Arc<Self>) -> Registration {
+    /// Adds a client that wants `format`. Every batch queued from this moment reaches it.
+    pub fn register(self: &Arc<Self>, format: Format) -> Registration {
+        self.register_after(format, Vec::new())
+    }
+
+    /// Adds a client whose first frames are `backlog` (what it missed), then every batch queued
+    /// from this moment. The backlog does not count against the client's queue capacity.
+    pub fn register_after(self: &Arc<Self>, format: Format, backlog: Vec<Bytes>) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let out = ClientOut::new(self.queue_capacity);
+        out.preload(backlog);
         let client = Arc::new(Client {
-            out: ClientOut::new(self.queue_capacity),
+            out,
             control: ClientControl::new(self.shutdown.child_token()),
+            format,
         });
         self.live.fetch_add(1, Ordering::Relaxed);
         self.metrics.clients_connected.inc();
@@ -101,34 +116,56 @@ impl Hub {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Sends one frame to every client.
-    pub async fn publish(&self, frame: &Frame) {
-        self.publish_batch(std::slice::from_ref(frame)).await
+    /// Queues a batch, in order, for every client. Waits only while the fan-out threads are
+    /// a full read-ahead behind; cancelling the wait publishes nothing.
+    pub async fn publish_batch(&self, batch: Batch) {
+        let rooms = self.reserve(batch.len()).await;
+        self.enqueue(batch, rooms);
     }
 
-    /// Queues frames, in order, for every client. Waits only while the fan-out threads are a
-    /// full read-ahead behind; cancelling the wait publishes nothing.
-    pub async fn publish_batch(&self, frames: &[Frame]) {
-        if frames.is_empty() {
-            return;
-        }
-        let batch: Batch = frames.iter().map(|f| f.wire().clone()).collect();
+    /// Waits for room to queue `len` items in every shard. The room goes back if the caller
+    /// gives up before [`Hub::enqueue`].
+    pub async fn reserve(&self, len: usize) -> Rooms<'_> {
         let mut rooms = Vec::with_capacity(self.shards.shards().len());
         for shard in self.shards.shards() {
-            rooms.push(shard.reserve(batch.len()).await);
+            rooms.push(shard.reserve(len).await);
         }
-        for (shard, room) in self.shards.shards().iter().zip(rooms) {
+        Rooms(rooms)
+    }
+
+    /// Queues a batch for every shard with the room reserved for it. It never waits, so the
+    /// caller may hold a lock that orders batches against registrations.
+    pub fn enqueue(&self, batch: Batch, rooms: Rooms<'_>) {
+        if batch.is_empty() {
+            return;
+        }
+        for (shard, room) in self.shards.shards().iter().zip(rooms.0) {
             shard.enqueue(batch.clone(), room);
         }
     }
 }
 
+/// Room reserved in every shard: see [`Hub::reserve`].
+pub struct Rooms<'a>(Vec<Room<'a>>);
+
 #[cfg(test)]
 mod tests {
-    use super::outbox::test_support::socket_pair;
+    use super::outbox::test_support::{read_until_closed, socket_pair};
     use super::*;
-    use crate::message::frame_from_payload;
+    use crate::message::{Outgoing, Position};
     use tokio::io::AsyncReadExt;
+
+    fn one(item: Outgoing) -> Batch {
+        Arc::from(vec![Arc::new(item)])
+    }
+
+    fn ping() -> Outgoing {
+        Outgoing::ping("1-0".parse().expect("position"))
+    }
+
+    fn ping_bytes() -> Bytes {
+        ping().frame(Format::Legacy).expect("legacy").clone()
+    }
 
     fn hub(capacity: usize) -> Arc<Hub> {
         Arc::new(Hub::with_fanout_threads(
@@ -140,7 +177,7 @@ mod tests {
     }
 
     async fn attached(hub: &Arc<Hub>) -> (Registration, tokio::net::TcpStream) {
-        let reg = hub.register();
+        let reg = hub.register(Format::Legacy);
         let (server, peer) = socket_pair().await;
         reg.client.out.attach(server);
         (reg, peer)
@@ -161,9 +198,10 @@ mod tests {
         }
         let mut expected = Vec::new();
         for i in 0..10 {
-            let frame = frame_from_payload(&format!(r#"{{"n":{i}}}"#)).expect("valid");
-            expected.extend_from_slice(frame.wire());
-            hub.publish(&frame).await;
+            let position: Position = format!("1-{i}").parse().expect("position");
+            let message = Outgoing::message(position, &format!(r#"{{"n":{i}}}"#));
+            expected.extend_from_slice(message.frame(Format::Legacy).expect("legacy"));
+            hub.publish_batch(one(message)).await;
         }
         for (_, peer) in &mut clients {
             expect_bytes(peer, &expected).await;
@@ -172,9 +210,9 @@ mod tests {
         let (gone, _) = clients.remove(0);
         drop(gone);
         assert_eq!(hub.client_count(), 4);
-        hub.publish(&Frame::ping()).await;
+        hub.publish_batch(one(ping())).await;
         for (_, peer) in &mut clients {
-            expect_bytes(peer, Frame::ping().wire()).await;
+            expect_bytes(peer, &ping_bytes()).await;
         }
     }
 
@@ -183,15 +221,31 @@ mod tests {
         let hub = hub(2);
         let (_reader, mut peer) = attached(&hub).await;
         // Never upgraded, so nothing drains its outbox.
-        let stuck = hub.register();
+        let stuck = hub.register(Format::Legacy);
         for _ in 0..3 {
-            hub.publish(&Frame::ping()).await;
+            hub.publish_batch(one(ping())).await;
         }
         stuck.client.control.stopped().await;
         assert_eq!(stuck.client.control.reason(), CloseReason::TooSlow);
         assert_eq!(hub.metrics.clients_disconnected_slow.get(), 1);
-        hub.publish(&Frame::ping()).await;
-        expect_bytes(&mut peer, &Frame::ping().wire().repeat(4)).await;
+        hub.publish_batch(one(ping())).await;
+        expect_bytes(&mut peer, &ping_bytes().repeat(4)).await;
+    }
+
+    /// A client told to close (here kicked) and then let go by its task closes its socket at
+    /// once, although no batch follows: the shard thread's list of members, rebuilt only when
+    /// a batch arrives, still holds the client.
+    #[tokio::test]
+    async fn a_client_let_go_closes_its_socket_although_no_batch_follows() {
+        let hub = hub(4);
+        let (reg, mut peer) = attached(&hub).await;
+        hub.publish_batch(one(ping())).await;
+        // Read: the shard thread has listed the client.
+        expect_bytes(&mut peer, &ping_bytes()).await;
+        reg.client.control.kick(CloseReason::TooSlow);
+        drop(reg);
+        assert_eq!(read_until_closed(&mut peer).await, b"");
+        assert_eq!(hub.client_count(), 0);
     }
 
     #[tokio::test]
@@ -202,12 +256,11 @@ mod tests {
             CancellationToken::new(),
             Arc::new(Metrics::new()),
         ));
-        let reg = hub.register();
+        let reg = hub.register(Format::Legacy);
         // Holding the shard's room stands in for a pass that has not finished.
         let shard = hub.shards.shard_of(reg.id);
         let held = shard.reserve(4).await;
-        let ping = Frame::ping();
-        let publish = hub.publish(&ping);
+        let publish = hub.publish_batch(one(ping()));
         tokio::pin!(publish);
         assert!(futures::poll!(publish.as_mut()).is_pending());
         drop(held);
@@ -218,7 +271,7 @@ mod tests {
     async fn shutdown_stops_clients_as_going_away() {
         let root = CancellationToken::new();
         let hub = Arc::new(Hub::new(4, root.clone(), Arc::new(Metrics::new())));
-        let reg = hub.register();
+        let reg = hub.register(Format::Legacy);
         root.cancel();
         reg.client.control.stopped().await;
         assert_eq!(reg.client.control.reason(), CloseReason::GoingAway);

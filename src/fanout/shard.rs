@@ -25,10 +25,11 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::client::{Client, CloseReason};
 use super::outbox::Delivery;
+use crate::message::{Format, Outgoing};
 use crate::metrics::Metrics;
 
-/// Frames published together, shared by every shard.
-pub type Batch = Arc<[Bytes]>;
+/// What is published together, shared by every shard; each client gets its format's frames.
+pub type Batch = Arc<[Arc<Outgoing>]>;
 
 /// One batch waiting in a shard's queue, with the read-ahead room it holds.
 struct Queued {
@@ -225,32 +226,16 @@ impl Worker {
         }
     }
 
-    /// Writes the queued batches, in order, to every member, each from the first batch queued
-    /// after it joined.
+    /// Writes the queued batches, in order, to every member, in its format, each from the
+    /// first batch queued after it joined.
     fn pass(&self, members: &[(u64, Arc<Client>, u64)], queued: &[Queued]) {
-        let joined: Vec<Bytes>;
-        let frames: &[Bytes] = match queued {
-            [one] => &one.frames,
-            many => {
-                joined = many.iter().flat_map(|q| q.frames.iter().cloned()).collect();
-                &joined
-            }
-        };
-        let first_seq = queued.first().map_or(0, |q| q.seq);
+        let mut by_format: [Option<FormatFrames>; 3] = Default::default();
         let mut sent = 0u64;
         let mut leaving = Vec::new();
         for (id, client, joined) in members {
-            let frames = if *joined <= first_seq {
-                frames
-            } else {
-                // Joined while these batches waited: skip those queued before it joined.
-                let skip: usize = queued
-                    .iter()
-                    .take_while(|q| q.seq < *joined)
-                    .map(|q| q.frames.len())
-                    .sum();
-                &frames[skip..]
-            };
+            let frames = by_format[client.format.index()]
+                .get_or_insert_with(|| FormatFrames::new(queued, client.format))
+                .queued_since(queued, *joined);
             if frames.is_empty() {
                 continue;
             }
@@ -276,6 +261,34 @@ impl Worker {
     }
 }
 
+/// The frames of one pass in one format: each batch's encoding for that format, in order,
+/// built once per pass and format (a reference count per frame), never per client.
+#[derive(Default)]
+struct FormatFrames {
+    frames: Vec<Bytes>,
+    /// Where each queued batch's frames start in `frames`.
+    starts: Vec<usize>,
+}
+
+impl FormatFrames {
+    fn new(queued: &[Queued], format: Format) -> FormatFrames {
+        let mut frames = Vec::new();
+        let mut starts = Vec::with_capacity(queued.len());
+        for q in queued {
+            starts.push(frames.len());
+            frames.extend(q.frames.iter().filter_map(|o| o.frame(format)).cloned());
+        }
+        FormatFrames { frames, starts }
+    }
+
+    /// The frames of the batches queued at or after `seq`.
+    fn queued_since(&self, queued: &[Queued], seq: u64) -> &[Bytes] {
+        let first = queued.partition_point(|q| q.seq < seq);
+        let start = self.starts.get(first).copied().unwrap_or(self.frames.len());
+        &self.frames[start..]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,8 +298,16 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio_util::sync::CancellationToken;
 
-    fn batch(text: &'static [u8]) -> Batch {
-        Arc::from(vec![Bytes::from_static(text)])
+    fn message(offset: u64, payload: &str) -> Arc<Outgoing> {
+        let position = format!("1-{offset}").parse().expect("position");
+        Arc::new(Outgoing::message(position, payload))
+    }
+
+    fn legacy(items: &[&Arc<Outgoing>]) -> Vec<u8> {
+        items
+            .iter()
+            .flat_map(|o| o.frame(Format::Legacy).expect("legacy").to_vec())
+            .collect()
     }
 
     /// A batch queued before a client joined, but not yet written when it did, is not sent
@@ -304,20 +325,24 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             capacity: 16,
         };
-        let client = |server| {
+        let client = |server, format| {
             let client = Arc::new(Client {
                 out: ClientOut::new(16),
                 control: ClientControl::new(CancellationToken::new()),
+                format,
             });
             client.out.attach(server);
             client
         };
+        let (old, new) = (message(1, r#"{"n":1}"#), message(2, r#"{"n":2}"#));
         let (early_socket, mut early_peer) = socket_pair().await;
-        shard.join(1, client(early_socket));
-        shard.enqueue(batch(b"old,"), shard.reserve(1).await);
+        shard.join(1, client(early_socket, Format::Legacy));
+        shard.enqueue(Arc::from(vec![old.clone()]), shard.reserve(1).await);
         let (late_socket, mut late_peer) = socket_pair().await;
-        shard.join(2, client(late_socket));
-        shard.enqueue(batch(b"new."), shard.reserve(1).await);
+        shard.join(2, client(late_socket, Format::Legacy));
+        let (v1_socket, mut v1_peer) = socket_pair().await;
+        shard.join(3, client(v1_socket, Format::V1));
+        shard.enqueue(Arc::from(vec![new.clone()]), shard.reserve(1).await);
 
         let (queued, members) = {
             let mut state = shard.lock();
@@ -330,12 +355,18 @@ mod tests {
         };
         worker.pass(&members, &queued);
 
-        let mut early = [0u8; 8];
+        let expected = legacy(&[&old, &new]);
+        let mut early = vec![0u8; expected.len()];
         early_peer.read_exact(&mut early).await.expect("early");
-        assert_eq!(&early, b"old,new.");
-        let mut late = [0u8; 4];
+        assert_eq!(early, expected);
+        let expected = legacy(&[&new]);
+        let mut late = vec![0u8; expected.len()];
         late_peer.read_exact(&mut late).await.expect("late");
-        assert_eq!(&late, b"new.");
-        assert_eq!(worker.metrics.frames_sent.get(), 3);
+        assert_eq!(late, expected);
+        let expected = new.frame(Format::V1).expect("v1");
+        let mut v1 = vec![0u8; expected.len()];
+        v1_peer.read_exact(&mut v1).await.expect("v1");
+        assert_eq!(&v1[..], &expected[..]);
+        assert_eq!(worker.metrics.frames_sent.get(), 4);
     }
 }

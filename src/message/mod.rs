@@ -1,190 +1,210 @@
-//! One accepted message: a NOTIFY payload, validated once, and its encodings, each made once
-//! and shared by every client (today the websocket text [`Frame`]).
+//! What the clients receive: each accepted payload, and the stream's own events (the heartbeat,
+//! resets), encoded once per wire format and shared by every client of that format.
 //!
-//! Agents decode every frame into a struct with four string fields (`action`, `check_id`,
-//! `agent_id`, `scan_id`), matching keys case-insensitively as Go's `encoding/json` does; a frame
-//! they cannot decode breaks them. So a payload is forwarded only if it is one JSON object whose
-//! fields of those names are strings or null. The check runs once per notification; the
-//! original bytes are kept verbatim (no re-encoding), framed once as a websocket text frame, in
-//! a reference-counted buffer that every client's outbox shares.
+//! - [`check`]: the payload check, once per notification.
+//! - [`position`]: where a message stands (epoch and offset).
+//! - [`websocket`]: server websocket frames.
+//!
+//! Three formats exist: the legacy websocket frames that the Go original sent (the payload, and
+//! `{"action":"ping"}`), byte for byte; the `vulcan-stream.v1` websocket frames, which carry
+//! positions; and Server-Sent Events. Every format is encoded when the message is made, so that
+//! the fan-out only copies references, and a message's size (for the history's bound) is exact.
+
+pub mod check;
+pub mod position;
+pub mod websocket;
 
 use std::fmt;
 
-use bytes::Bytes;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use bytes::{BufMut, Bytes, BytesMut};
 
-pub mod websocket;
+pub use check::{Rejected, preview, validate};
+pub use position::{Epoch, Position, PositionError};
 
-/// One websocket text frame, header included, encoded once; cloning is a reference count.
+/// How a client wants its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// The Go original's frames, unchanged: payloads and `{"action":"ping"}`.
+    Legacy,
+    /// Websocket `vulcan-stream.v1`: `{"id":…,"data":…}` and `{"event":…}` objects.
+    V1,
+    /// Server-Sent Events.
+    Sse,
+}
+
+impl Format {
+    pub const ALL: [Format; 3] = [Format::Legacy, Format::V1, Format::Sse];
+
+    /// A small index, for per-format tables.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// As in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Legacy => "legacy",
+            Format::V1 => "v1",
+            Format::Sse => "sse",
+        }
+    }
+}
+
+/// Why a client is told that it cannot continue from where it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResetReason {
+    /// The LISTEN connection was lost: NOTIFYs of the gap are gone, and a new epoch started.
+    ListenGap,
+    /// The position is older than anything the history still holds.
+    Evicted,
+    /// The position belongs to an epoch that is not the current one.
+    OtherEpoch,
+    /// The position is past the newest message.
+    Ahead,
+}
+
+impl ResetReason {
+    pub const ALL: [ResetReason; 4] = [
+        ResetReason::ListenGap,
+        ResetReason::Evicted,
+        ResetReason::OtherEpoch,
+        ResetReason::Ahead,
+    ];
+
+    /// As sent to clients and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::ListenGap => "listen-gap",
+            ResetReason::Evicted => "evicted",
+            ResetReason::OtherEpoch => "other-epoch",
+            ResetReason::Ahead => "ahead",
+        }
+    }
+}
+
+/// One thing every client of a stream is sent, in each format; `None` where a format has no
+/// such frame (legacy clients get no resets).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Frame {
-    wire: Bytes,
-    payload_at: usize,
+pub struct Outgoing {
+    /// The position of a message, the head for a ping, where to resume for a reset.
+    position: Position,
+    /// For a message: its payload, within the legacy frame.
+    payload_at: Option<usize>,
+    frames: [Option<Bytes>; 3],
 }
 
-impl Frame {
-    /// The periodic application-level heartbeat agents expect.
-    pub fn ping() -> Frame {
-        Frame {
-            wire: Bytes::from_static(PING_FRAME),
-            payload_at: 2,
-        }
-    }
-
-    fn text(payload: &str) -> Frame {
-        Frame {
-            wire: websocket::encode(websocket::opcode::TEXT, payload.as_bytes()),
-            payload_at: websocket::header_len(payload.len()),
-        }
-    }
-
-    /// The payload, as sent.
-    pub fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.wire[self.payload_at..])
-            .expect("frames are built from &str payloads")
-    }
-
-    /// The whole frame as it goes on the wire.
-    pub fn wire(&self) -> &Bytes {
-        &self.wire
-    }
-}
-
-impl fmt::Debug for Frame {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Frame({:?})", preview(self.as_str()))
-    }
-}
-
-/// The text of the heartbeat frame, as the original sent it.
+/// The text of the legacy heartbeat frame, as the original sent it.
 pub const PING_PAYLOAD: &str = r#"{"action":"ping"}"#;
 
 /// [`PING_PAYLOAD`] as a text frame: FIN + text opcode, length 17.
 const PING_FRAME: &[u8] = b"\x81\x11{\"action\":\"ping\"}";
 
-/// Why a payload is not forwarded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Rejected {
-    #[error("empty payload")]
-    Empty,
-    #[error("not a JSON object: {0}")]
-    Invalid(String),
-}
+/// Sent once to each SSE client before anything else: how long a browser waits before it
+/// reconnects (milliseconds).
+pub const SSE_PREAMBLE: &[u8] = b"retry: 2000\n\n";
 
-/// Validates a payload and wraps its bytes, unchanged, for broadcast.
-pub fn frame_from_payload(payload: &str) -> Result<Frame, Rejected> {
-    validate(payload)?;
-    Ok(Frame::text(payload))
-}
-
-/// Checks a payload without copying it.
-pub fn validate(payload: &str) -> Result<(), Rejected> {
-    if payload.trim().is_empty() {
-        return Err(Rejected::Empty);
-    }
-    let mut de = serde_json::Deserializer::from_str(payload);
-    de.deserialize_any(AgentMessage)
-        .and_then(|()| de.end())
-        .map_err(|err| Rejected::Invalid(err.to_string()))
-}
-
-/// The first characters of a payload, for log lines (payloads may be up to 8 kB).
-pub fn preview(payload: &str) -> String {
-    const MAX_CHARS: usize = 80;
-    let mut chars = payload.chars();
-    let head: String = chars.by_ref().take(MAX_CHARS).collect();
-    if chars.next().is_some() {
-        format!("{head}…")
-    } else {
-        head
-    }
-}
-
-/// The fields agents decode as strings.
-const AGENT_FIELDS: [&str; 4] = ["action", "check_id", "agent_id", "scan_id"];
-
-/// Go's `encoding/json` matches a key to a field with Unicode case folding; besides ASCII case,
-/// the only letters that fold onto these field names are the Kelvin sign (k) and long s (s).
-fn is_agent_field(key: &str) -> bool {
-    AGENT_FIELDS.iter().any(|field| {
-        key.chars().count() == field.len()
-            && key.chars().zip(field.chars()).all(|(k, f)| {
-                let k = match k {
-                    '\u{212A}' => 'k',
-                    '\u{017F}' => 's',
-                    other => other.to_ascii_lowercase(),
-                };
-                k == f
-            })
-    })
-}
-
-/// Accepts exactly one JSON object whose agent fields are strings or null.
-struct AgentMessage;
-
-impl<'de> Visitor<'de> for AgentMessage {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<KeyName<'de>>()? {
-            if key.is_agent_field {
-                map.next_value::<StringOrNull>()?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
+impl Outgoing {
+    /// A message: `payload` (already checked) at `position`.
+    pub fn message(position: Position, payload: &str) -> Outgoing {
+        let legacy = websocket::text(payload.as_bytes());
+        let v1 = format!(r#"{{"id":"{position}","data":{payload}}}"#);
+        let mut sse = BytesMut::with_capacity(payload.len() + 48);
+        sse.put_slice(format!("id: {position}\n").as_bytes());
+        sse_data(&mut sse, payload);
+        Outgoing {
+            position,
+            payload_at: Some(websocket::header_len(payload.len())),
+            frames: [
+                Some(legacy),
+                Some(websocket::text(v1.as_bytes())),
+                Some(sse.freeze()),
+            ],
         }
-        Ok(())
+    }
+
+    /// The heartbeat, naming the newest message (`head`).
+    pub fn ping(head: Position) -> Outgoing {
+        let v1 = format!(r#"{{"event":"ping","id":"{head}"}}"#);
+        Outgoing {
+            position: head,
+            payload_at: None,
+            frames: [
+                Some(Bytes::from_static(PING_FRAME)),
+                Some(websocket::text(v1.as_bytes())),
+                Some(Bytes::from(format!(": ping {head}\n\n"))),
+            ],
+        }
+    }
+
+    /// Tells opted-in clients to continue from `position` and why; legacy clients get nothing.
+    pub fn reset(position: Position, reason: ResetReason) -> Outgoing {
+        let reason = reason.as_str();
+        let v1 = format!(r#"{{"event":"reset","id":"{position}","reason":"{reason}"}}"#);
+        let sse = format!("event: reset\nid: {position}\ndata: {{\"reason\":\"{reason}\"}}\n\n");
+        Outgoing {
+            position,
+            payload_at: None,
+            frames: [
+                None,
+                Some(websocket::text(v1.as_bytes())),
+                Some(Bytes::from(sse)),
+            ],
+        }
+    }
+
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// The frame for clients of `format`, if they get one.
+    pub fn frame(&self, format: Format) -> Option<&Bytes> {
+        self.frames[format.index()].as_ref()
+    }
+
+    /// A message's payload, as NOTIFY'd; `None` for the stream's own events.
+    pub fn payload(&self) -> Option<&str> {
+        let at = self.payload_at?;
+        let legacy = self.frames[Format::Legacy.index()].as_ref()?;
+        Some(std::str::from_utf8(&legacy[at..]).expect("frames are built from &str payloads"))
+    }
+
+    /// Memory this holds: every encoding, plus the fixed part. Exact, so that a bound on the
+    /// sum of these is a bound on memory.
+    pub fn size(&self) -> usize {
+        std::mem::size_of::<Outgoing>()
+            + self.frames.iter().flatten().map(Bytes::len).sum::<usize>()
     }
 }
 
-/// A key, borrowed when it has no escapes; only whether it names an agent field is kept.
-struct KeyName<'de> {
-    is_agent_field: bool,
-    _borrowed: std::marker::PhantomData<&'de ()>,
-}
-
-impl<'de> de::Deserialize<'de> for KeyName<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = KeyName<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a key")
-            }
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<KeyName<'de>, E> {
-                Ok(KeyName {
-                    is_agent_field: is_agent_field(key),
-                    _borrowed: std::marker::PhantomData,
-                })
-            }
+/// Appends `payload` as SSE `data:` lines and the blank line that ends the event. Every line
+/// break (LF, CR or CRLF, all line ends to an `EventSource`) starts a new `data:` line, so the
+/// browser rebuilds the payload with LF between its lines.
+fn sse_data(out: &mut BytesMut, payload: &str) {
+    let mut rest = payload;
+    loop {
+        let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
+        out.put_slice(b"data: ");
+        out.put_slice(&rest.as_bytes()[..end]);
+        out.put_u8(b'\n');
+        if end == rest.len() {
+            break;
         }
-        deserializer.deserialize_str(KeyVisitor)
+        let skip = if rest[end..].starts_with("\r\n") {
+            2
+        } else {
+            1
+        };
+        rest = &rest[end + skip..];
     }
+    out.put_u8(b'\n');
 }
 
-/// An agent field's value: a string or null, nothing else.
-struct StringOrNull;
-
-impl<'de> de::Deserialize<'de> for StringOrNull {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ValueVisitor;
-        impl Visitor<'_> for ValueVisitor {
-            type Value = StringOrNull;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string or null for action, check_id, agent_id and scan_id")
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<StringOrNull, E> {
-                Ok(StringOrNull)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<StringOrNull, E> {
-                Ok(StringOrNull)
-            }
+impl fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.payload() {
+            Some(payload) => write!(f, "Message({}, {:?})", self.position, preview(payload)),
+            None => write!(f, "Event({})", self.position),
         }
-        deserializer.deserialize_any(ValueVisitor)
     }
 }
 
@@ -192,60 +212,71 @@ impl<'de> de::Deserialize<'de> for StringOrNull {
 mod tests {
     use super::*;
 
-    #[test]
-    fn forwards_objects_verbatim() {
-        for payload in [
-            r#"{"action":"test", "check_id":"00000000-0000-0000-0000-000000000000"}"#,
-            r#"{"zeta":1,"action":"a","alpha":[1,{"x":null}]}"#,
-            r#"  {"action":null,"check_id":"x","scan_id":"ñ✓😀"}  "#,
-            r#"{"action":"a\u0041\"<&>"}"#,
-            r#"{}"#,
-            r#"{"Action":"upper case is fine when it is a string"}"#,
-        ] {
-            let frame = frame_from_payload(payload).expect(payload);
-            assert_eq!(frame.as_str(), payload);
-            assert_eq!(frame.wire()[0], 0x81);
-        }
+    fn text_of(frame: &Bytes) -> &str {
+        let at = match frame[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        std::str::from_utf8(&frame[at..]).expect("utf-8")
     }
 
     #[test]
-    fn drops_what_agents_cannot_decode() {
-        for payload in [
-            "",
-            "   ",
-            "not json",
-            "[1,2]",
-            r#""a string""#,
-            "42",
-            "null",
-            r#"{"action":1}"#,
-            r#"{"check_id":{}}"#,
-            r#"{"agent_id":["a"]}"#,
-            r#"{"scan_id":true}"#,
-            r#"{"ACTION":2}"#,
-            "{\"chec\u{212A}_id\":3}",
-            r#"{"action":"ok","action":5}"#,
-            r#"{"action":"x"} y"#,
-            r#"{"action":"x"}{}"#,
-            r#"{"action":"x""#,
-        ] {
-            assert!(validate(payload).is_err(), "accepted {payload:?}");
-        }
+    fn a_message_is_encoded_once_per_format() {
+        let position: Position = "00ab-7".parse().expect("position");
+        let payload = r#"{"action":"abort","check_id":"c"}"#;
+        let message = Outgoing::message(position, payload);
+        let legacy = message.frame(Format::Legacy).expect("legacy");
+        assert_eq!(&legacy[2..], payload.as_bytes());
+        assert_eq!(legacy[0], 0x81);
+        assert_eq!(message.payload(), Some(payload));
+        let v1 = message.frame(Format::V1).expect("v1");
+        assert_eq!(
+            text_of(v1),
+            r#"{"id":"00000000000000ab-7","data":{"action":"abort","check_id":"c"}}"#
+        );
+        let sse = message.frame(Format::Sse).expect("sse");
+        assert_eq!(
+            &sse[..],
+            b"id: 00000000000000ab-7\ndata: {\"action\":\"abort\",\"check_id\":\"c\"}\n\n"
+        );
+        let encoded: usize = [legacy, v1, sse].iter().map(|b| b.len()).sum();
+        assert_eq!(message.size(), std::mem::size_of::<Outgoing>() + encoded);
     }
 
     #[test]
-    fn ping_is_the_original_heartbeat() {
-        assert_eq!(Frame::ping().as_str(), r#"{"action":"ping"}"#);
-        assert_eq!(Frame::ping(), Frame::text(PING_PAYLOAD));
-        assert!(validate(Frame::ping().as_str()).is_ok());
+    fn sse_splits_payload_lines() {
+        let position: Position = "1-1".parse().expect("position");
+        let message = Outgoing::message(position, "{\n\"a\": 1,\r\n\"b\":2\r}");
+        assert_eq!(
+            &message.frame(Format::Sse).expect("sse")[..],
+            b"id: 0000000000000001-1\ndata: {\ndata: \"a\": 1,\ndata: \"b\":2\ndata: }\n\n"
+        );
     }
 
     #[test]
-    fn preview_cuts_long_payloads_on_char_boundaries() {
-        let long = "é".repeat(200);
-        let shown = preview(&long);
-        assert_eq!(shown.chars().count(), 81);
-        assert!(shown.ends_with('…'));
-        assert_eq!(preview("short"), "short");
+    fn events_carry_positions_and_legacy_clients_keep_the_original_ping() {
+        let head: Position = "2-5".parse().expect("position");
+        let ping = Outgoing::ping(head);
+        assert_eq!(
+            &ping.frame(Format::Legacy).expect("legacy")[2..],
+            PING_PAYLOAD.as_bytes()
+        );
+        assert_eq!(
+            text_of(ping.frame(Format::V1).expect("v1")),
+            r#"{"event":"ping","id":"0000000000000002-5"}"#
+        );
+        assert!(ping.frame(Format::Sse).expect("sse").starts_with(b":"));
+        assert_eq!(ping.payload(), None);
+        let reset = Outgoing::reset(head, ResetReason::Evicted);
+        assert_eq!(reset.frame(Format::Legacy), None);
+        assert_eq!(
+            text_of(reset.frame(Format::V1).expect("v1")),
+            r#"{"event":"reset","id":"0000000000000002-5","reason":"evicted"}"#
+        );
+        assert_eq!(
+            &reset.frame(Format::Sse).expect("sse")[..],
+            b"event: reset\nid: 0000000000000002-5\ndata: {\"reason\":\"evicted\"}\n\n"
+        );
     }
 }

@@ -56,6 +56,11 @@ pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// A text frame of `payload`.
+pub fn text(payload: &[u8]) -> Bytes {
+    encode(opcode::TEXT, payload)
+}
+
 /// How many header bytes [`encode`] puts before a payload of `len` bytes.
 pub fn header_len(len: usize) -> usize {
     match len {

@@ -13,11 +13,14 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use postgres_native_tls::MakeTlsConnector;
 use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use super::pg::{self, PgConnection};
+use super::pg::{self, ConnectFailure, PgConnection};
 use crate::config::ReceiverConfig;
+use crate::message::Outgoing;
 use crate::metrics::Metrics;
 use crate::stream::{ListenerState, Stream};
 
@@ -69,7 +72,7 @@ pub struct Receiver {
 enum SessionEnd {
     Shutdown,
     /// Never reached LISTEN.
-    ConnectFailed(String),
+    ConnectFailed(ConnectFailure),
     /// Was listening, then lost it.
     Lost(String),
 }
@@ -77,7 +80,8 @@ enum SessionEnd {
 impl Receiver {
     pub async fn run(self) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        // The cause last logged at WARN: a repeat of it is logged at DEBUG only.
+        // The kind of cause last logged at WARN (see [`ConnectFailure::kind`]): a repeat of it
+        // is logged at DEBUG only.
         let mut last_cause: Option<String> = None;
         let mut attempts: u64 = 0;
         let mut listened_before = false;
@@ -109,18 +113,18 @@ impl Receiver {
                 SessionEnd::ConnectFailed(cause) => Some(cause),
             };
             let delay = backoff.next_delay();
-            if let Some(cause) = cause {
-                if last_cause.as_deref() == Some(cause.as_str()) {
+            if let Some(ConnectFailure { text, kind }) = cause {
+                if last_cause.as_deref() == Some(kind.as_str()) {
                     log::debug!(
-                        "cannot connect to {} (attempt {attempts}): {cause}; retrying in {delay:.1?}",
+                        "cannot connect to {} (attempt {attempts}): {text}; retrying in {delay:.1?}",
                         self.target()
                     );
                 } else {
                     log::warn!(
-                        "cannot connect to {}: {cause}; retrying with backoff (next in {delay:.1?})",
+                        "cannot connect to {}: {text}; retrying with backoff (next in {delay:.1?})",
                         self.target()
                     );
-                    last_cause = Some(cause);
+                    last_cause = Some(kind);
                 }
             }
             tokio::select! {
@@ -159,22 +163,32 @@ impl Receiver {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
             result = connect => match result {
                 Ok(pair) => pair,
-                Err(err) => return SessionEnd::ConnectFailed(pg::describe_error(&err)),
+                Err(err) => {
+                    return SessionEnd::ConnectFailed(pg::describe_connect_error(&err, &self.config));
+                }
             },
         };
-        let mut connection = std::pin::pin!(self.forward_notifications(connection));
+        // Set while the receiver waits for fan-out room: the connection is not read then, so
+        // the health query's answer waits unread too, and must not count as lost.
+        let stalled = watch::Sender::new(false);
+        let mut connection = std::pin::pin!(self.forward_notifications(connection, &stalled));
         let listen = format!("LISTEN {}", pg::quote_ident(&self.config.channel));
         tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-            ended = &mut connection => return SessionEnd::ConnectFailed(ended),
+            ended = &mut connection => return SessionEnd::ConnectFailed(ConnectFailure::new(ended)),
             result = client.batch_execute(&listen) => if let Err(err) = result {
-                return SessionEnd::ConnectFailed(pg::describe_error(&err));
+                return SessionEnd::ConnectFailed(ConnectFailure::new(pg::describe_error(&err)));
             },
         }
         self.set_state(ListenerState::Listening);
         backoff.reset();
         *last_cause = None;
         if *listened_before {
+            // NOTIFYs committed while nothing listened are gone: say so before the next one.
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                () = self.stream.restart_epoch() => {}
+            }
             self.metrics.listener_reconnects.inc();
             log::info!(
                 "LISTEN {:?} active again on {} after {attempts} attempt(s)",
@@ -197,17 +211,34 @@ impl Receiver {
                 _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                 ended = &mut connection => return SessionEnd::Lost(ended),
                 _ = health.tick() => {
-                    let check = tokio::time::timeout(health_timeout, client.simple_query(""));
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-                        ended = &mut connection => return SessionEnd::Lost(ended),
-                        result = check => match result {
-                            Ok(Ok(_)) => log::debug!("listener health check passed"),
-                            Ok(Err(err)) => return SessionEnd::Lost(pg::describe_error(&err)),
-                            Err(_) => return SessionEnd::Lost(format!(
-                                "health query unanswered after {health_timeout:?}"
-                            )),
-                        },
+                    let mut check = std::pin::pin!(client.simple_query(""));
+                    let mut stall = stalled.subscribe();
+                    // The timeout runs only while the connection is being read; after a stall
+                    // the query gets a whole timeout again.
+                    let mut deadline = Instant::now() + health_timeout;
+                    loop {
+                        let waiting_for_room = *stall.borrow_and_update();
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                            ended = &mut connection => return SessionEnd::Lost(ended),
+                            result = &mut check => match result {
+                                Ok(_) => {
+                                    log::debug!("listener health check passed");
+                                    break;
+                                }
+                                Err(err) => return SessionEnd::Lost(pg::describe_error(&err)),
+                            },
+                            _ = tokio::time::sleep_until(deadline), if !waiting_for_room => {
+                                return SessionEnd::Lost(format!(
+                                    "health query unanswered after {health_timeout:?}"
+                                ));
+                            }
+                            _ = stall.changed() => {
+                                if waiting_for_room {
+                                    deadline = Instant::now() + health_timeout;
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -217,7 +248,11 @@ impl Receiver {
     /// Drives the connection until it ends, broadcasting each notification on our channel.
     /// Notifications that arrived together (one read from the server) are published as one
     /// batch, so that each client gets one write for all of them. Returns why it ended.
-    async fn forward_notifications(&self, mut connection: PgConnection) -> String {
+    async fn forward_notifications(
+        &self,
+        mut connection: PgConnection,
+        stalled: &watch::Sender<bool>,
+    ) -> String {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         let mut batch = Vec::new();
         loop {
@@ -236,7 +271,7 @@ impl Receiver {
                     }
                     Ok(_) => {}
                     Err(err) => {
-                        self.stream.publish(&mut batch).await;
+                        self.publish(&mut batch, stalled).await;
                         return pg::describe_error(&err);
                     }
                 }
@@ -246,14 +281,27 @@ impl Receiver {
                 match messages.next().now_or_never() {
                     Some(Some(next)) => message = next,
                     Some(None) => {
-                        self.stream.publish(&mut batch).await;
+                        self.publish(&mut batch, stalled).await;
                         return "connection closed by the server".to_owned();
                     }
                     None => break,
                 }
             }
-            self.stream.publish(&mut batch).await;
+            self.publish(&mut batch, stalled).await;
         }
+    }
+}
+
+impl Receiver {
+    /// Publishes a batch; while that waits for fan-out room, `stalled` says so.
+    async fn publish(&self, batch: &mut Vec<Arc<Outgoing>>, stalled: &watch::Sender<bool>) {
+        let mut publish = std::pin::pin!(self.stream.publish(batch));
+        if futures::poll!(publish.as_mut()).is_ready() {
+            return;
+        }
+        stalled.send_replace(true);
+        publish.await;
+        stalled.send_replace(false);
     }
 }
 

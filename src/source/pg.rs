@@ -3,67 +3,23 @@
 //! tokio-postgres knows only disable/prefer/require and leaves certificate checks to the TLS
 //! connector, so each libpq mode is mapped here to a pair (tokio-postgres mode, connector
 //! strictness). Both the receiver and the test client connect through [`connect`], so they
-//! share one meaning of every mode.
+//! share one meaning of every mode. A configured client certificate (libpq's `sslcert` and
+//! `sslkey`) is presented whenever TLS is negotiated; the configuration refuses one with
+//! `disable`.
 
-use std::fmt;
 use std::time::Duration;
 
-use native_tls::{Certificate, TlsConnector};
+use native_tls::TlsConnector;
 use postgres_native_tls::MakeTlsConnector;
 use tokio_postgres::config::SslMode as WireSslMode;
 use tokio_postgres::{Client, Connection, Socket};
 
-use crate::config::ReceiverConfig;
+use crate::config::{ReceiverConfig, SslMode};
 use crate::error::Error;
 
-/// libpq's `sslmode` values, with libpq's meaning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    /// Plain TCP only.
-    Disable,
-    /// libpq tries plain first; here, as `prefer`: TLS when the server offers it, unverified.
-    Allow,
-    /// TLS when the server offers it, certificate not verified.
-    Prefer,
-    /// TLS required; the chain is verified only when a CA is configured (then as `verify-ca`).
-    Require,
-    /// TLS required, chain verified against the configured CA or the system roots; any host name.
-    VerifyCa,
-    /// TLS required, chain and host name verified.
-    VerifyFull,
-}
-
+/// How a connection applies each mode. Kept here rather than with [`SslMode`] because it
+/// names tokio-postgres's types, which the configuration does not depend on.
 impl SslMode {
-    /// Parses a libpq mode name (any case).
-    pub fn parse(text: &str) -> Result<SslMode, String> {
-        Ok(match text.trim().to_ascii_lowercase().as_str() {
-            "disable" => SslMode::Disable,
-            "allow" => SslMode::Allow,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            _ => {
-                return Err(
-                    "not an sslmode (disable, allow, prefer, require, verify-ca, verify-full)"
-                        .to_owned(),
-                );
-            }
-        })
-    }
-
-    /// libpq's name of the mode.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Allow => "allow",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-
     /// What tokio-postgres negotiates on the wire.
     fn wire(self) -> WireSslMode {
         match self {
@@ -83,35 +39,6 @@ impl SslMode {
     }
 }
 
-/// Trusted CA certificates decoded from `PG_CA_B64` (a PEM bundle or one DER certificate).
-#[derive(Clone)]
-pub struct CaCertificates(Vec<Certificate>);
-
-impl fmt::Debug for CaCertificates {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CaCertificates({} certificates)", self.0.len())
-    }
-}
-
-impl CaCertificates {
-    /// Accepts PEM (one or more `CERTIFICATE` blocks) or DER.
-    pub fn parse(bytes: &[u8]) -> Result<CaCertificates, String> {
-        let certs = if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
-            Certificate::stack_from_pem(bytes)
-                .map_err(|err| format!("not a PEM certificate ({err})"))?
-        } else {
-            vec![
-                Certificate::from_der(bytes)
-                    .map_err(|err| format!("not a PEM or DER certificate ({err})"))?,
-            ]
-        };
-        if certs.is_empty() {
-            return Err("not a PEM certificate (no CERTIFICATE block)".to_owned());
-        }
-        Ok(CaCertificates(certs))
-    }
-}
-
 /// How long a connection attempt (TCP, TLS and authentication) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -124,12 +51,16 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// The connection future type both sides drive; it must be polled for notifications to arrive.
 pub type PgConnection = Connection<Socket, postgres_native_tls::TlsStream<Socket>>;
 
-/// Builds the TLS connector for a mode. Kept separate from [`connect`] so that a broken TLS
-/// setup is found once at start rather than on every reconnect.
+/// Builds the TLS connector for a mode, with the client certificate if one is configured.
+/// Kept separate from [`connect`] so that a broken TLS setup is found once at start rather
+/// than on every reconnect.
 pub fn tls_connector(cfg: &ReceiverConfig) -> Result<MakeTlsConnector, Error> {
     let mut builder = TlsConnector::builder();
+    if let Some(client) = &cfg.client_identity {
+        builder.identity(client.identity().clone());
+    }
     if let Some(ca) = &cfg.ca {
-        for cert in &ca.0 {
+        for cert in ca.certificates() {
             builder.add_root_certificate(cert.clone());
         }
     }
@@ -173,6 +104,54 @@ pub async fn connect(
 /// `My-Events` (or one containing `"`) is LISTENed to exactly as configured.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A failed connection attempt, described for log lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    /// The cause, password-free (see [`describe_error`]).
+    pub text: String,
+    /// What every repeat of this failure has in common, so that it is reported once even when
+    /// its text varies from one attempt to the next; otherwise the text itself.
+    pub kind: String,
+}
+
+impl ConnectFailure {
+    /// A failure that reads the same each time it happens.
+    pub fn new(text: String) -> ConnectFailure {
+        ConnectFailure {
+            kind: text.clone(),
+            text,
+        }
+    }
+}
+
+/// How a refused client certificate shows when the server's reset overtook its alert.
+const DROPPED_BEFORE_AUTHENTICATION: &str = "the server dropped the connection before \
+    authentication: with a client certificate under TLS 1.3, that is also how a server refuses \
+    the certificate (its log says why)";
+
+/// [`describe_error`] for a failed [`connect`], as one [`ConnectFailure`].
+///
+/// Under TLS 1.3 the server checks a client certificate after the client has finished its side
+/// of the handshake and sent its startup message. A refusal then reaches the client as an alert
+/// on its next read (`tlsv1 alert unknown ca`), or, when the reset that follows the alert gets
+/// there first, as a bare reset: at random, from one attempt to the next. With a client
+/// certificate configured, a connection lost before authentication therefore says what it
+/// probably means, and both forms count as one failure.
+pub fn describe_connect_error(err: &tokio_postgres::Error, cfg: &ReceiverConfig) -> ConnectFailure {
+    let text = describe_error(err);
+    // tokio-postgres does not expose its error kinds: `Io` is told by its message. `Connect`
+    // (no TCP connection) and `Tls` (a handshake that failed, TLS 1.2's refusals included) say
+    // other things.
+    let dropped = err.is_closed() || err.to_string() == "error communicating with the server";
+    if cfg.client_identity.is_some() && dropped {
+        return ConnectFailure {
+            text: format!("{text} ({DROPPED_BEFORE_AUTHENTICATION})"),
+            kind: DROPPED_BEFORE_AUTHENTICATION.to_owned(),
+        };
+    }
+    ConnectFailure::new(text)
 }
 
 /// A short, password-free description of a connection error's cause, for log lines.
@@ -220,20 +199,8 @@ mod tests {
     }
 
     #[test]
-    fn parses_mode_names_in_any_case() {
-        assert_eq!(SslMode::parse("Verify-Full"), Ok(SslMode::VerifyFull));
-        assert!(SslMode::parse("bogus").is_err());
-    }
-
-    #[test]
     fn quotes_identifiers() {
         assert_eq!(quote_ident("My-Events"), "\"My-Events\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-    }
-
-    #[test]
-    fn rejects_what_is_not_a_certificate() {
-        assert!(CaCertificates::parse(b"hello").is_err());
-        assert!(CaCertificates::parse(b"-----BEGIN CERTIFICATE-----\nxx\n").is_err());
     }
 }

@@ -1,20 +1,27 @@
 //! The ordered stream between a source and the fan-out: every payload a source delivers is
-//! checked here once, and what passes is published to every client, in the source's order.
+//! checked here once, given its position, kept in the history, and published to every client,
+//! in the source's order.
 //!
 //! A source (LISTEN today) only hands payloads over and reports whether it is live; it knows
 //! nothing of clients. The fan-out only writes what it is given; it knows nothing of
-//! PostgreSQL. Keeping the one check and the publish here gives the stream one place that sees
-//! every message in order, which is where positions and history belong.
+//! PostgreSQL. The stream is the one place that sees every message in order, so positions and
+//! history live here, and so does the hand-over of a resuming client: under one lock, the
+//! client is given what it missed and joins the fan-out, while publishing appends and queues
+//! under the same lock, so the hand-over has neither gap nor duplicate.
 
-use std::sync::Arc;
+pub mod history;
+
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fanout::Hub;
-use crate::message::{self, Frame};
+use crate::fanout::{Batch, Hub, Registration};
+use crate::message::{self, Epoch, Format, Outgoing, Position, ResetReason};
 use crate::metrics::Metrics;
+pub use history::{History, HistoryLimits};
 
 /// Whether the stream's source is live, as `/status` and `/ready` report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,20 +39,61 @@ impl ListenerState {
     }
 }
 
+/// What is ordered under the stream's lock.
+#[derive(Debug)]
+struct Log {
+    /// The newest published message, or the epoch's start.
+    head: Position,
+    /// The position the next accepted payload gets.
+    next: Position,
+    history: History,
+}
+
+/// How a client joins: from now, or after a position it already has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The first message published after it joined.
+    Live,
+    /// The message after this position, from the history; a `reset` first when that cannot be.
+    After(Position),
+}
+
+/// How a resume went, for the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    Live,
+    /// This many messages came from the history.
+    Resumed(usize),
+    /// The client was told to start over from the head.
+    Reset(ResetReason),
+}
+
 /// The stream: the one path from a source to the clients.
 pub struct Stream {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     state: watch::Sender<ListenerState>,
+    log: Mutex<Log>,
 }
 
 impl Stream {
-    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>) -> Stream {
+    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, limits: HistoryLimits) -> Stream {
+        let start = Epoch::new_after(None).start();
         Stream {
             hub,
             metrics,
             state: watch::Sender::new(ListenerState::Connecting),
+            log: Mutex::new(Log {
+                head: start,
+                next: start.next(),
+                history: History::new(limits),
+            }),
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        // Every critical section leaves the log whole before anything can panic.
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Follows the source's state, for the HTTP side.
@@ -61,13 +109,48 @@ impl Stream {
         self.state.send_replace(state);
     }
 
-    /// Checks one payload from `channel`; invalid ones are counted and logged, never forwarded.
-    pub fn accept(&self, channel: &str, payload: &str) -> Option<Frame> {
+    /// The newest position, for `/status`.
+    pub fn head(&self) -> Position {
+        self.lock().head
+    }
+
+    /// Bytes the history holds, for `/status`.
+    pub fn history_bytes(&self) -> usize {
+        self.lock().history.bytes()
+    }
+
+    /// Starts a new epoch after the source lost continuity (what was published meanwhile is
+    /// gone), and tells every opted-in client to continue from its start.
+    pub async fn restart_epoch(&self) {
+        let rooms = self.hub.reserve(1).await;
+        let mut log = self.lock();
+        let start = Epoch::new_after(Some(log.head.epoch)).start();
+        log.head = start;
+        log.next = start.next();
+        log.history.clear();
+        self.metrics.count_reset(ResetReason::ListenGap);
+        self.hub.enqueue(
+            message_batch(Outgoing::reset(start, ResetReason::ListenGap)),
+            rooms,
+        );
+        log::info!(
+            "new stream epoch {}: the source lost continuity",
+            start.epoch
+        );
+    }
+
+    /// Checks one payload from `channel` and gives it the next position; invalid ones are
+    /// counted and logged, never forwarded.
+    pub fn accept(&self, channel: &str, payload: &str) -> Option<Arc<Outgoing>> {
         self.metrics.notifications_received.inc();
-        match message::frame_from_payload(payload) {
-            Ok(frame) => {
+        match message::validate(payload) {
+            Ok(()) => {
                 log::debug!("notification: {}", message::preview(payload));
-                Some(frame)
+                let mut log = self.lock();
+                let position = log.next;
+                log.next = position.next();
+                drop(log);
+                Some(Arc::new(Outgoing::message(position, payload)))
             }
             Err(rejected) => {
                 self.metrics.notifications_invalid.inc();
@@ -80,35 +163,74 @@ impl Stream {
         }
     }
 
-    /// Publishes accepted frames, in order, to every client, and empties `batch`. Waits only
-    /// while the fan-out is a full read-ahead behind; cancelling the wait publishes nothing.
-    pub async fn publish(&self, batch: &mut Vec<Frame>) {
+    /// Publishes accepted messages, in order, to every client and keeps them in the history;
+    /// empties `batch`. Waits only while the fan-out is a full read-ahead behind; cancelling
+    /// the wait publishes nothing.
+    pub async fn publish(&self, batch: &mut Vec<Arc<Outgoing>>) {
         if batch.is_empty() {
             return;
         }
-        self.hub.publish_batch(batch).await;
-        self.metrics
-            .notifications_forwarded
-            .inc_by(batch.len() as u64);
+        let rooms = self.hub.reserve(batch.len()).await;
+        let count = batch.len();
+        let items: Batch = Arc::from(std::mem::take(batch));
+        let now = Instant::now();
+        let mut log = self.lock();
+        for message in items.iter() {
+            log.history.push(now, message.clone());
+            log.head = message.position();
+        }
+        self.hub.enqueue(items, rooms);
+        drop(log);
+        self.metrics.notifications_forwarded.inc_by(count as u64);
         log::debug!(
-            "{} notification(s) forwarded to {} clients",
-            batch.len(),
+            "{count} notification(s) forwarded to {} clients",
             self.hub.client_count()
         );
-        batch.clear();
     }
 
-    /// Sends the `{"action":"ping"}` heartbeat every `interval` until `shutdown`.
+    /// Adds a client that wants `format`, starting as `start` says.
+    pub fn join(&self, format: Format, start: Start) -> (Registration, Joined) {
+        let mut log = self.lock();
+        let Start::After(since) = start else {
+            return (self.hub.register(format), Joined::Live);
+        };
+        let head = log.head;
+        let (backlog, joined) = match log.history.after(Instant::now(), since, head) {
+            Ok(missed) => {
+                self.metrics.resumes_served.inc();
+                let frames = missed.iter().filter_map(|m| m.frame(format)).cloned();
+                let joined = Joined::Resumed(missed.len());
+                (frames.collect(), joined)
+            }
+            Err(reason) => {
+                self.metrics.count_reset(reason);
+                let reset = Outgoing::reset(head, reason);
+                (
+                    reset.frame(format).cloned().into_iter().collect(),
+                    Joined::Reset(reason),
+                )
+            }
+        };
+        (self.hub.register_after(format, backlog), joined)
+    }
+
+    /// Sends the heartbeat every `interval` until `shutdown`: `{"action":"ping"}` to legacy
+    /// clients, the head position to the others.
     pub async fn run_heartbeat(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
-        let start = tokio::time::Instant::now() + interval;
+        let start = Instant::now() + interval;
         let mut ticker = tokio::time::interval_at(start, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let ping = Frame::ping();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {
-                    self.hub.publish(&ping).await;
+                    let rooms = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        rooms = self.hub.reserve(1) => rooms,
+                    };
+                    let log = self.lock();
+                    self.hub.enqueue(message_batch(Outgoing::ping(log.head)), rooms);
+                    drop(log);
                     log::debug!("ping sent to {} clients", self.hub.client_count());
                 }
             }
@@ -116,63 +238,187 @@ impl Stream {
     }
 }
 
+/// A batch of one.
+fn message_batch(item: Outgoing) -> Batch {
+    Arc::from(vec![Arc::new(item)])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fanout::outbox::test_support::socket_pair;
+    use bytes::Bytes;
     use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
 
-    fn stream(shutdown: &CancellationToken) -> (Arc<Hub>, Arc<Stream>) {
+    fn stream(shutdown: &CancellationToken, limits: HistoryLimits) -> Arc<Stream> {
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::new(4, shutdown.clone(), metrics.clone()));
-        (hub.clone(), Arc::new(Stream::new(hub, metrics)))
+        Arc::new(Stream::new(hub, metrics, limits))
+    }
+
+    /// A client of `format` starting at `start`, with its socket attached; and its peer.
+    async fn client(stream: &Stream, format: Format, start: Start) -> (Registration, TcpStream) {
+        let (registration, _) = stream.join(format, start);
+        let (server, peer) = socket_pair().await;
+        attach(&registration, server);
+        (registration, peer)
+    }
+
+    /// Gives the client its socket and writes out its backlog, as its task would.
+    fn attach(registration: &Registration, server: Arc<TcpStream>) {
+        registration.client.out.attach(server);
+        assert!(
+            registration.client.out.flush().expect("flush"),
+            "backlog written"
+        );
+    }
+
+    async fn expect(peer: &mut TcpStream, frames: &[&Bytes]) {
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
+        let mut got = vec![0; expected.len()];
+        peer.read_exact(&mut got).await.expect("frames");
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&expected)
+        );
+    }
+
+    /// Accepts and publishes `count` messages; returns them.
+    async fn publish(stream: &Stream, count: usize) -> Vec<Arc<Outgoing>> {
+        let mut batch: Vec<_> = (0..count)
+            .filter_map(|i| stream.accept("events", &format!(r#"{{"n":{i}}}"#)))
+            .collect();
+        let published = batch.clone();
+        stream.publish(&mut batch).await;
+        published
+    }
+
+    fn frames(items: &[Arc<Outgoing>], format: Format) -> Vec<&Bytes> {
+        items.iter().filter_map(|m| m.frame(format)).collect()
     }
 
     #[tokio::test(start_paused = true)]
-    async fn heartbeat_goes_out_each_interval() {
+    async fn heartbeat_goes_out_each_interval_in_each_format() {
         let root = CancellationToken::new();
-        let (hub, stream) = stream(&root);
-        let reg = hub.register();
-        let (server, mut peer) = socket_pair().await;
-        reg.client.out.attach(server);
-        let heartbeat = tokio::spawn(stream.run_heartbeat(Duration::from_secs(5), root.clone()));
-        let ping = Frame::ping();
+        let stream = stream(&root, HistoryLimits::default());
+        let (_legacy, mut legacy_peer) = client(&stream, Format::Legacy, Start::Live).await;
+        let (_v1, mut v1_peer) = client(&stream, Format::V1, Start::Live).await;
+        let heartbeat = tokio::spawn(
+            stream
+                .clone()
+                .run_heartbeat(Duration::from_secs(5), root.clone()),
+        );
+        let ping = Outgoing::ping(stream.head());
         for _ in 0..2 {
-            let mut got = vec![0; ping.wire().len()];
-            peer.read_exact(&mut got).await.expect("ping");
-            assert_eq!(&got[..], &ping.wire()[..]);
+            expect(
+                &mut legacy_peer,
+                &[ping.frame(Format::Legacy).expect("legacy")],
+            )
+            .await;
+            expect(&mut v1_peer, &[ping.frame(Format::V1).expect("v1")]).await;
         }
         root.cancel();
         heartbeat.await.expect("the heartbeat stops on shutdown");
     }
 
     #[tokio::test]
-    async fn only_valid_payloads_are_published_and_counted() {
+    async fn valid_payloads_get_consecutive_positions_and_are_counted() {
         let root = CancellationToken::new();
-        let (hub, stream) = stream(&root);
-        let reg = hub.register();
-        let (server, mut peer) = socket_pair().await;
-        reg.client.out.attach(server);
-        let mut batch: Vec<Frame> = [r#"{"n":1}"#, "not json", r#"{"n":2}"#]
+        let stream = stream(&root, HistoryLimits::default());
+        let (_reg, mut peer) = client(&stream, Format::Legacy, Start::Live).await;
+        let start = stream.head();
+        let mut batch: Vec<_> = [r#"{"n":1}"#, "not json", r#"{"n":2}"#]
             .into_iter()
             .filter_map(|p| stream.accept("events", p))
             .collect();
-        assert_eq!(batch.len(), 2);
-        let expected: Vec<u8> = batch.iter().flat_map(|f| f.wire().to_vec()).collect();
+        let published = batch.clone();
         stream.publish(&mut batch).await;
         assert!(batch.is_empty());
-        let mut got = vec![0; expected.len()];
-        peer.read_exact(&mut got).await.expect("frames");
-        assert_eq!(got, expected);
+        let offsets: Vec<u64> = published.iter().map(|m| m.position().offset).collect();
+        assert_eq!(offsets, [1, 2]);
+        assert_eq!(stream.head(), published[1].position());
+        assert_eq!(stream.head().epoch, start.epoch);
+        expect(&mut peer, &frames(&published, Format::Legacy)).await;
         assert_eq!(stream.metrics.notifications_received.get(), 3);
         assert_eq!(stream.metrics.notifications_invalid.get(), 1);
         assert_eq!(stream.metrics.notifications_forwarded.get(), 2);
     }
 
+    #[tokio::test]
+    async fn a_resumed_client_gets_what_it_missed_then_live_with_no_gap_or_duplicate() {
+        let root = CancellationToken::new();
+        let stream = stream(&root, HistoryLimits::default());
+        let first = publish(&stream, 5).await;
+        let since = first[1].position();
+        let (joined_reg, joined) = stream.join(Format::V1, Start::After(since));
+        assert_eq!(joined, Joined::Resumed(3));
+        let later = publish(&stream, 2).await;
+        let (server, mut peer) = socket_pair().await;
+        attach(&joined_reg, server);
+        let mut expected = frames(&first[2..], Format::V1);
+        expected.extend(frames(&later, Format::V1));
+        expect(&mut peer, &expected).await;
+        assert_eq!(stream.metrics.resumes_served.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unservable_position_gets_a_reset_naming_the_head() {
+        let root = CancellationToken::new();
+        let limits = HistoryLimits {
+            max_messages: 2,
+            ..HistoryLimits::default()
+        };
+        let stream = stream(&root, limits);
+        let published = publish(&stream, 5).await;
+        let head = stream.head();
+        let (_reg, mut peer) =
+            client(&stream, Format::V1, Start::After(published[0].position())).await;
+        let reset = Outgoing::reset(head, ResetReason::Evicted);
+        let next = publish(&stream, 1).await;
+        expect(
+            &mut peer,
+            &[
+                reset.frame(Format::V1).expect("v1"),
+                next[0].frame(Format::V1).expect("v1"),
+            ],
+        )
+        .await;
+        let (_, joined) = stream.join(Format::V1, Start::After(Epoch::new_after(None).start()));
+        assert_eq!(joined, Joined::Reset(ResetReason::OtherEpoch));
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_resets_opted_in_clients_and_legacy_ones_see_nothing() {
+        let root = CancellationToken::new();
+        let stream = stream(&root, HistoryLimits::default());
+        let before = publish(&stream, 2).await;
+        let (_legacy, mut legacy_peer) = client(&stream, Format::Legacy, Start::Live).await;
+        let (_v1, mut v1_peer) = client(&stream, Format::V1, Start::Live).await;
+        stream.restart_epoch().await;
+        let start = stream.head();
+        assert_ne!(start.epoch, before[0].position().epoch);
+        assert_eq!(start.offset, 0);
+        let after = publish(&stream, 1).await;
+        assert_eq!(after[0].position(), start.next());
+        let reset = Outgoing::reset(start, ResetReason::ListenGap);
+        expect(
+            &mut v1_peer,
+            &[
+                reset.frame(Format::V1).expect("v1"),
+                after[0].frame(Format::V1).expect("v1"),
+            ],
+        )
+        .await;
+        expect(&mut legacy_peer, &frames(&after, Format::Legacy)).await;
+        let (_, joined) = stream.join(Format::V1, Start::After(before[1].position()));
+        assert_eq!(joined, Joined::Reset(ResetReason::OtherEpoch));
+    }
+
     #[test]
     fn the_state_is_reported_and_exported() {
         let root = CancellationToken::new();
-        let (_, stream) = stream(&root);
+        let stream = stream(&root, HistoryLimits::default());
         let state = stream.listener_state();
         assert_eq!(*state.borrow(), ListenerState::Connecting);
         stream.set_listener_state(ListenerState::Listening);

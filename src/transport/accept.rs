@@ -25,6 +25,22 @@ const MAX_REQUEST_HEAD: usize = 16 * 1024;
 /// retried only after a second.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// The first pause of the accept loop after a failed accept.
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+
+/// The longest pause while out of descriptors: how late, at worst, accepts resume after one
+/// frees up.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+/// Whether an accept failed because the process (EMFILE) or the system (ENFILE) has no
+/// descriptor left, or the kernel no memory for the socket.
+fn is_out_of_descriptors(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Binds `[::]:port` (dual-stack), or `0.0.0.0:port` where IPv6 is unavailable.
 pub async fn bind(port: u16) -> Result<TcpListener, Error> {
     let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
@@ -56,20 +72,47 @@ fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Accepts connections until shutdown, then lets in-flight plain requests finish.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
     let connections = TaskTracker::new();
+    // Set while accepts are paused for want of descriptors: the current pause.
+    let mut starved: Option<Duration> = None;
     loop {
-        let (stream, peer) = tokio::select! {
+        let accepted = tokio::select! {
             _ = state.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    log::warn!("accept failed: {err}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = listener.accept() => accepted,
         };
-        connections.spawn(serve_connection(stream, peer, state.clone()));
+        let pause = match accepted {
+            Ok((stream, peer)) => {
+                if starved.take().is_some() {
+                    log::info!("accepting connections again: file descriptors are available");
+                }
+                connections.spawn(serve_connection(stream, peer, state.clone()));
+                continue;
+            }
+            // The pending connection stays in the backlog and the listener stays readable: a
+            // retry now would spin a core. Pause, longer each time, until a descriptor frees up.
+            Err(err) if is_out_of_descriptors(&err) => {
+                let pause = match starved {
+                    None => {
+                        log::warn!(
+                            "cannot accept connections: {err}; pausing accepts until file                              descriptors free up (raise the open-files limit or lower MaxClients)"
+                        );
+                        ACCEPT_PAUSE_MIN
+                    }
+                    Some(pause) => (pause * 2).min(ACCEPT_PAUSE_MAX),
+                };
+                state.metrics.accept_pauses.inc();
+                starved = Some(pause);
+                pause
+            }
+            // A connection reset before it was accepted, and the like: that one is gone.
+            Err(err) => {
+                log::debug!("accept failed: {err}");
+                ACCEPT_PAUSE_MIN
+            }
+        };
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
     }
     drop(listener);
     connections.close();

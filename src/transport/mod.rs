@@ -5,6 +5,7 @@
 //! - [`upgrade`]: the websocket handshake (RFC 6455 §4.2), which registers the client with the
 //!   fan-out before its 101 goes out.
 //! - [`admission`]: who may connect: token, Origin, `MaxClients`.
+//! - [`start`]: where a client asks to start (`since`).
 //! - [`subscriber`]: one websocket client's task once upgraded.
 //! - [`frames`]: the parser of what clients send.
 //! - [`utf8`]: the incremental UTF-8 check of the text messages clients send.
@@ -15,6 +16,7 @@ pub mod accept;
 pub mod admission;
 pub mod frames;
 pub mod routes;
+pub mod start;
 pub mod subscriber;
 pub mod upgrade;
 pub mod utf8;
@@ -28,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::SenderConfig;
 use crate::fanout::Hub;
 use crate::metrics::Metrics;
-use crate::stream::ListenerState;
+use crate::stream::{ListenerState, Stream};
 
 /// Every response carries a small text body, built whole.
 pub type Response = hyper::Response<String>;
@@ -38,6 +40,7 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     pub listener_state: watch::Receiver<ListenerState>,
+    pub stream: Arc<Stream>,
     pub sender: SenderConfig,
     pub shutdown: CancellationToken,
     /// Client tasks join it, so that shutdown waits for their close handshakes.

@@ -44,11 +44,15 @@ pub fn text_owned(status: StatusCode, mut body: String) -> Response {
 
 /// Liveness: always 200, with what an operator wants to see first.
 fn status(state: &AppState) -> Response {
+    let head = state.stream.head();
     let body = serde_json::json!({
         "status": "ok",
         "listener": state.listener_state.borrow().as_str(),
         "clients": state.hub.client_count(),
         "notifications_forwarded": state.metrics.notifications_forwarded.get(),
+        "epoch": head.epoch.to_string(),
+        "head": head.to_string(),
+        "history_bytes": state.stream.history_bytes(),
         "version": env!("CARGO_PKG_VERSION"),
     });
     let mut response = Response::new(body.to_string());

@@ -15,6 +15,12 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::routes::text_owned;
+use super::start;
+use crate::message::Format;
+use crate::stream::{Joined, Start};
+
+/// The websocket subprotocol of clients that want positions, resume and resets.
+pub const V1: &str = "vulcan-stream.v1";
 use super::subscriber::{Liveness, Subscriber};
 use super::{AppState, Response, admission};
 
@@ -36,10 +42,27 @@ pub fn upgrade(
         state.metrics.clients_rejected.inc();
         return refusal;
     }
+    let start = match start::from_query(query) {
+        Ok(start) => start,
+        Err(bad) => {
+            state.metrics.clients_rejected.inc();
+            return bad.response();
+        }
+    };
+    let offers_v1 = header_has_token(request.headers(), header::SEC_WEBSOCKET_PROTOCOL, V1);
+    // Clients that neither offer the protocol nor resume get exactly the original frames.
+    let format = if offers_v1 || start != Start::Live {
+        Format::V1
+    } else {
+        Format::Legacy
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
 
     // Join the fan-out now: frames published from here on are queued for this client.
-    let registration = state.hub.register();
+    let (registration, joined) = state.stream.join(format, start);
+    if joined != Joined::Live {
+        log::debug!("client {} ({peer}): {joined:?}", registration.id);
+    }
     let liveness = Liveness {
         ping_interval: state.sender.ping_interval,
         pong_timeout: state.sender.pong_timeout,
@@ -85,6 +108,9 @@ pub fn upgrade(
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept_value(&key));
+    if offers_v1 {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(V1));
+    }
     response
 }
 

@@ -140,6 +140,34 @@ async fn ca_not_a_certificate() -> Result<()> {
 }
 
 #[tokio::test]
+async fn client_key_not_base64_is_named_but_not_shown() -> Result<()> {
+    let cert = base64::engine::general_purpose::STANDARD.encode("hello");
+    let key = "c2VjcmV0LWtleS1tYXJrZXI*";
+    let env = [
+        ("PG_SSLMODE", "verify-full"),
+        ("PG_SSLCERT_B64", cert.as_str()),
+        ("PG_SSLKEY_B64", key),
+    ];
+    let out = run_server(None, &env).await?;
+    let line = assert_bad_input(&out);
+    assert_names(&line, "PG_SSLKEY_B64");
+    assert!(line.contains("not base64"), "no reason: {line:?}");
+    assert!(!out.stderr.contains(&key[..20]), "key shown: {out:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_certificate_without_its_key() -> Result<()> {
+    let cert = base64::engine::general_purpose::STANDARD.encode("hello");
+    let config = format!("[Receiver]\nDBSSLMode = \"require\"\nDBSSLCert = \"{cert}\"\n");
+    let line = assert_bad_input(&run_server(Some(&config), &[]).await?);
+    assert_names(&line, "Receiver.DBSSLCert");
+    assert_names(&line, "PG_SSLKEY_B64");
+    assert_names(&line, "Receiver.DBSSLKey");
+    Ok(())
+}
+
+#[tokio::test]
 async fn ping_interval_zero() -> Result<()> {
     let line = assert_bad_input(&run_server(Some("[Sender]\nPingInterval = 0\n"), &[]).await?);
     assert_names(&line, "PingInterval");

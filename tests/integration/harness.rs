@@ -429,6 +429,10 @@ pub struct PgTlsOpts {
     /// `pg_hba.conf` lines placed before initdb's rules (which trust every local TCP client,
     /// with or without TLS), e.g. `host all alice 127.0.0.1/32 scram-sha-256`.
     pub hba_first: Vec<String>,
+    /// The CA(s) that client certificates must lead to (PEM), installed as `ssl_ca_file`. The
+    /// server then asks every TLS client for a certificate; clients without one still connect
+    /// unless a `pg_hba.conf` rule demands it (`cert`, `clientcert=verify-full`).
+    pub client_ca_pem: Option<String>,
 }
 
 impl PgCluster {
@@ -439,10 +443,17 @@ impl PgCluster {
         let cluster = PgCluster::private().await?;
         cluster.stop().await?;
         let data = cluster.dir.path().join("data");
+        let client_ca = opts
+            .client_ca_pem
+            .as_ref()
+            .map(|pem| ("client-ca.crt", pem));
         for (name, content) in [
             ("server.crt", &opts.cert_pem),
             ("server.key", &opts.key_pem),
-        ] {
+        ]
+        .into_iter()
+        .chain(client_ca)
+        {
             let path = data.join(name);
             std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
@@ -473,6 +484,10 @@ impl PgCluster {
               listen_addresses = '127.0.0.1'\n",
         )
         .context("append TLS settings to postgresql.conf")?;
+        if client_ca.is_some() {
+            file.write_all(b"ssl_ca_file = 'client-ca.crt'\n")
+                .context("append ssl_ca_file to postgresql.conf")?;
+        }
         if !opts.hba_first.is_empty() {
             let hba = data.join("pg_hba.conf");
             let old = std::fs::read_to_string(&hba).context("read pg_hba.conf")?;
@@ -536,6 +551,8 @@ pub struct ServerOpts {
     /// The open-files soft limit the process starts with (`RLIMIT_NOFILE`, hard limit kept);
     /// `None` inherits the test process's.
     pub open_files_soft: Option<u64>,
+    /// Lowers the hard limit too (the server cannot raise past it).
+    pub open_files_hard: Option<u64>,
 }
 
 impl ServerOpts {
@@ -547,6 +564,7 @@ impl ServerOpts {
             args: Vec::new(),
             wait_ready: true,
             open_files_soft: None,
+            open_files_hard: None,
         }
         .env("PORT", "0")
         .env("LOG_LEVEL", "info")
@@ -582,6 +600,13 @@ impl ServerOpts {
     /// Starts the server with this open-files soft limit (e.g. the usual default, 1024).
     pub fn open_files_soft_limit(mut self, soft: u64) -> Self {
         self.open_files_soft = Some(soft);
+        self
+    }
+
+    /// Starts the server with this open-files limit, soft and hard (as `ulimit -n` sets it).
+    pub fn open_files_limit(mut self, limit: u64) -> Self {
+        self.open_files_soft = Some(limit);
+        self.open_files_hard = Some(limit);
         self
     }
 }
@@ -623,7 +648,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(soft) = opts.open_files_soft {
-            set_open_files_soft_limit(&mut cmd, soft);
+            set_open_files_limit(&mut cmd, soft, opts.open_files_hard);
         }
         let mut child = cmd.spawn().context("spawn vulcan-stream")?;
         let stderr = child.stderr.take().expect("stderr is piped");
@@ -868,6 +893,13 @@ impl Server {
         };
         Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
+
+    /// How many descriptors the process has open (the entries of `/proc/<pid>/fd`).
+    pub fn open_fds(&self) -> Result<usize> {
+        let path = format!("/proc/{}/fd", self.pid());
+        let entries = std::fs::read_dir(&path).with_context(|| format!("read {path}"))?;
+        Ok(entries.count())
+    }
 }
 
 impl Drop for Server {
@@ -887,9 +919,9 @@ impl Drop for Server {
     }
 }
 
-/// Makes `cmd`'s process start with an open-files soft limit of `soft` (its hard limit
-/// unchanged; `soft` is capped at it).
-fn set_open_files_soft_limit(cmd: &mut Command, soft: u64) {
+/// Makes `cmd`'s process start with an open-files soft limit of `soft`, and a hard limit of
+/// `hard` when given (otherwise unchanged; `soft` is capped at it).
+fn set_open_files_limit(cmd: &mut Command, soft: u64, hard: Option<u64>) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec and calls only getrlimit and
     // setrlimit, which are async-signal-safe; it allocates nothing and takes no locks.
@@ -901,6 +933,9 @@ fn set_open_files_soft_limit(cmd: &mut Command, soft: u64) {
             };
             if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(hard) = hard {
+                limit.rlim_max = hard.min(limit.rlim_max);
             }
             limit.rlim_cur = soft.min(limit.rlim_max);
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
@@ -991,6 +1026,18 @@ pub async fn ws_connect(port: u16, path: &str) -> Result<Ws> {
 /// Connects to `ws://127.0.0.1:<port><path>` with extra request headers (e.g. `Authorization`,
 /// `Origin`); returns after the 101.
 pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<Ws> {
+    Ok(ws_handshake(port, path, headers).await?.0)
+}
+
+/// [`ws_connect_with`], returning the server's 101 response too (its headers).
+pub async fn ws_handshake(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+)> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
     let url = format!("ws://127.0.0.1:{port}{path}");
@@ -1001,11 +1048,10 @@ pub async fn ws_connect_with(port: u16, path: &str, headers: &[(&str, &str)]) ->
             HeaderValue::from_str(value)?,
         );
     }
-    let (ws, _) = tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
+    tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request))
         .await
         .with_context(|| format!("connect {url}: timeout"))?
-        .with_context(|| format!("connect {url} with {headers:?}"))?;
-    Ok(ws)
+        .with_context(|| format!("connect {url} with {headers:?}"))
 }
 
 /// Reads messages until `pick` returns a value; fails after `timeout` naming `what`, on a

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::harness::{
     Ending, OP_CLOSE, OP_TEXT, PING, PgCluster, RawWs, Server, ServerOpts, TIMEOUT, Ws,
     accept_queue_on_port, client_frame, client_frame_head, ensure_open_files, established_on_port,
-    http_request, next_event, next_event_within, read_until_closed, upgrade_request,
+    http_request, next_event, next_event_within, read_until_closed, upgrade_request, ws_connect,
 };
 
 /// The server still works: `/status` answers, a new client connects, and it and `ws` (a client
@@ -181,9 +181,9 @@ async fn protocol_errors_and_closes_end_with_the_right_code_and_the_server_hangi
     assert_still_serving(&server, pg, channel, &mut ws).await
 }
 
-/// A client that sends 1 kB text frames as fast as it can, from a thread of its own with
-/// blocking writes: an attacker independent of the test's runtime (which a task that never
-/// waits could starve).
+/// A client that sends the same burst of frames over and over as fast as it can, from a thread
+/// of its own with blocking writes: an attacker independent of the test's runtime (which a task
+/// that never waits could starve).
 struct Flood {
     stop: Arc<AtomicBool>,
     sent: watch::Receiver<u64>,
@@ -191,8 +191,8 @@ struct Flood {
 }
 
 impl Flood {
-    /// Starts flooding on `stream`, an upgraded websocket connection.
-    fn start(stream: RawWs) -> Result<Flood> {
+    /// Starts flooding `burst` on `stream`, an upgraded websocket connection.
+    fn start(stream: RawWs, burst: Vec<u8>) -> Result<Flood> {
         let RawWs { stream, .. } = stream;
         let mut stream = stream.into_std()?;
         stream.set_nonblocking(false)?;
@@ -203,9 +203,6 @@ impl Flood {
         let thread = std::thread::spawn({
             let stop = stop.clone();
             move || {
-                let burst: Vec<u8> = (0..64)
-                    .flat_map(|i| client_frame(OP_TEXT, format!("{i:>1000}").as_bytes()))
-                    .collect();
                 let mut sent = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     std::io::Write::write_all(&mut stream, &burst)?;
@@ -228,6 +225,11 @@ impl Flood {
         *self.sent.borrow()
     }
 
+    /// Whether the flood goes on (it ends early when a write fails or times out).
+    fn running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
     /// Stops the flood; returns how many bytes it sent, or why it ended early.
     async fn stop(self) -> Result<u64> {
         self.stop.store(true, Ordering::Relaxed);
@@ -235,6 +237,13 @@ impl Flood {
             .await?
             .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
     }
+}
+
+/// 64 text frames of 1 kB.
+fn text_burst() -> Vec<u8> {
+    (0..64)
+        .flat_map(|i| client_frame(OP_TEXT, format!("{i:>1000}").as_bytes()))
+        .collect()
 }
 
 /// A client sending text frames as fast as it can does not slow delivery to others nor the HTTP
@@ -254,7 +263,7 @@ async fn frame_flood_does_not_stop_others_from_receiving() -> Result<()> {
     let flooder = RawWs::connect(server.port()).await?;
     server.wait_for_clients(2).await?;
     let (rss_before, _) = server.memory_kib()?;
-    let mut flood = Flood::start(flooder)?;
+    let mut flood = Flood::start(flooder, text_burst())?;
     flood.started().await?;
 
     let db = pg.client().await?;
@@ -304,7 +313,7 @@ async fn sigterm_during_a_frame_flood_exits_within_5_s() -> Result<()> {
         server_and_client(ServerOpts::with_db(pg, "hostile-flood-sigterm")).await?;
     let flooder = RawWs::connect(server.port()).await?;
     server.wait_for_clients(2).await?;
-    let mut flood = Flood::start(flooder)?;
+    let mut flood = Flood::start(flooder, text_burst())?;
     flood.started().await?;
     let signalled = Instant::now();
     server.signal(libc::SIGTERM)?;
@@ -323,6 +332,71 @@ async fn sigterm_during_a_frame_flood_exits_within_5_s() -> Result<()> {
         .context("close frame without a code")?;
     assert_eq!(u16::from(frame.code), 1001, "{frame:?}");
     Ok(())
+}
+
+/// A client that floods pings carrying 125 bytes (the most a control frame may) and never reads
+/// what the server sends: the server owes it at most one pong at a time (RFC 6455 §5.5.3 lets
+/// it answer only the most recent ping), so its memory does not grow with the pings it is sent.
+/// Each ping used to queue a pong without bound: RSS went from 11 MB to 1.4 GB in 5 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn ping_flood_without_reading_does_not_grow_memory() -> Result<()> {
+    /// The flood ends after this much, or after `FLOOD_TIME`, whichever comes first.
+    const FLOOD_BYTES: u64 = 200 << 20;
+    const FLOOD_TIME: Duration = Duration::from_secs(5);
+    /// How much RSS may grow: room for the allocator and the sockets' buffers, far below what
+    /// one pong per ping costs (about 200 kB per 1,000 pings).
+    const GROWTH_KIB: u64 = 10 * 1024;
+    const OP_PING: u8 = 0x9;
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-ping-flood";
+    // No heartbeat and no server pings meanwhile: nothing but the flood reaches the fan-out.
+    let opts = ServerOpts::with_db(pg, channel).env("PING_INTERVAL", 3600);
+    let (server, mut ws) = server_and_client(opts).await?;
+    let flooder = RawWs::connect(server.port()).await?;
+    server.wait_for_clients(2).await?;
+    let (rss_before, _) = server.memory_kib()?;
+    let ping = client_frame(OP_PING, &[b'p'; 125]);
+    let mut flood = Flood::start(flooder, ping.repeat(512))?;
+    flood.started().await?;
+
+    // RSS is sampled while the flood goes on, so that memory freed at the end does not hide
+    // what was held meanwhile.
+    let started = Instant::now();
+    let mut rss_most = rss_before;
+    while flood.sent() < FLOOD_BYTES && started.elapsed() < FLOOD_TIME && flood.running() {
+        rss_most = rss_most.max(server.memory_kib()?.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let flood_time = started.elapsed();
+    let sent = flood.sent();
+    // A write that timed out means the server stopped reading for a while (its buffers full),
+    // which it may do; any other failure is the test's own.
+    if let Err(err) = flood.stop().await {
+        let timed_out = err.downcast_ref::<std::io::Error>().is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        });
+        ensure!(timed_out, "ping flood: {err:#}");
+    }
+    let (rss_after, _) = server.memory_kib()?;
+    rss_most = rss_most.max(rss_after);
+    eprintln!(
+        "ping flood: {} MiB ({} pings) in {flood_time:?}; RSS {rss_before} KiB before, at most \
+         {rss_most} KiB during, {rss_after} KiB after",
+        sent >> 20,
+        sent / ping.len() as u64
+    );
+    ensure!(
+        sent >= 16 << 20,
+        "only {sent} bytes of pings went out in {flood_time:?}"
+    );
+    assert!(
+        rss_most < rss_before + GROWTH_KIB,
+        "RSS grew from {rss_before} KiB to {rss_most} KiB while {sent} bytes of pings came in"
+    );
+    assert_still_serving(&server, pg, channel, &mut ws).await
 }
 
 /// A single frame of 10 MB (MaxFrameSize is 64 KiB) closes that connection; the server neither
@@ -537,4 +611,88 @@ async fn two_thousand_idle_connections_do_not_disturb_clients() -> Result<()> {
     );
     drop(idle);
     assert_still_serving(&server, pg, channel, &mut ws).await
+}
+
+/// 1,000 clients leave, half with a close handshake and half by dropping the connection: the
+/// server closes every one of their sockets at once, with no traffic at all afterwards. A fan-out
+/// thread rebuilds its list of members only when a batch arrives; that list used to hold each
+/// departed client's socket open until then (up to a PingInterval when the channel is quiet).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_clients_that_leave_release_their_descriptors_at_once() -> Result<()> {
+    const CLIENTS: usize = 1000;
+    /// Handshakes in flight at once: below the listen backlog (see the idle-connections test).
+    const IN_FLIGHT: usize = 64;
+    /// Failure guard: the descriptors are normally back within milliseconds of the last leave.
+    const RELEASE_BOUND: Duration = Duration::from_secs(5);
+    ensure_open_files(CLIENTS as u64 + 1024)?;
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-leave";
+    // No heartbeat: after the one notification below, nothing wakes the fan-out threads.
+    let opts = ServerOpts::with_db(pg, channel).env("PING_INTERVAL", 3600);
+    let server = Server::spawn(opts).await?;
+    let port = server.port();
+    let baseline = server.open_fds()?;
+
+    let mut clients: Vec<Ws> = futures::stream::iter(0..CLIENTS)
+        .map(|_| ws_connect(port, "/stream"))
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect()
+        .await?;
+    server.wait_for_clients(CLIENTS as u64).await?;
+    let connected = server.open_fds()?;
+    // The baseline may still count the connection of the last readiness probe, which the
+    // server closes as soon as it notices the probe's end.
+    ensure!(
+        connected + 1 >= baseline + CLIENTS,
+        "{connected} descriptors open with {CLIENTS} clients, {baseline} before"
+    );
+    // One notification, read by every client: every fan-out thread has then listed them all.
+    let payload = format!(r#"{{"action":"before-leaving","channel":"{channel}"}}"#);
+    pg.notify(channel, &payload).await?;
+    futures::future::try_join_all(clients.iter_mut().map(|ws| async {
+        let got = next_event(ws).await?;
+        ensure!(got == payload, "got {got:?}");
+        anyhow::Ok(())
+    }))
+    .await?;
+
+    let dropped = clients.split_off(CLIENTS / 2);
+    drop(dropped);
+    futures::stream::iter(clients)
+        .map(|mut ws| async move {
+            ws.close(None).await.context("send a close")?;
+            // Until the server's echo (or the end of the stream); then the client lets go.
+            tokio::time::timeout(TIMEOUT, async {
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                }
+            })
+            .await
+            .context("close handshake: no echo")
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let left = Instant::now();
+    server.wait_for_clients(0).await?;
+
+    let deadline = left + RELEASE_BOUND;
+    let mut open = server.open_fds()?;
+    while open > baseline {
+        ensure!(
+            Instant::now() < deadline,
+            "{open} descriptors still open {RELEASE_BOUND:?} after {CLIENTS} clients left \
+             ({baseline} before they connected, {connected} with them)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        open = server.open_fds()?;
+    }
+    eprintln!(
+        "{CLIENTS} clients: {baseline} descriptors before, {connected} connected, {open} within \
+         {:?} of the last leave",
+        left.elapsed()
+    );
+    Ok(())
 }

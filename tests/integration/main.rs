@@ -19,5 +19,6 @@ mod lifecycle;
 mod operations;
 mod payloads;
 mod resilience;
+mod resume;
 mod test_client;
 mod tls;

@@ -542,3 +542,67 @@ async fn allowed_origins_refuse_other_origins_with_403() -> Result<()> {
     assert_eq!(next_event_within(&mut allowed, TIMEOUT).await?, payload);
     Ok(())
 }
+
+/// CPU time (user + system) the process has used, in clock ticks.
+fn cpu_ticks(pid: i32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).context("utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// Out of descriptors at accept (EMFILE): the server pauses accepts with one WARN and without
+/// spinning a core, keeps delivering to its clients, and accepts again once descriptors free up.
+#[tokio::test(flavor = "multi_thread")]
+async fn running_out_of_descriptors_pauses_accepts_and_recovers() -> Result<()> {
+    const LIMIT: u64 = 64;
+    let pg = PgCluster::shared().await;
+    let channel = "ops-emfile";
+    let opts = ServerOpts::with_db(pg, channel)
+        .open_files_limit(LIMIT)
+        .env("HANDSHAKE_TIMEOUT", 120);
+    let server = Server::spawn(opts).await?;
+    let port = server.port();
+    let mut ws = server.ws().await?;
+    server.wait_for_clients(1).await?;
+
+    // Connections that never send a request each hold a descriptor until the handshake
+    // timeout; more of them than the limit leaves the accept loop without descriptors.
+    let mut hogs = Vec::new();
+    for _ in 0..LIMIT + 16 {
+        hogs.push(TcpStream::connect(("127.0.0.1", port)).await?);
+    }
+    server
+        .wait_log(|log| log.contains("cannot accept connections"))
+        .await?;
+    let before = cpu_ticks(server.pid())?;
+    let window = Instant::now();
+    notify(&pg.client().await?, channel, r#"{"action":"still-here"}"#).await?;
+    assert_eq!(next_event(&mut ws).await?, r#"{"action":"still-here"}"#);
+    tokio::time::sleep(Duration::from_secs(1).saturating_sub(window.elapsed())).await;
+    let used = cpu_ticks(server.pid())? - before;
+    // Clock ticks are 1/100 s: a spinning accept loop would use about 100 in this second.
+    ensure!(
+        used < 30,
+        "{used} ticks of CPU in one second while out of descriptors"
+    );
+
+    drop(hogs);
+    server
+        .wait_log(|log| log.contains("accepting connections again"))
+        .await?;
+    let mut again = server.ws().await?;
+    server.wait_for_clients(2).await?;
+    notify(&pg.client().await?, channel, r#"{"action":"back"}"#).await?;
+    assert_eq!(next_event(&mut again).await?, r#"{"action":"back"}"#);
+    let warns = server.log_lines(&[" WARN ", "cannot accept connections"]);
+    assert_eq!(
+        warns.len(),
+        1,
+        "one WARN while out of descriptors: {warns:#?}"
+    );
+    Ok(())
+}

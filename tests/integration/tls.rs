@@ -1,5 +1,7 @@
 //! TLS to PostgreSQL: every `PG_SSLMODE` against a cluster with `ssl = on` whose certificate is
-//! signed by a CA generated here with the openssl CLI, for the server and the test client.
+//! signed by a CA generated here with the openssl CLI, for the server and the test client; and
+//! client certificates (`PG_SSLCERT_B64`, `PG_SSLKEY_B64`) for a role that the cluster lets in
+//! only with one (`cert` authentication).
 //!
 //! The listener's backend is found in `pg_stat_activity` by its application name and its last
 //! query (`LISTEN "<channel>"`, unique per test), and `pg_stat_ssl` tells whether it is encrypted.
@@ -26,9 +28,11 @@ const PASSWORD_MARKER: &str = "pw-marker-5Qx9-never-logged";
 /// A role that must authenticate with a password (scram) on the TLS cluster.
 const PW_USER: &str = "vulcan_pw";
 const PW_RIGHT: &str = "right-pw-7Tg2-never-logged";
+/// A role that must present a client certificate with its name as CN, signed by the test CA.
+const CERT_USER: &str = "vulcan_cert";
 
-/// Test certificates (PEM text): two unrelated CAs and two server certificates signed by the
-/// first one.
+/// Test certificates (PEM text): two unrelated CAs, two server certificates signed by the first
+/// one, and client certificates for [`CERT_USER`].
 struct Pki {
     ca: String,
     other_ca: String,
@@ -38,7 +42,21 @@ struct Pki {
     /// `CN=db.example`, SAN `DNS:db.example` only.
     db_example_cert: String,
     db_example_key: String,
+    /// `CN=vulcan_cert`, signed by `ca`, EC key in PKCS#8 and in SEC1 (`EC PRIVATE KEY`).
+    client_cert: String,
+    client_key: String,
+    client_key_sec1: String,
+    /// The same with an RSA key, in PKCS#1 (`RSA PRIVATE KEY`).
+    client_rsa_cert: String,
+    client_rsa_key_pkcs1: String,
+    /// `CN=vulcan_cert`, signed by `other_ca`.
+    foreign_cert: String,
+    foreign_key: String,
 }
+
+/// `openssl req -newkey` options for a P-256 key and for an RSA key.
+const EC_KEY: &[&str] = &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+const RSA_KEY: &[&str] = &["-newkey", "rsa:2048"];
 
 /// Runs `openssl args` in `dir`; a missing openssl is a clear failure, not a skip.
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
@@ -65,59 +83,86 @@ fn make_ca(dir: &Path, name: &str, subject: &str) -> Result<()> {
     openssl(
         dir,
         &[
-            "req",
-            "-x509",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            subject,
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
+            &["req", "-x509", "-new"],
+            EC_KEY,
+            &[
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.crt"),
+                "-days",
+                "2",
+                "-subj",
+                subject,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat(),
     )
 }
 
 /// A server certificate `<name>.crt`/`<name>.key` for `cn` with `san`, signed by CA `ca`.
 fn make_server_cert(dir: &Path, ca: &str, name: &str, cn: &str, san: &str) -> Result<()> {
+    let usage = format!("extendedKeyUsage = serverAuth\nsubjectAltName = {san}\n");
+    make_cert(dir, ca, name, cn, EC_KEY, &usage)
+}
+
+/// A client certificate `<name>.crt`/`<name>.key` for `cn`, signed by CA `ca`, with the key
+/// also in OpenSSL's traditional form (SEC1 or PKCS#1) as `<name>.trad.key`.
+fn make_client_cert(dir: &Path, ca: &str, name: &str, cn: &str, newkey: &[&str]) -> Result<()> {
+    make_cert(dir, ca, name, cn, newkey, "extendedKeyUsage = clientAuth\n")?;
+    openssl(
+        dir,
+        &[
+            "pkey",
+            "-in",
+            &format!("{name}.key"),
+            "-traditional",
+            "-out",
+            &format!("{name}.trad.key"),
+        ],
+    )
+}
+
+/// A certificate `<name>.crt`/`<name>.key` (PKCS#8) for `cn`, signed by CA `ca`, with a key
+/// made by `newkey` and the extensions `usage` beside the end-entity constraints.
+fn make_cert(
+    dir: &Path,
+    ca: &str,
+    name: &str,
+    cn: &str,
+    newkey: &[&str],
+    usage: &str,
+) -> Result<()> {
     let ext = format!("{name}.ext");
     std::fs::write(
         dir.join(&ext),
         format!(
             "basicConstraints = critical, CA:FALSE\n\
              keyUsage = critical, digitalSignature, keyEncipherment\n\
-             extendedKeyUsage = serverAuth\n\
-             subjectAltName = {san}\n"
+             {usage}"
         ),
     )?;
     openssl(
         dir,
         &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
+            &["req", "-new"],
+            newkey,
+            &[
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        ]
+        .concat(),
     )?;
     openssl(
         dir,
@@ -154,6 +199,9 @@ fn generate_pki() -> Result<Pki> {
         "DNS:localhost, IP:127.0.0.1",
     )?;
     make_server_cert(d, "ca", "db-example", "db.example", "DNS:db.example")?;
+    make_client_cert(d, "ca", "client", CERT_USER, EC_KEY)?;
+    make_client_cert(d, "ca", "client-rsa", CERT_USER, RSA_KEY)?;
+    make_client_cert(d, "other-ca", "foreign", CERT_USER, EC_KEY)?;
     let read =
         |name: &str| std::fs::read_to_string(d.join(name)).with_context(|| format!("read {name}"));
     Ok(Pki {
@@ -163,6 +211,13 @@ fn generate_pki() -> Result<Pki> {
         localhost_key: read("localhost.key")?,
         db_example_cert: read("db-example.crt")?,
         db_example_key: read("db-example.key")?,
+        client_cert: read("client.crt")?,
+        client_key: read("client.key")?,
+        client_key_sec1: read("client.trad.key")?,
+        client_rsa_cert: read("client-rsa.crt")?,
+        client_rsa_key_pkcs1: read("client-rsa.trad.key")?,
+        foreign_cert: read("foreign.crt")?,
+        foreign_key: read("foreign.key")?,
     })
 }
 
@@ -180,7 +235,8 @@ fn b64(pem: &str) -> String {
 
 /// The two TLS clusters, started together on first use (initdb dominates the cost).
 struct TlsClusters {
-    /// Serves the `localhost` certificate; role [`PW_USER`] must give a password.
+    /// Serves the `localhost` certificate; role [`PW_USER`] must give a password, role
+    /// [`CERT_USER`] a client certificate signed by the test CA.
     localhost: PgCluster,
     /// Serves the `db.example` certificate.
     db_example: PgCluster,
@@ -191,17 +247,24 @@ async fn start_localhost_cluster() -> Result<PgCluster> {
     let pg = PgCluster::private_tls(&PgTlsOpts {
         cert_pem: pki.localhost_cert.clone(),
         key_pem: pki.localhost_key.clone(),
-        hba_first: vec![format!("host all {PW_USER} 127.0.0.1/32 scram-sha-256")],
+        // The certificate rules name their role: the harness itself connects as `postgres`
+        // without TLS, through initdb's `trust` rule.
+        hba_first: vec![
+            format!("host all {PW_USER} 127.0.0.1/32 scram-sha-256"),
+            format!("hostssl all {CERT_USER} 127.0.0.1/32 cert clientcert=verify-full"),
+            format!("host all {CERT_USER} 127.0.0.1/32 reject"),
+        ],
+        client_ca_pem: Some(pki.ca.clone()),
     })
     .await
     .context("start the TLS cluster (localhost certificate)")?;
     pg.connect("postgres")
         .await?
         .batch_execute(&format!(
-            "CREATE ROLE {PW_USER} LOGIN PASSWORD '{PW_RIGHT}'"
+            "CREATE ROLE {PW_USER} LOGIN PASSWORD '{PW_RIGHT}'; CREATE ROLE {CERT_USER} LOGIN"
         ))
         .await
-        .context("create the password role")?;
+        .context("create the password and certificate roles")?;
     Ok(pg)
 }
 
@@ -211,6 +274,7 @@ async fn start_db_example_cluster() -> Result<PgCluster> {
         cert_pem: pki.db_example_cert.clone(),
         key_pem: pki.db_example_key.clone(),
         hba_first: Vec::new(),
+        client_ca_pem: None,
     })
     .await
     .context("start the TLS cluster (db.example certificate)")
@@ -514,6 +578,118 @@ async fn a_wrong_password_is_refused_with_an_authentication_cause() -> Result<()
     assert!(rows[0].get::<_, bool>(0), "listener not encrypted");
     let stderr = server.stderr();
     assert!(!stderr.contains(PW_RIGHT), "password in stderr:\n{stderr}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client certificates
+// ---------------------------------------------------------------------------------------------
+
+/// A server connecting as [`CERT_USER`] with verify-full, presenting `identity` (certificate and
+/// key, PEM) if given.
+fn cert_opts(pg: &PgCluster, channel: &str, identity: Option<(&str, &str)>) -> ServerOpts {
+    let opts = tls_opts(pg, channel, "localhost", "verify-full")
+        .env("PG_CA_B64", b64(&pki().ca))
+        .env("PG_USER", CERT_USER);
+    match identity {
+        Some((cert, key)) => opts
+            .env("PG_SSLCERT_B64", b64(cert))
+            .env("PG_SSLKEY_B64", b64(key)),
+        None => opts,
+    }
+}
+
+/// The subject of the client certificate that the backend LISTENing on `channel` was given.
+async fn listener_client_dn(pg: &PgCluster, channel: &str) -> Result<Option<String>> {
+    let rows = pg
+        .client()
+        .await?
+        .query(
+            "SELECT s.client_dn FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = $1 AND a.query = $2",
+            &[&CERT_USER, &format!("LISTEN \"{channel}\"")],
+        )
+        .await
+        .context("query pg_stat_ssl.client_dn")?;
+    ensure!(
+        rows.len() == 1,
+        "one listener backend for {CERT_USER} on {channel:?}"
+    );
+    Ok(rows[0].get(0))
+}
+
+/// Neither the key's PEM body nor its base64 appears in `text`.
+fn assert_key_not_in(text: &str, key_pem: &str) {
+    let body_line = key_pem.lines().nth(1).expect("a PEM key has a body");
+    assert!(
+        !text.contains(body_line) && !text.contains(&b64(key_pem)[..40]),
+        "private key material in the output:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_lets_its_role_in_whatever_the_key_form() -> Result<()> {
+    let pg = localhost_db().await;
+    let pki = pki();
+    for (n, (form, cert, key)) in [
+        ("EC key in PKCS#8", &pki.client_cert, &pki.client_key),
+        ("EC key in SEC1", &pki.client_cert, &pki.client_key_sec1),
+        (
+            "RSA key in PKCS#1",
+            &pki.client_rsa_cert,
+            &pki.client_rsa_key_pkcs1,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let channel = format!("tls-client-cert-{n}");
+        let opts = cert_opts(pg, &channel, Some((cert, key)));
+        let server = Server::spawn(opts.clone()).await.context(form)?;
+        let ready = http_get(server.port(), "/ready").await?;
+        assert_eq!(ready.status, 200, "{form}: /ready {ready:?}");
+        assert_listening(&server, pg, &channel, true)
+            .await
+            .context(form)?;
+        assert_eq!(
+            listener_client_dn(pg, &channel).await?,
+            Some(format!("/CN={CERT_USER}")),
+            "{form}"
+        );
+        assert_key_not_in(&server.stderr(), key);
+
+        if n == 0 {
+            // The test client takes the same settings, the certificate included.
+            let mut env = opts.env.clone();
+            env.insert("PORT".into(), server.port().to_string());
+            let env = env.into_iter().collect::<Vec<_>>();
+            let out = run_bin(CLIENT_BIN, &["--timeout", "10"], &env, CLIENT_GUARD).await?;
+            assert_eq!(out.code, Some(0), "test client with a certificate: {out:?}");
+            assert_key_not_in(&format!("{}{}", out.stdout, out.stderr), key);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_client_certificate_the_role_is_refused() -> Result<()> {
+    let pg = localhost_db().await;
+    let opts = cert_opts(pg, "tls-no-client-cert", None).no_wait_ready();
+    let server = Server::spawn(opts).await?;
+    assert_refused(&server, &["connection requires a valid client certificate"]).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_from_another_ca_is_refused() -> Result<()> {
+    let pg = localhost_db().await;
+    let identity = (pki().foreign_cert.as_str(), pki().foreign_key.as_str());
+    let opts = cert_opts(pg, "tls-foreign-client-cert", Some(identity)).no_wait_ready();
+    let server = Server::spawn(opts).await?;
+    // TLS 1.3: the server's alert, or the reset that follows it when that arrives first (see
+    // `pg::describe_connect_error`); either way one WARN.
+    assert_refused(&server, &["alert unknown ca", "refuses the certificate"]).await?;
+    assert_key_not_in(&server.stderr(), identity.1);
     Ok(())
 }
 

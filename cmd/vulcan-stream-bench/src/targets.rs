@@ -6,9 +6,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::error::BenchError;
-use super::options::TargetsArgs;
-use super::report::{Report, fmt_int, fmt_us};
+use crate::error::BenchError;
+use crate::options::TargetsArgs;
+use crate::report::{Report, fmt_int, fmt_us};
 
 /// The server's receiver "keeps up" when it has forwarded every message at no less than this
 /// share of the rate at which the bare LISTEN connection completes.
@@ -339,8 +339,8 @@ pub fn run(args: &TargetsArgs) -> Result<(String, bool), BenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::{Delivery, Floor, Idle, ServerUse, Settings};
-    use crate::bench::stats::Counts;
+    use crate::report::{Delivery, Floor, Idle, ServerUse, Settings};
+    use crate::stats::Counts;
 
     #[test]
     fn judges_what_was_run() {

@@ -19,13 +19,12 @@ use bytes::Bytes;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::Notify;
 
-use super::error::BenchError;
-use super::options::SendFloorArgs;
-use super::payload::{self, Stamp};
-use super::procstat;
-use super::report::{Floor, Report, Settings, fmt_int};
-use super::scenario::{OwnUse, cpus};
-use crate::message::websocket as wire;
+use crate::error::BenchError;
+use crate::options::SendFloorArgs;
+use crate::payload::{self, Stamp};
+use crate::procstat;
+use crate::report::{Floor, Report, Settings, fmt_int};
+use crate::scenario::{OwnUse, cpus};
 
 /// After the last send, how long the readers get to read everything: loopback delivers within
 /// microseconds, so reaching this means bytes were lost, not late.
@@ -139,7 +138,28 @@ fn frame(size: usize) -> Bytes {
         size,
         &mut body,
     );
-    wire::encode(wire::opcode::TEXT, body.as_bytes())
+    text_frame(body.as_bytes())
+}
+
+/// A final, unmasked text frame (RFC 6455 §5.2): FIN and opcode 1, the payload length in 7,
+/// 7+16 or 7+64 bits, then the payload. The only frame a server sends per notification, so
+/// the generator frames it itself rather than borrowing a server's encoder.
+fn text_frame(payload: &[u8]) -> Bytes {
+    const FIN_TEXT: u8 = 0x81;
+    let len = payload.len();
+    let mut frame = Vec::with_capacity(10 + len);
+    frame.push(FIN_TEXT);
+    if len < 126 {
+        frame.push(len as u8);
+    } else if let Ok(short) = u16::try_from(len) {
+        frame.push(126);
+        frame.extend_from_slice(&short.to_be_bytes());
+    } else {
+        frame.push(127);
+        frame.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    frame.extend_from_slice(payload);
+    frame.into()
 }
 
 /// Ticks in `duration` at `rate`, at least one.
@@ -365,16 +385,31 @@ fn problems(floor: &Floor, sent: &Sent, received: &Received, all_read: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::options::ReportArgs;
+    use crate::options::ReportArgs;
 
     #[test]
     fn frame_is_what_the_server_writes() {
         let frame = frame(200);
-        assert_eq!(frame.len(), 200 + wire::header_len(200));
-        assert_eq!(frame[0], 0x80 | wire::opcode::TEXT);
-        assert_eq!(usize::from(frame[1]), 126);
+        assert_eq!(frame.len(), 4 + 200);
+        assert_eq!(frame[..4], [0x81, 126, 0, 200]);
+        assert!(frame[4..].starts_with(b"{"), "{frame:?}");
         assert_eq!(ticks(Duration::from_secs(10), 50.0), 500);
         assert_eq!(ticks(Duration::from_millis(10), 1.0), 1);
+    }
+
+    #[test]
+    fn text_frame_lengths_take_the_shortest_form() {
+        let header = |len: usize| {
+            let payload = vec![b'x'; len];
+            let frame = text_frame(&payload);
+            assert!(frame.ends_with(&payload), "the payload follows the header");
+            frame[..frame.len() - len].to_vec()
+        };
+        assert_eq!(header(0), [0x81, 0]);
+        assert_eq!(header(125), [0x81, 125]);
+        assert_eq!(header(126), [0x81, 126, 0, 126]);
+        assert_eq!(header(65_535), [0x81, 126, 0xff, 0xff]);
+        assert_eq!(header(65_536), [0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
     }
 
     #[test]

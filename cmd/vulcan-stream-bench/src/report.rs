@@ -4,10 +4,10 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::clients::ConnectStats;
-use super::procstat::ProcSample;
-use super::publisher::Published;
-use super::stats::{Counts, Percentiles};
+use crate::clients::ConnectStats;
+use crate::procstat::ProcSample;
+use crate::publisher::Published;
+use crate::stats::{Counts, Percentiles};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {

@@ -20,9 +20,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
-use super::error::BenchError;
-use super::payload::{self, Clock, Parsed};
-use super::stats::{Arrival, Percentiles, SeqState, SharedLatency, new_histogram};
+use crate::error::BenchError;
+use crate::payload::{self, Clock, Parsed};
+use crate::stats::{Arrival, Percentiles, SeqState, SharedLatency, new_histogram};
 
 pub type Ws = WebSocketStream<TcpStream>;
 

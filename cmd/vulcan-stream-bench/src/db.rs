@@ -2,7 +2,7 @@
 
 use tokio_postgres::{Client, NoTls};
 
-use super::error::BenchError;
+use crate::error::BenchError;
 
 /// Where the publishers and the bare listener connect.
 #[derive(Debug, Clone)]

@@ -18,23 +18,23 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::clients::{self, ClientEnd, ClientResult, GONE, Shared, Target};
-use super::db::Db;
-use super::error::BenchError;
-use super::listen::RawListener;
-use super::options::{
+use crate::clients::{self, ClientEnd, ClientResult, GONE, Shared, Target};
+use crate::db::Db;
+use crate::error::BenchError;
+use crate::listen::RawListener;
+use crate::options::{
     ClientArgs, Command, DbArgs, FanoutArgs, IdleArgs, LoadArgs, OutputArgs, RawListenArgs,
     ServerArgs, SoakArgs, StuckArgs,
 };
-use super::payload::Clock;
-use super::procstat::{self, ProcSample};
-use super::publisher::{self, Counters, Flow, Plan};
-use super::report::{
+use crate::payload::Clock;
+use crate::procstat::{self, ProcSample};
+use crate::publisher::{self, Counters, Flow, Plan};
+use crate::report::{
     ClientRow, Delivery, GeneratorUse, Idle, KeepUp, RawListen, Report, ServerUse, Settings, Soak,
     Stuck,
 };
-use super::stats::{Counts, Percentiles};
-use super::status::StatusUrl;
+use crate::stats::{Counts, Percentiles};
+use crate::status::StatusUrl;
 
 /// How long to wait for the server to report every client registered.
 const REGISTER_LIMIT: Duration = Duration::from_secs(30);

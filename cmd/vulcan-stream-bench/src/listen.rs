@@ -14,10 +14,10 @@ use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Connection, NoTls, Socket};
 use tokio_util::sync::CancellationToken;
 
-use super::db::Db;
-use super::error::BenchError;
-use super::payload::{self, Clock, Parsed};
-use super::stats::{Arrival, SeqState, new_histogram};
+use crate::db::Db;
+use crate::error::BenchError;
+use crate::payload::{self, Clock, Parsed};
+use crate::stats::{Arrival, SeqState, new_histogram};
 
 /// A running listener; [`RawListener::finish`] stops it and returns what it saw.
 pub struct RawListener {

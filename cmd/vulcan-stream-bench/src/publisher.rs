@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
-use super::db::Db;
-use super::error::BenchError;
-use super::payload::{self, Clock, Stamp};
+use crate::db::Db;
+use crate::error::BenchError;
+use crate::payload::{self, Clock, Stamp};
 
 /// How much to publish and how fast.
 #[derive(Debug, Clone, Copy)]

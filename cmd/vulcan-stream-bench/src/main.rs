@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vulcan_stream::bench;
+use vulcan_stream_bench as bench;
 
 /// Load generator for PostgreSQL NOTIFY → websocket broadcast servers.
 ///

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use super::error::BenchError;
-use super::payload;
+use crate::error::BenchError;
+use crate::payload;
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {

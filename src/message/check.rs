@@ -1,0 +1,184 @@
+//! The payload check: what agents can decode, checked once per notification.
+//!
+//! Agents decode every frame into a struct with four string fields (`action`, `check_id`,
+//! `agent_id`, `scan_id`), matching keys case-insensitively as Go's `encoding/json` does; a frame
+//! they cannot decode breaks them. So a payload is forwarded only if it is one JSON object whose
+//! fields of those names are strings or null. The original bytes are kept verbatim (no
+//! re-encoding).
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+/// Why a payload is not forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    #[error("empty payload")]
+    Empty,
+    #[error("not a JSON object: {0}")]
+    Invalid(String),
+}
+
+/// Checks a payload without copying it.
+pub fn validate(payload: &str) -> Result<(), Rejected> {
+    if payload.trim().is_empty() {
+        return Err(Rejected::Empty);
+    }
+    let mut de = serde_json::Deserializer::from_str(payload);
+    de.deserialize_any(AgentMessage)
+        .and_then(|()| de.end())
+        .map_err(|err| Rejected::Invalid(err.to_string()))
+}
+
+/// The first characters of a payload, for log lines (payloads may be up to 8 kB).
+pub fn preview(payload: &str) -> String {
+    const MAX_CHARS: usize = 80;
+    let mut chars = payload.chars();
+    let head: String = chars.by_ref().take(MAX_CHARS).collect();
+    if chars.next().is_some() {
+        format!("{head}…")
+    } else {
+        head
+    }
+}
+
+/// The fields agents decode as strings.
+const AGENT_FIELDS: [&str; 4] = ["action", "check_id", "agent_id", "scan_id"];
+
+/// Go's `encoding/json` matches a key to a field with Unicode case folding; besides ASCII case,
+/// the only letters that fold onto these field names are the Kelvin sign (k) and long s (s).
+fn is_agent_field(key: &str) -> bool {
+    AGENT_FIELDS.iter().any(|field| {
+        key.chars().count() == field.len()
+            && key.chars().zip(field.chars()).all(|(k, f)| {
+                let k = match k {
+                    '\u{212A}' => 'k',
+                    '\u{017F}' => 's',
+                    other => other.to_ascii_lowercase(),
+                };
+                k == f
+            })
+    })
+}
+
+/// Accepts exactly one JSON object whose agent fields are strings or null.
+struct AgentMessage;
+
+impl<'de> Visitor<'de> for AgentMessage {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<KeyName<'de>>()? {
+            if key.is_agent_field {
+                map.next_value::<StringOrNull>()?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key, borrowed when it has no escapes; only whether it names an agent field is kept.
+struct KeyName<'de> {
+    is_agent_field: bool,
+    _borrowed: std::marker::PhantomData<&'de ()>,
+}
+
+impl<'de> de::Deserialize<'de> for KeyName<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = KeyName<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<KeyName<'de>, E> {
+                Ok(KeyName {
+                    is_agent_field: is_agent_field(key),
+                    _borrowed: std::marker::PhantomData,
+                })
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// An agent field's value: a string or null, nothing else.
+struct StringOrNull;
+
+impl<'de> de::Deserialize<'de> for StringOrNull {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ValueVisitor;
+        impl Visitor<'_> for ValueVisitor {
+            type Value = StringOrNull;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or null for action, check_id, agent_id and scan_id")
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<StringOrNull, E> {
+                Ok(StringOrNull)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<StringOrNull, E> {
+                Ok(StringOrNull)
+            }
+        }
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_objects_agents_decode() {
+        for payload in [
+            r#"{"action":"test", "check_id":"00000000-0000-0000-0000-000000000000"}"#,
+            r#"{"zeta":1,"action":"a","alpha":[1,{"x":null}]}"#,
+            r#"  {"action":null,"check_id":"x","scan_id":"ñ✓😀"}  "#,
+            r#"{"action":"a\u0041\"<&>"}"#,
+            r#"{}"#,
+            r#"{"Action":"upper case is fine when it is a string"}"#,
+        ] {
+            validate(payload).expect(payload);
+        }
+    }
+
+    #[test]
+    fn drops_what_agents_cannot_decode() {
+        for payload in [
+            "",
+            "   ",
+            "not json",
+            "[1,2]",
+            r#""a string""#,
+            "42",
+            "null",
+            r#"{"action":1}"#,
+            r#"{"check_id":{}}"#,
+            r#"{"agent_id":["a"]}"#,
+            r#"{"scan_id":true}"#,
+            r#"{"ACTION":2}"#,
+            "{\"chec\u{212A}_id\":3}",
+            r#"{"action":"ok","action":5}"#,
+            r#"{"action":"x"} y"#,
+            r#"{"action":"x"}{}"#,
+            r#"{"action":"x""#,
+        ] {
+            assert!(validate(payload).is_err(), "accepted {payload:?}");
+        }
+    }
+
+    #[test]
+    fn preview_cuts_long_payloads_on_char_boundaries() {
+        let long = "é".repeat(200);
+        let shown = preview(&long);
+        assert_eq!(shown.chars().count(), 81);
+        assert!(shown.ends_with('…'));
+        assert_eq!(preview("short"), "short");
+    }
+}
