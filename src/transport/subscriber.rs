@@ -7,9 +7,9 @@
 //! not been heard from (any bytes, pongs included) within the pong timeout is dropped: that is
 //! how a vanished peer (pulled cable, expired NAT entry) is found.
 //!
-//! However a session ends, the server closes the TCP connection itself (RFC 6455 §7.1.1): after
-//! its close frame (its own, an echo, or one that fails the connection on a protocol error) it
-//! shuts the socket down, within [`CLOSE_TIMEOUT`] of that frame.
+//! After its close frame (its own, an echo, or one that fails the connection on a protocol
+//! error) the server ends the TCP connection itself (RFC 6455 §7.1.1): it sends its FIN at
+//! once, and lets go of the socket within [`CLOSE_TIMEOUT`] of that frame.
 
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
@@ -125,12 +125,8 @@ impl Subscriber {
                 self.hang_up(deadline).await;
                 log::info!("client {id} ({peer}): closed, {err}");
             }
-            End::Gone(why) => {
-                self.shut_down();
-                log::debug!("client {id} ({peer}): gone ({why})");
-            }
+            End::Gone(why) => log::debug!("client {id} ({peer}): gone ({why})"),
             End::Unresponsive => {
-                self.shut_down();
                 self.metrics.clients_disconnected_unresponsive.inc();
                 log::info!(
                     "client {id} ({peer}): dropped, nothing heard within {:?}",
@@ -256,22 +252,14 @@ impl Subscriber {
         }
     }
 
-    /// Closes the TCP connection once the server's close frame is out: a FIN at once, then
-    /// whatever the client still sends is read and dropped until it closes its side too, or
-    /// until `deadline`. Reading it keeps the kernel from answering leftover data with a reset
-    /// when the descriptor is closed, which could destroy the close frame before the client
-    /// read it.
+    /// Ends the TCP connection once the server's close frame is out: a FIN at once, then
+    /// whatever the client still sends (the rest of a frame that failed, its answer to the
+    /// close) is read and dropped until it closes its side too, or until `deadline`. The
+    /// descriptor itself closes when this task lets go of the client; had unread data been
+    /// left in it, the kernel would answer with a reset, which can destroy the close frame
+    /// before the client has read it.
     async fn hang_up(&self, deadline: Instant) {
-        let socket = SockRef::from(&*self.stream);
-        let _ = socket.shutdown(Shutdown::Write);
+        let _ = SockRef::from(&*self.stream).shutdown(Shutdown::Write);
         let _ = timeout_at(deadline, self.read_while(|_| true)).await;
-        self.shut_down();
-    }
-
-    /// Ends the connection both ways now. Not left to the descriptor's closing: the fan-out
-    /// threads hold the client (and so the socket) until their next pass, which may be a ping
-    /// interval away.
-    fn shut_down(&self) {
-        let _ = SockRef::from(&*self.stream).shutdown(Shutdown::Both);
     }
 }

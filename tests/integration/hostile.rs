@@ -121,10 +121,10 @@ async fn a_40_kb_header_gets_431() -> Result<()> {
 
 /// Invalid text, an invalid close code, a close reason that is not UTF-8 each get the close
 /// code RFC 6455 names, and a valid close its echo; each time the server then ends the TCP
-/// connection itself, at once, although the client sends nothing more (not even the answer to
-/// the server's close) and the next ping is a minute away. Each client has received a
-/// notification first: the fan-out threads then hold it until their next pass, so the socket
-/// is not closed merely because the client's task let go of it.
+/// connection itself with a FIN, at once, although the client does not answer the server's
+/// close and the next ping is a minute away. Each client has sent more after the frame that
+/// ends its session (as a client failed mid-message has): left unread, that would have the
+/// kernel answer with a reset rather than a FIN when the server closes the socket.
 #[tokio::test(flavor = "multi_thread")]
 async fn protocol_errors_and_closes_end_with_the_right_code_and_the_server_hanging_up() -> Result<()>
 {
@@ -156,6 +156,8 @@ async fn protocol_errors_and_closes_end_with_the_right_code_and_the_server_hangi
     ];
     for (what, frame, expected) in cases {
         let mut raw = RawWs::connect(server.port()).await?;
+        // Once it has received a batch, a fan-out thread holds the client until its next one:
+        // the connection must end without waiting for that.
         let payload = format!(r#"{{"action":"before","case":"{what}"}}"#);
         pg.notify(channel, &payload).await?;
         assert_eq!(next_event(&mut ws).await?, payload);
@@ -164,7 +166,9 @@ async fn protocol_errors_and_closes_end_with_the_right_code_and_the_server_hangi
             .context("the notification")??
             .context("closed early")?;
         assert_eq!(received.payload, payload.as_bytes(), "{what}");
-        raw.stream.write_all(&frame).await?;
+        let mut sent = frame;
+        sent.extend(client_frame(OP_TEXT, &[b'x'; 1000]));
+        raw.stream.write_all(&sent).await?;
         let (ending, _) = raw.read_to_end(TIMEOUT).await.context(what)?;
         assert_eq!(ending, Ending::Close(Some(expected)), "{what}");
         let closed = Instant::now();
