@@ -218,3 +218,14 @@ ensure_shellcheck() {
 ensure_kosoku() {
     ensure_pip_tool kosoku kosoku
 }
+
+# Installs the browser tests' npm packages (tests/browser, from its lock file)
+# when they are missing or older than the lock file.
+ensure_browser_test_modules() {
+    local dir
+    dir="$(dirname "${BASH_SOURCE[0]}")/../tests/browser"
+    if [[ ! -d $dir/node_modules/playwright-core || $dir/package-lock.json -nt $dir/node_modules ]]; then
+        note "Installing the browser tests' packages (npm ci in tests/browser)"
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    fi
+}

@@ -15,8 +15,8 @@
 //!   resets; the heartbeat; whether the source is live.
 //! - [`fanout`]: delivery: the connected clients ([`fanout::Hub`]), the shard threads that
 //!   write into their sockets ([`fanout::shard`]), each client's outbox ([`fanout::outbox`]).
-//! - [`transport`]: HTTP routes, the accept loop, the websocket handshake, admission, and each
-//!   client's task.
+//! - [`transport`]: HTTP routes, the accept loop, the websocket handshake, Server-Sent Events,
+//!   admission, and each client's task.
 //! - [`auth`]: the shared token.
 //! - Shared leaves: [`metrics`], [`error`], [`logging`], [`shutdown`], [`limits`].
 //! - [`test_client`]: the end-to-end probe behind `vulcan-stream-test-client`.
@@ -32,10 +32,10 @@
 //! for the fan-out's shard threads ([`fanout::Hub::enqueue`]); each writes every client's
 //! format to its share of the clients without waiting on any: the client's
 //! [`fanout::ClientOut`] writes it into the socket directly, or queues what the socket did not
-//! take for the client's task ([`transport::subscriber::Subscriber`]) to flush. A client that
-//! resumes joins through [`stream::Stream::join`] under the same lock: what it missed goes into
-//! its outbox first, and it gets every batch queued after that, so the hand-over has neither
-//! gap nor duplicate.
+//! take for the client's task to flush ([`transport::subscriber::Subscriber`] for a websocket,
+//! the one in [`transport::sse`] for an event stream). A client that resumes joins through
+//! [`stream::Stream::join`] under the same lock: what it missed goes into its outbox first, and
+//! it gets every batch queued after that, so the hand-over has neither gap nor duplicate.
 
 pub mod auth;
 pub mod config;
@@ -106,7 +106,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         source,
     })?;
     log::info!(
-        "vulcan-stream {} listening on {local} (websocket path /{})",
+        "vulcan-stream {} listening on {local} (stream path /{}, websocket and SSE)",
         env!("CARGO_PKG_VERSION"),
         config.sender.stream_path
     );

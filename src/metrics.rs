@@ -78,7 +78,7 @@ impl Metrics {
         );
         registry.register(
             "clients_connected",
-            "Websocket clients connected now",
+            "Clients connected now, websocket and event stream",
             m.clients_connected.clone(),
         );
         registry.register(
@@ -88,12 +88,12 @@ impl Metrics {
         );
         registry.register(
             "clients_disconnected_unresponsive",
-            "Clients dropped for not answering pings",
+            "Clients dropped as unresponsive: no answer to pings, or an event stream left unacknowledged",
             m.clients_disconnected_unresponsive.clone(),
         );
         registry.register(
             "clients_rejected",
-            "Upgrade requests refused",
+            "Stream requests refused, websocket and event stream",
             m.clients_rejected.clone(),
         );
         registry.register(

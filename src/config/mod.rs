@@ -101,7 +101,7 @@ impl fmt::Debug for ReceiverConfig {
 pub struct SenderConfig {
     /// 0 binds an ephemeral port (logged at start).
     pub port: u16,
-    /// The websocket path segment, without slashes: `stream` serves `/stream`.
+    /// The stream path segment, without slashes: `stream` serves `/stream` (websocket and SSE).
     pub stream_path: String,
     /// Period of the `{"action":"ping"}` frame and of websocket Ping frames.
     pub ping_interval: Duration,
@@ -113,7 +113,7 @@ pub struct SenderConfig {
     pub handshake_timeout: Duration,
     /// The largest websocket frame or message a client may send.
     pub max_frame_size: usize,
-    /// Upgrades beyond this many connected clients get 503.
+    /// Clients (websocket or SSE) beyond this many connected get 503.
     pub max_clients: usize,
     /// The history that resuming clients are served from: at most this many messages (0 keeps
     /// none), ...

@@ -8,12 +8,12 @@
 //! connection is listening are lost: PostgreSQL queues them only for sessions that LISTEN.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use postgres_native_tls::MakeTlsConnector;
 use rand::Rng;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
@@ -168,10 +168,8 @@ impl Receiver {
                 }
             },
         };
-        // Set while the receiver waits for fan-out room: the connection is not read then, so
-        // the health query's answer waits unread too, and must not count as lost.
-        let stalled = watch::Sender::new(false);
-        let mut connection = std::pin::pin!(self.forward_notifications(connection, &stalled));
+        let activity = Activity::default();
+        let mut connection = std::pin::pin!(self.forward_notifications(connection, &activity));
         let listen = format!("LISTEN {}", pg::quote_ident(&self.config.channel));
         tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -212,12 +210,9 @@ impl Receiver {
                 ended = &mut connection => return SessionEnd::Lost(ended),
                 _ = health.tick() => {
                     let mut check = std::pin::pin!(client.simple_query(""));
-                    let mut stall = stalled.subscribe();
-                    // The timeout runs only while the connection is being read; after a stall
-                    // the query gets a whole timeout again.
                     let mut deadline = Instant::now() + health_timeout;
+                    let mut seen = activity.read.load(Ordering::Relaxed);
                     loop {
-                        let waiting_for_room = *stall.borrow_and_update();
                         tokio::select! {
                             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                             ended = &mut connection => return SessionEnd::Lost(ended),
@@ -228,15 +223,17 @@ impl Receiver {
                                 }
                                 Err(err) => return SessionEnd::Lost(pg::describe_error(&err)),
                             },
-                            _ = tokio::time::sleep_until(deadline), if !waiting_for_room => {
-                                return SessionEnd::Lost(format!(
-                                    "health query unanswered after {health_timeout:?}"
-                                ));
-                            }
-                            _ = stall.changed() => {
-                                if waiting_for_room {
-                                    deadline = Instant::now() + health_timeout;
+                            _ = tokio::time::sleep_until(deadline) => {
+                                // The answer queues behind every notification sent before it:
+                                // a connection that delivers, or waits on the fan-out, is alive.
+                                let read = activity.read.load(Ordering::Relaxed);
+                                if read == seen && !activity.waiting_for_room.load(Ordering::Relaxed) {
+                                    return SessionEnd::Lost(format!(
+                                        "health query unanswered after {health_timeout:?}"
+                                    ));
                                 }
+                                seen = read;
+                                deadline = Instant::now() + health_timeout;
                             }
                         }
                     }
@@ -251,7 +248,7 @@ impl Receiver {
     async fn forward_notifications(
         &self,
         mut connection: PgConnection,
-        stalled: &watch::Sender<bool>,
+        activity: &Activity,
     ) -> String {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         let mut batch = Vec::new();
@@ -260,6 +257,7 @@ impl Receiver {
                 return "connection closed by the server".to_owned();
             };
             loop {
+                activity.read.fetch_add(1, Ordering::Relaxed);
                 match message {
                     Ok(AsyncMessage::Notification(n)) if n.channel() == self.config.channel => {
                         if let Some(frame) = self.stream.accept(n.channel(), n.payload()) {
@@ -271,7 +269,7 @@ impl Receiver {
                     }
                     Ok(_) => {}
                     Err(err) => {
-                        self.publish(&mut batch, stalled).await;
+                        self.publish(&mut batch, activity).await;
                         return pg::describe_error(&err);
                     }
                 }
@@ -281,27 +279,38 @@ impl Receiver {
                 match messages.next().now_or_never() {
                     Some(Some(next)) => message = next,
                     Some(None) => {
-                        self.publish(&mut batch, stalled).await;
+                        self.publish(&mut batch, activity).await;
                         return "connection closed by the server".to_owned();
                     }
                     None => break,
                 }
             }
-            self.publish(&mut batch, stalled).await;
+            self.publish(&mut batch, activity).await;
         }
     }
 }
 
+/// What the health check needs to tell a lost connection from a busy one: the answer to its
+/// query waits behind every notification PostgreSQL sent before it, and behind the fan-out
+/// when the receiver waits for room. Both are shared by the session's two halves.
+#[derive(Debug, Default)]
+struct Activity {
+    /// Messages read from the connection.
+    read: AtomicU64,
+    /// Set while a publish waits for fan-out room (the connection is not read meanwhile).
+    waiting_for_room: AtomicBool,
+}
+
 impl Receiver {
-    /// Publishes a batch; while that waits for fan-out room, `stalled` says so.
-    async fn publish(&self, batch: &mut Vec<Arc<Outgoing>>, stalled: &watch::Sender<bool>) {
+    /// Publishes a batch; while that waits for fan-out room, `activity` says so.
+    async fn publish(&self, batch: &mut Vec<Arc<Outgoing>>, activity: &Activity) {
         let mut publish = std::pin::pin!(self.stream.publish(batch));
         if futures::poll!(publish.as_mut()).is_ready() {
             return;
         }
-        stalled.send_replace(true);
+        activity.waiting_for_room.store(true, Ordering::Relaxed);
         publish.await;
-        stalled.send_replace(false);
+        activity.waiting_for_room.store(false, Ordering::Relaxed);
     }
 }
 

@@ -1,11 +1,15 @@
-//! Transport: HTTP and websocket, the edge of the process.
+//! Transport: HTTP, websocket and Server-Sent Events, the edge of the process.
 //!
-//! - [`accept`]: the listening socket, the accept loop and each connection's HTTP/1 server.
+//! - [`accept`]: the listening socket, the accept loop, and each connection: its first request
+//!   head is looked at before hyper reads it, an event-stream request goes to [`sse`], anything
+//!   else to hyper (one request per connection).
 //! - [`routes`]: which path answers what: the stream, `/status`, `/ready`, `/metrics`.
 //! - [`upgrade`]: the websocket handshake (RFC 6455 §4.2), which registers the client with the
 //!   fan-out before its 101 goes out.
-//! - [`admission`]: who may connect: token, Origin, `MaxClients`.
-//! - [`start`]: where a client asks to start (`since`).
+//! - [`sse`]: Server-Sent Events on the stream path: the request, its 200 and preamble written
+//!   on the raw socket, and one SSE client's task.
+//! - [`admission`]: who may connect, by either transport: token, Origin, `MaxClients`.
+//! - [`start`]: where a client asks to start (`since`, or an event stream's `Last-Event-ID`).
 //! - [`subscriber`]: one websocket client's task once upgraded.
 //! - [`frames`]: the parser of what clients send.
 //! - [`utf8`]: the incremental UTF-8 check of the text messages clients send.
@@ -16,19 +20,22 @@ pub mod accept;
 pub mod admission;
 pub mod frames;
 pub mod routes;
+pub mod sse;
 pub mod start;
 pub mod subscriber;
 pub mod upgrade;
 pub mod utf8;
 
+use std::io;
 use std::sync::Arc;
 
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::SenderConfig;
-use crate::fanout::Hub;
+use crate::fanout::{ClientOut, Hub};
 use crate::metrics::Metrics;
 use crate::stream::{ListenerState, Stream};
 
@@ -45,4 +52,36 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Client tasks join it, so that shutdown waits for their close handshakes.
     pub tasks: TaskTracker,
+}
+
+/// A client task's wait for what its client sends: reads into `buf` once the socket has
+/// something (`Ok(0)`: the client closed the connection), and meanwhile flushes the client's
+/// outbox whenever the socket can take more of it. Cancel-safe: a task selects it against its
+/// stop signal and its timers.
+pub async fn read_flushing(
+    socket: &TcpStream,
+    out: &ClientOut,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    loop {
+        // Readiness futures do not spend tokio's cooperative budget: without this, a client
+        // that floods would keep its worker thread (and what is queued on it, the receiver or
+        // the accept loop) to itself.
+        tokio::task::consume_budget().await;
+        let backlog = out.has_backlog();
+        tokio::select! {
+            biased;
+            readable = socket.readable() => {
+                readable?;
+                match socket.try_read(buf) {
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    read => return read,
+                }
+            }
+            writable = socket.writable(), if backlog => {
+                writable.and_then(|()| out.flush())?;
+            }
+            _ = out.backlog_signalled(), if !backlog => {}
+        }
+    }
 }

@@ -125,7 +125,8 @@ pub enum HandshakeError {
     #[error("method not allowed: use GET")]
     Method,
     #[error(
-        "bad request: this is a websocket endpoint (send Connection: Upgrade and Upgrade: websocket)"
+        "bad request: this is a websocket endpoint (send Connection: Upgrade and Upgrade: \
+         websocket) or an event stream (send Accept: text/event-stream)"
     )]
     NotUpgrade,
     #[error("unsupported websocket version: use Sec-WebSocket-Version: 13")]
@@ -178,7 +179,7 @@ pub fn check_handshake(method: &Method, headers: &HeaderMap) -> Result<Vec<u8>, 
 }
 
 /// Whether a header holds `token` in its comma-separated list (case-insensitive).
-fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+pub(super) fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|value| {
         value.to_str().is_ok_and(|v| {
             v.split(',')

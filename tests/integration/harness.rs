@@ -1,5 +1,5 @@
-//! Test harness: a throwaway PostgreSQL cluster, the real binaries, a websocket client and a raw
-//! HTTP/1.1 client.
+//! Test harness: a throwaway PostgreSQL cluster, the real binaries, a websocket client, a raw
+//! HTTP/1.1 client and a Server-Sent Events client.
 //!
 //! Every wait is on an event (a log line, a readiness probe, a client count, a frame) bounded by a
 //! deadline; deadlines only turn a hang into a failure.
@@ -879,6 +879,12 @@ impl Server {
         }
     }
 
+    /// Waits until at least `count` clients have been disconnected as too slow.
+    pub async fn wait_slow_disconnects(&self, count: u64) -> Result<f64> {
+        let name = "vulcan_stream_clients_disconnected_slow_total";
+        self.wait_metric(name, TIMEOUT, |v| v >= count as f64).await
+    }
+
     /// The process's resident set size and its peak, in KiB (`VmRSS`, `VmHWM`).
     pub fn memory_kib(&self) -> Result<(u64, u64)> {
         let path = format!("/proc/{}/status", self.pid());
@@ -1126,6 +1132,50 @@ pub async fn next_close(ws: &mut Ws) -> Result<Option<CloseFrame>> {
 /// Sends a text frame from the client.
 pub async fn ws_send(ws: &mut Ws, text: &str) -> Result<()> {
     ws.send(Message::text(text)).await.context("websocket send")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server-Sent Events client
+// ---------------------------------------------------------------------------------------------
+
+pub use vulcan_stream::test_client::sse::{EventStream, Item as SseItem};
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub kind: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// Opens `http://127.0.0.1:<port><path>` as an event stream, with extra request headers;
+/// returns after the 200 (its head is in [`EventStream::headers`]).
+pub async fn sse_connect(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<EventStream> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    tokio::time::timeout(TIMEOUT, EventStream::open(&url, headers))
+        .await
+        .with_context(|| format!("open {url}: timeout"))?
+        .with_context(|| format!("open {url} with {headers:?}"))
+}
+
+/// The next item (event, comment or retry) within `timeout`; fails when the stream ends.
+pub async fn sse_next_within(stream: &mut EventStream, timeout: Duration) -> Result<SseItem> {
+    tokio::time::timeout(timeout, stream.next())
+        .await
+        .with_context(|| format!("nothing on the event stream within {timeout:?}"))?
+        .context("event stream read")?
+        .context("the event stream ended")
+}
+
+/// The next event, skipping comments (heartbeats) and `retry` fields.
+pub async fn sse_event(stream: &mut EventStream) -> Result<SseEvent> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let SseItem::Event { kind, id, data } = sse_next_within(stream, left).await? {
+            return Ok(SseEvent { kind, id, data });
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ mod harness;
 
 mod autobahn;
 mod bench_smoke;
+mod browser;
 mod config_errors;
 mod config_file;
 mod delivery;
@@ -20,5 +21,6 @@ mod operations;
 mod payloads;
 mod resilience;
 mod resume;
+mod sse;
 mod test_client;
 mod tls;

@@ -522,13 +522,7 @@ async fn stuck_client_scenario(channel: &str, queue: Option<usize>, batch: usize
     }
     let elapsed = started.elapsed();
 
-    server
-        .wait_metric(
-            "vulcan_stream_clients_disconnected_slow_total",
-            TIMEOUT,
-            |v| v >= 1.0,
-        )
-        .await?;
+    server.wait_slow_disconnects(1).await?;
     server.wait_for_clients(1).await?;
     let (ending, frames) = stuck.read_to_end(TIMEOUT).await?;
     assert!(

@@ -82,8 +82,17 @@ pub fn encode(stamp: Stamp, size: usize, out: &mut String) {
     out.push_str(PAD_CLOSE);
 }
 
-/// Classifies a text frame; `run` is this run's id.
+/// Classifies a text frame; `run` is this run's id. A `vulcan-stream.v1` frame is read through
+/// its envelope: `{"id":"…","data":PAYLOAD}` is the payload, `{"event":"ping",…}` the heartbeat.
 pub fn parse(text: &str, run: u32) -> Parsed {
+    let text = match text.strip_prefix(r#"{"id":""#) {
+        Some(rest) => match rest.split_once(r#"","data":"#) {
+            Some((_, payload)) => payload.strip_suffix('}').unwrap_or(payload),
+            None => return Parsed::Other,
+        },
+        None if text.starts_with(r#"{"event":"ping""#) => return Parsed::Ping,
+        None => text,
+    };
     let Some(rest) = text.strip_prefix(BENCH_PREFIX) else {
         return if is_ping(text) {
             Parsed::Ping
@@ -129,6 +138,28 @@ fn number<'a>(s: &'a str, then: &str) -> Option<(u64, &'a str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v1_envelopes_are_read_through() {
+        let stamp = Stamp {
+            run: 7,
+            publisher: 1,
+            seq: 42,
+            sent_ns: 9,
+        };
+        let mut payload = String::new();
+        encode(stamp, MIN_SIZE, &mut payload);
+        let v1 = format!(r#"{{"id":"00ab-3","data":{payload}}}"#);
+        assert!(matches!(parse(&v1, 7), Parsed::Bench(s) if s.seq == 42));
+        assert!(matches!(
+            parse(r#"{"event":"ping","id":"00ab-3"}"#, 7),
+            Parsed::Ping
+        ));
+        assert!(matches!(
+            parse(r#"{"event":"reset","id":"00ab-3","reason":"evicted"}"#, 7),
+            Parsed::Other
+        ));
+    }
 
     fn stamp() -> Stamp {
         Stamp {
