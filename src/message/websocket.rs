@@ -16,13 +16,25 @@ pub mod opcode {
     pub const PONG: u8 = 0xA;
 }
 
-/// Close codes the server sends (RFC 6455 §7.4.1).
+/// Close codes (RFC 6455 §7.4.1).
 pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message, or a close reason, that is not UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
+
+    /// Whether an endpoint may put `code` in a close frame (RFC 6455 §7.4): the codes defined
+    /// by the RFC for that use (1000–1003, 1007–1011), those IANA registered since (1012–1014:
+    /// service restart, try again later, bad gateway), and the ranges for libraries,
+    /// frameworks and applications (3000–4999). 1004 is reserved; 1005, 1006 and 1015 stand
+    /// for "no code", "no close frame" and "TLS failure" and must never be sent; the rest of
+    /// 1000–2999 is unassigned, and nothing below 1000 or above 4999 is used.
+    pub const fn may_be_sent(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
 }
 
 /// Encodes one unmasked, final frame.
@@ -88,6 +100,24 @@ mod tests {
                 encode(opcode::TEXT, &vec![0; len]).len(),
                 header_len(len) + len
             );
+        }
+    }
+
+    #[test]
+    fn only_codes_an_endpoint_may_send_are_valid() {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1014,
+        ] {
+            assert!(close_code::may_be_sent(code), "{code}");
+        }
+        for code in [3000, 3999, 4000, 4999] {
+            assert!(close_code::may_be_sent(code), "{code}");
+        }
+        // Autobahn 7.9.x's invalid codes, and the edges of each valid range.
+        for code in [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            assert!(!close_code::may_be_sent(code), "{code}");
         }
     }
 

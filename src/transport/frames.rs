@@ -2,9 +2,12 @@
 //!
 //! The server reads client frames only to answer pings and closes, to notice liveness, and to
 //! enforce limits: data is discarded as it streams past, so a client frame costs no buffer
-//! beyond a control frame's 125 bytes. The frames the server writes are encoded once per
-//! message in [`crate::message::websocket`].
+//! beyond a control frame's 125 bytes. What the RFC asks of every endpoint is still checked on
+//! the way: text messages must be UTF-8 (checked piece by piece, see [`super::utf8`]), and a
+//! close frame must carry a code a peer may send and a UTF-8 reason. The frames the server
+//! writes are encoded once per message in [`crate::message::websocket`].
 
+use super::utf8::Utf8Check;
 use crate::message::websocket::{close_code, opcode};
 
 /// What a client said, as far as the server cares.
@@ -34,6 +37,12 @@ pub enum ProtocolError {
     BadFragmentation,
     #[error("close frame with a 1-byte payload")]
     BadClose,
+    #[error("close code {0} is not one an endpoint may send")]
+    InvalidCloseCode(u16),
+    #[error("close reason is not valid UTF-8")]
+    CloseReasonNotUtf8,
+    #[error("text message is not valid UTF-8")]
+    TextNotUtf8,
     #[error("message of {size} bytes exceeds the limit of {max}")]
     TooBig { size: u64, max: u64 },
 }
@@ -42,7 +51,16 @@ impl ProtocolError {
     pub fn close_code(&self) -> u16 {
         match self {
             ProtocolError::TooBig { .. } => close_code::TOO_BIG,
-            _ => close_code::PROTOCOL_ERROR,
+            ProtocolError::CloseReasonNotUtf8 | ProtocolError::TextNotUtf8 => {
+                close_code::INVALID_PAYLOAD
+            }
+            ProtocolError::Unmasked
+            | ProtocolError::ReservedBits
+            | ProtocolError::UnknownOpcode(_)
+            | ProtocolError::BadControlFrame
+            | ProtocolError::BadFragmentation
+            | ProtocolError::BadClose
+            | ProtocolError::InvalidCloseCode(_) => close_code::PROTOCOL_ERROR,
         }
     }
 }
@@ -60,6 +78,9 @@ pub struct FrameReader {
     control: Vec<u8>,
     /// Bytes of the fragmented data message in progress, if one is.
     message: Option<u64>,
+    /// Where the UTF-8 check stands in the text message in progress; `None` between messages
+    /// and in a binary one (binary payloads are not checked).
+    text: Option<Utf8Check>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -81,6 +102,7 @@ impl FrameReader {
             consumed: 0,
             control: Vec::new(),
             message: None,
+            text: None,
         }
     }
 
@@ -103,11 +125,13 @@ impl FrameReader {
             let take = usize::try_from(wanted)
                 .unwrap_or(usize::MAX)
                 .min(data.len());
+            let piece = &data[..take];
             if head.opcode >= opcode::CLOSE {
-                for (i, byte) in data[..take].iter().enumerate() {
-                    let index = (self.consumed as usize + i) % 4;
-                    self.control.push(byte ^ head.mask[index]);
-                }
+                let start = self.control.len();
+                self.control.extend_from_slice(piece);
+                unmask(head.mask, self.consumed, &mut self.control[start..]);
+            } else if let Some(text) = &mut self.text {
+                check_text(text, head.mask, self.consumed, piece)?;
             }
             self.consumed += take as u64;
             data = &data[take..];
@@ -174,6 +198,11 @@ impl FrameReader {
                     });
                 }
                 self.message = (!fin).then_some(size);
+                match opcode {
+                    opcode::TEXT => self.text = Some(Utf8Check::new()),
+                    opcode::BINARY => self.text = None,
+                    _ => {}
+                }
             }
             other => return Err(ProtocolError::UnknownOpcode(other)),
         }
@@ -210,18 +239,66 @@ impl FrameReader {
         let event = match head.opcode {
             opcode::PING => ClientEvent::Ping(control),
             opcode::PONG => ClientEvent::Pong,
-            opcode::CLOSE => match control.len() {
-                0 => ClientEvent::Close(None),
-                1 => return Err(ProtocolError::BadClose),
-                _ => ClientEvent::Close(Some(u16::from_be_bytes([control[0], control[1]]))),
-            },
-            _ if head.fin => ClientEvent::Data,
+            opcode::CLOSE => ClientEvent::Close(close_payload(&control)?),
+            _ if head.fin => {
+                // The message ends here: its text must not stop inside a character.
+                if self.text.take().is_some_and(|text| !text.is_complete()) {
+                    return Err(ProtocolError::TextNotUtf8);
+                }
+                ClientEvent::Data
+            }
             // A fragment of a message still in progress: nothing to report yet.
             _ => return Ok(()),
         };
         on_event(event);
         Ok(())
     }
+}
+
+/// The status code of a close frame's payload, checked with its reason (RFC 6455 §5.5.1, §7.4).
+fn close_payload(payload: &[u8]) -> Result<Option<u16>, ProtocolError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ProtocolError::BadClose),
+        [high, low, reason @ ..] => {
+            let code = u16::from_be_bytes([*high, *low]);
+            if !close_code::may_be_sent(code) {
+                return Err(ProtocolError::InvalidCloseCode(code));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(ProtocolError::CloseReasonNotUtf8);
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// Unmasks `bytes` in place, which start `offset` bytes into their frame's payload.
+fn unmask(mask: [u8; 4], offset: u64, bytes: &mut [u8]) {
+    let start = (offset % 4) as usize;
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte ^= mask[(start + i) % 4];
+    }
+}
+
+/// Checks a piece of a text message, `offset` bytes into its frame's payload, as UTF-8.
+fn check_text(
+    text: &mut Utf8Check,
+    mask: [u8; 4],
+    offset: u64,
+    piece: &[u8],
+) -> Result<(), ProtocolError> {
+    // Unmasked a stack buffer at a time: the payload itself is not kept.
+    let mut buf = [0u8; 256];
+    let mut offset = offset;
+    for chunk in piece.chunks(buf.len()) {
+        let plain = &mut buf[..chunk.len()];
+        plain.copy_from_slice(chunk);
+        unmask(mask, offset, plain);
+        text.feed(plain).map_err(|_| ProtocolError::TextNotUtf8)?;
+        offset += chunk.len() as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -252,6 +329,26 @@ mod tests {
         let mut seen = Vec::new();
         reader.feed(bytes, &mut |e| seen.push(e))?;
         Ok(seen)
+    }
+
+    /// Feeds `bytes` one at a time, as a trickling client would send them.
+    fn events_bytewise(
+        reader: &mut FrameReader,
+        bytes: &[u8],
+    ) -> Result<Vec<ClientEvent>, ProtocolError> {
+        let mut seen = Vec::new();
+        for byte in bytes {
+            reader.feed(std::slice::from_ref(byte), &mut |e| seen.push(e))?;
+        }
+        Ok(seen)
+    }
+
+    /// The verdict on `bytes`, which must not depend on how they are split.
+    fn verdict(bytes: &[u8]) -> Result<Vec<ClientEvent>, ProtocolError> {
+        let whole = events(&mut FrameReader::new(1 << 20), bytes);
+        let bytewise = events_bytewise(&mut FrameReader::new(1 << 20), bytes);
+        assert_eq!(whole, bytewise, "fed whole and byte by byte");
+        whole
     }
 
     #[test]
@@ -327,6 +424,111 @@ mod tests {
                 size: 10_485_760,
                 max: 65_536
             })
+        );
+    }
+
+    #[test]
+    fn close_codes_an_endpoint_may_not_send_are_protocol_errors() {
+        for code in [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            let close = masked(0x88, &code.to_be_bytes());
+            let err = ProtocolError::InvalidCloseCode(code);
+            assert_eq!(verdict(&close), Err(err.clone()), "{code}");
+            assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+        }
+        for code in [
+            1000u16, 1001, 1002, 1003, 1007, 1011, 1012, 1014, 3000, 4999,
+        ] {
+            let close = masked(0x88, &code.to_be_bytes());
+            assert_eq!(verdict(&close), Ok(vec![ClientEvent::Close(Some(code))]));
+        }
+    }
+
+    #[test]
+    fn a_close_reason_must_be_utf8() {
+        let mut payload = 1000u16.to_be_bytes().to_vec();
+        payload.extend_from_slice("bye ✓".as_bytes());
+        assert_eq!(
+            verdict(&masked(0x88, &payload)),
+            Ok(vec![ClientEvent::Close(Some(1000))])
+        );
+        // Autobahn 7.5.1's reason: valid up to a surrogate.
+        let mut payload = 1000u16.to_be_bytes().to_vec();
+        payload
+            .extend_from_slice(b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited");
+        let err = verdict(&masked(0x88, &payload)).expect_err("invalid reason");
+        assert_eq!(err, ProtocolError::CloseReasonNotUtf8);
+        assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn text_messages_must_be_utf8_and_binary_ones_need_not() {
+        let invalid = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited";
+        let err = verdict(&masked(0x81, invalid)).expect_err("invalid text");
+        assert_eq!(err, ProtocolError::TextNotUtf8);
+        assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
+        assert_eq!(verdict(&masked(0x82, invalid)), Ok(vec![ClientEvent::Data]));
+        // Long enough to take several unmasking buffers, with characters across their edges.
+        let long = "aé€\u{10348}".repeat(200);
+        assert_eq!(
+            verdict(&masked(0x81, long.as_bytes())),
+            Ok(vec![ClientEvent::Data])
+        );
+        // A message may not end inside a character, even if what came was valid so far.
+        assert_eq!(
+            verdict(&masked(0x81, &"€".as_bytes()[..2])),
+            Err(ProtocolError::TextNotUtf8)
+        );
+    }
+
+    #[test]
+    fn a_character_may_span_fragments_and_a_ping_between_them() {
+        let euro = "€".as_bytes();
+        let mut bytes = masked(0x01, &euro[..1]);
+        bytes.extend(masked(0x89, b"p"));
+        bytes.extend(masked(0x00, &euro[1..2]));
+        bytes.extend(masked(0x80, &euro[2..]));
+        assert_eq!(
+            verdict(&bytes),
+            Ok(vec![ClientEvent::Ping(b"p".to_vec()), ClientEvent::Data])
+        );
+        // A binary message after a text one is not checked, and the next text one starts anew.
+        let mut bytes = masked(0x01, &euro[..1]);
+        bytes.extend(masked(0x80, &euro[1..]));
+        bytes.extend(masked(0x82, b"\xff"));
+        bytes.extend(masked(0x81, b"ok"));
+        assert_eq!(verdict(&bytes), Ok(vec![ClientEvent::Data; 3]));
+        // Fragments that are each valid alone can make an invalid message.
+        let mut bytes = masked(0x01, &euro[..2]);
+        bytes.extend(masked(0x80, b"x"));
+        assert_eq!(verdict(&bytes), Err(ProtocolError::TextNotUtf8));
+    }
+
+    #[test]
+    fn invalid_text_fails_before_its_frame_or_message_ends() {
+        // Autobahn 6.4.1: a valid fragment, then one holding U+110000: the error comes with the
+        // second fragment's first wrong byte, not when the message ends.
+        let part1 = b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5";
+        let mut reader = FrameReader::new(1024);
+        assert_eq!(events(&mut reader, &masked(0x01, part1)), Ok(vec![]));
+        let part2 = masked(0x00, b"\xf4\x90\x80\x80");
+        let header = 6;
+        assert_eq!(events(&mut reader, &part2[..header + 1]), Ok(vec![]));
+        assert_eq!(
+            events(&mut reader, &part2[header + 1..header + 2]),
+            Err(ProtocolError::TextNotUtf8)
+        );
+        // Autobahn 6.4.3: one frame of 1000 bytes announced, the invalid bytes among the first.
+        let mut reader = FrameReader::new(4096);
+        let mut payload = part1.to_vec();
+        payload.extend_from_slice(b"\xf4\x90\x80\x80");
+        payload.resize(1000, b'a');
+        let frame = masked(0x81, &payload);
+        assert_eq!(events(&mut reader, &frame[..8 + 11]), Ok(vec![]));
+        assert_eq!(
+            events(&mut reader, &frame[8 + 11..8 + 13]),
+            Err(ProtocolError::TextNotUtf8)
         );
     }
 }

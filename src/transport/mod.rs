@@ -12,6 +12,7 @@
 //! - [`start`]: where a client asks to start (`since`, or an event stream's `Last-Event-ID`).
 //! - [`subscriber`]: one websocket client's task once upgraded.
 //! - [`frames`]: the parser of what clients send.
+//! - [`utf8`]: the incremental UTF-8 check of the text messages clients send.
 //!
 //! Nothing imports this room: it is the top of the flow source → stream → fan-out → transport.
 
@@ -23,6 +24,7 @@ pub mod sse;
 pub mod start;
 pub mod subscriber;
 pub mod upgrade;
+pub mod utf8;
 
 use std::io;
 use std::sync::Arc;

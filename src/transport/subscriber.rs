@@ -6,21 +6,28 @@
 //! when the socket becomes writable again, for its ping timer, and to close. A client that has
 //! not been heard from (any bytes, pongs included) within the pong timeout is dropped: that is
 //! how a vanished peer (pulled cable, expired NAT entry) is found.
+//!
+//! After its close frame (its own, an echo, or one that fails the connection on a protocol
+//! error) the server ends the TCP connection itself (RFC 6455 §7.1.1): it sends its FIN at
+//! once, and lets go of the socket within [`CLOSE_TIMEOUT`] of that frame.
 
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, timeout_at};
 
 use super::frames::{ClientEvent, FrameReader, ProtocolError};
 use crate::fanout::{CloseReason, Registration};
 use crate::message::websocket;
 use crate::metrics::Metrics;
 
-/// How long a close handshake may take before the socket is simply dropped.
+/// How long a close handshake may take, from the server's close frame to the end of the TCP
+/// connection: writing the frame out, the client's answer when the server started the
+/// handshake, and the client closing its side after the server's FIN.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bytes read from a client per `read`: clients send only pongs and closes, so a small buffer
@@ -84,29 +91,38 @@ impl Subscriber {
             End::Stopped(reason) => {
                 let close = websocket::close_frame(reason.code(), reason.text());
                 client.out.seal_with(close, reason == CloseReason::TooSlow);
-                let _ = timeout(CLOSE_TIMEOUT, self.drain_outbox()).await;
+                let deadline = Instant::now() + CLOSE_TIMEOUT;
+                let _ = timeout_at(deadline, self.drain_outbox()).await;
                 if reason == CloseReason::GoingAway {
                     // Give the client the chance to answer, so it sees a clean close.
-                    let _ = timeout(CLOSE_TIMEOUT, self.await_close(&mut reader)).await;
+                    let _ = timeout_at(deadline, self.await_close(&mut reader)).await;
                 }
+                self.hang_up(deadline).await;
                 log::debug!("client {id} ({peer}): closed ({})", reason.text());
             }
             End::ClientClosed(code) => {
-                // Echo the client's close (RFC 6455 §5.5.1).
+                // Echo the client's close (RFC 6455 §5.5.1); the reader let through only codes
+                // an endpoint may send.
                 let echo = match code {
                     Some(code) => websocket::close_frame(code, ""),
                     None => websocket::encode(websocket::opcode::CLOSE, b""),
                 };
                 client.out.seal_with(echo, false);
-                let _ = timeout(CLOSE_TIMEOUT, self.drain_outbox()).await;
+                let deadline = Instant::now() + CLOSE_TIMEOUT;
+                let _ = timeout_at(deadline, self.drain_outbox()).await;
+                self.hang_up(deadline).await;
                 log::debug!("client {id} ({peer}): closed by the client");
             }
             End::Protocol(err) => {
+                // Failing the connection (RFC 6455 §7.1.7): the close frame says why, and the
+                // connection ends without waiting for an answer that could not be parsed.
                 client.out.seal_with(
                     websocket::close_frame(err.close_code(), &err.to_string()),
                     true,
                 );
-                let _ = timeout(CLOSE_TIMEOUT, self.drain_outbox()).await;
+                let deadline = Instant::now() + CLOSE_TIMEOUT;
+                let _ = timeout_at(deadline, self.drain_outbox()).await;
+                self.hang_up(deadline).await;
                 log::info!("client {id} ({peer}): closed, {err}");
             }
             End::Gone(why) => log::debug!("client {id} ({peer}): gone ({why})"),
@@ -205,6 +221,19 @@ impl Subscriber {
 
     /// Reads until the client's close arrives or the connection ends.
     async fn await_close(&self, reader: &mut FrameReader) {
+        self.read_while(|data| {
+            let mut closed = false;
+            let parsed = reader.feed(data, &mut |event| {
+                closed |= matches!(event, ClientEvent::Close(_));
+            });
+            !closed && parsed.is_ok()
+        })
+        .await;
+    }
+
+    /// Reads what the client sends, a piece at a time, for as long as `more` asks for more and
+    /// the connection lasts (until the client closes its side or the connection fails).
+    async fn read_while(&self, mut more: impl FnMut(&[u8]) -> bool) {
         let mut buf = [0u8; READ_CHUNK];
         loop {
             // A client that floods never leaves `readable()` pending: spend the budget so that
@@ -215,18 +244,22 @@ impl Subscriber {
             }
             match self.stream.try_read(&mut buf) {
                 Ok(0) => return,
-                Ok(n) => {
-                    let mut closed = false;
-                    let parsed = reader.feed(&buf[..n], &mut |event| {
-                        closed |= matches!(event, ClientEvent::Close(_));
-                    });
-                    if closed || parsed.is_err() {
-                        return;
-                    }
-                }
+                Ok(n) if !more(&buf[..n]) => return,
+                Ok(_) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return,
             }
         }
+    }
+
+    /// Ends the TCP connection once the server's close frame is out: a FIN at once, then
+    /// whatever the client still sends (the rest of a frame that failed, its answer to the
+    /// close) is read and dropped until it closes its side too, or until `deadline`. The
+    /// descriptor itself closes when this task lets go of the client; had unread data been
+    /// left in it, the kernel would answer with a reset, which can destroy the close frame
+    /// before the client has read it.
+    async fn hang_up(&self, deadline: Instant) {
+        let _ = SockRef::from(&*self.stream).shutdown(Shutdown::Write);
+        let _ = timeout_at(deadline, self.read_while(|_| true)).await;
     }
 }

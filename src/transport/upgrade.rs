@@ -107,15 +107,16 @@ pub fn upgrade(
     let h = response.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&derive_accept_key(&key))
-            .expect("base64 text is a valid header value"),
-    );
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept_value(&key));
     if offers_v1 {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(V1));
     }
     response
+}
+
+/// The `Sec-WebSocket-Accept` value answering the client's key (RFC 6455 §4.2.2).
+pub fn accept_value(key: &[u8]) -> HeaderValue {
+    HeaderValue::from_str(&derive_accept_key(key)).expect("base64 text is a valid header value")
 }
 
 /// Why a request to the stream path is not a websocket handshake this server accepts.
@@ -153,8 +154,9 @@ impl HandshakeError {
     }
 }
 
-/// The client's key when the request is a valid websocket handshake.
-fn check_handshake(method: &Method, headers: &HeaderMap) -> Result<Vec<u8>, HandshakeError> {
+/// The client's key when the request is a valid websocket handshake. Public for the fuzz
+/// target that feeds it arbitrary request heads.
+pub fn check_handshake(method: &Method, headers: &HeaderMap) -> Result<Vec<u8>, HandshakeError> {
     if method != Method::GET {
         return Err(HandshakeError::Method);
     }

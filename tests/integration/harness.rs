@@ -624,6 +624,8 @@ pub struct Server {
     child: Child,
     port: u16,
     log: watch::Receiver<Log>,
+    /// Leave stderr out on drop (see [`Server::quiet_on_drop`]).
+    quiet: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -670,6 +672,7 @@ impl Server {
             child,
             port: 0,
             log: rx,
+            quiet: false,
             _dir: dir,
         };
         let text = server
@@ -685,6 +688,12 @@ impl Server {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Leaves the server's stderr out when it is dropped: for a test run with `--nocapture`
+    /// whose own output is the point, once that test has passed.
+    pub fn quiet_on_drop(&mut self) {
+        self.quiet = true;
     }
 
     pub fn pid(&self) -> i32 {
@@ -903,6 +912,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.quiet {
+            return;
+        }
         // Printed whether the test failed by panicking or by returning an error; the test
         // harness shows a test's output only when it fails.
         eprintln!(

@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{
-    OP_TEXT, PING, PgCluster, RawWs, Server, ServerOpts, TIMEOUT, Ws, accept_queue_on_port,
-    client_frame, client_frame_head, ensure_open_files, established_on_port, http_request,
-    next_event, next_event_within, read_until_closed, upgrade_request, ws_connect,
+    Ending, OP_CLOSE, OP_TEXT, PING, PgCluster, RawWs, Server, ServerOpts, TIMEOUT, Ws,
+    accept_queue_on_port, client_frame, client_frame_head, ensure_open_files, established_on_port,
+    http_request, next_event, next_event_within, read_until_closed, upgrade_request, ws_connect,
 };
 
 /// The server still works: `/status` answers, a new client connects, and it and `ws` (a client
@@ -116,6 +116,72 @@ async fn a_40_kb_header_gets_431() -> Result<()> {
         "expected 431, got {:?}",
         head.lines().next()
     );
+    assert_still_serving(&server, pg, channel, &mut ws).await
+}
+
+/// Invalid text, an invalid close code, a close reason that is not UTF-8 each get the close
+/// code RFC 6455 names, and a valid close its echo; each time the server then ends the TCP
+/// connection itself with a FIN, at once, although the client does not answer the server's
+/// close and the next ping is a minute away. Each client has sent more after the frame that
+/// ends its session (as a client failed mid-message has): left unread, that would have the
+/// kernel answer with a reset rather than a FIN when the server closes the socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn protocol_errors_and_closes_end_with_the_right_code_and_the_server_hanging_up() -> Result<()>
+{
+    /// The server's FIN follows its close frame at once; this leaves room for a loaded machine.
+    const HANG_UP_BOUND: Duration = Duration::from_secs(1);
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-close-codes";
+    let opts = ServerOpts::with_db(pg, channel).env("PING_INTERVAL", 60);
+    let (server, mut ws) = server_and_client(opts).await?;
+    let close = |code: u16, reason: &[u8]| {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason);
+        client_frame(OP_CLOSE, &payload)
+    };
+    let cases = [
+        (
+            "text that is not UTF-8",
+            client_frame(OP_TEXT, b"caf\xc3\x28"),
+            1007,
+        ),
+        ("close code 1005", close(1005, b""), 1002),
+        ("close code 2999", close(2999, b""), 1002),
+        (
+            "a close reason that is not UTF-8",
+            close(1000, b"\xed\xa0\x80"),
+            1007,
+        ),
+        ("a valid close", close(3000, "au revoir".as_bytes()), 3000),
+    ];
+    for (what, frame, expected) in cases {
+        let mut raw = RawWs::connect(server.port()).await?;
+        // Once it has received a batch, a fan-out thread holds the client until its next one:
+        // the connection must end without waiting for that.
+        let payload = format!(r#"{{"action":"before","case":"{what}"}}"#);
+        pg.notify(channel, &payload).await?;
+        assert_eq!(next_event(&mut ws).await?, payload);
+        let frame_in = tokio::time::timeout(TIMEOUT, raw.next_frame()).await;
+        let received = frame_in
+            .context("the notification")??
+            .context("closed early")?;
+        assert_eq!(received.payload, payload.as_bytes(), "{what}");
+        let mut sent = frame;
+        sent.extend(client_frame(OP_TEXT, &[b'x'; 1000]));
+        raw.stream.write_all(&sent).await?;
+        let (ending, _) = raw.read_to_end(TIMEOUT).await.context(what)?;
+        assert_eq!(ending, Ending::Close(Some(expected)), "{what}");
+        let closed = Instant::now();
+        let after = tokio::time::timeout(TIMEOUT, raw.next_frame())
+            .await
+            .with_context(|| format!("{what}: the connection stays open"))?;
+        assert!(
+            matches!(after, Ok(None)),
+            "{what}: expected the server's FIN, got {after:?}"
+        );
+        let took = closed.elapsed();
+        assert!(took < HANG_UP_BOUND, "{what}: FIN {took:?} after the close");
+    }
     assert_still_serving(&server, pg, channel, &mut ws).await
 }
 

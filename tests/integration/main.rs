@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod autobahn;
 mod bench_smoke;
 mod browser;
 mod config_errors;
