@@ -5,7 +5,8 @@
 //! - ping flood: sends 125-byte Pings and never reads. The server owes it one pong at a time,
 //!   so the flood costs it no memory; the frames it cannot deliver pile up until the client is
 //!   closed as too slow (1008). The flooder notices when the server stops reading it (its
-//!   writes stall) and then reads, to see the close frame.
+//!   writes stall) and then reads, to see the close frame; where the server gave up on the
+//!   close first, it sees a reset, and the server's count of slow closes is the cross-check.
 //! - slowloris: sends its request head one byte at a time; it must be dropped at the server's
 //!   handshake timeout, not before and not much later.
 //! - big frame: announces a 10 MB text frame and sends it; closed with 1009 (too big).
