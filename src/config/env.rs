@@ -46,6 +46,10 @@ pub(super) struct EnvSettings {
     pub history_age: Option<String>,
     pub stream_token: Option<String>,
     pub allowed_origins: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub jwt_public_key: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_issuer: Option<String>,
 }
 
 impl EnvSettings {

@@ -121,6 +121,14 @@ pub(super) struct SenderSection {
     pub stream_token: Option<Value>,
     #[serde(rename = "allowedorigins")]
     pub allowed_origins: Option<Value>,
+    #[serde(rename = "jwtsecret")]
+    pub jwt_secret: Option<Value>,
+    #[serde(rename = "jwtpublickey")]
+    pub jwt_public_key: Option<Value>,
+    #[serde(rename = "jwtaudience")]
+    pub jwt_audience: Option<Value>,
+    #[serde(rename = "jwtissuer")]
+    pub jwt_issuer: Option<Value>,
     #[serde(flatten)]
     unknown: Table,
 }

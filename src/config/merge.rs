@@ -46,6 +46,10 @@ pub(super) struct Settings {
     pub history_age: Option<Raw>,
     pub stream_token: Option<Raw>,
     pub allowed_origins: Option<Raw>,
+    pub jwt_secret: Option<Raw>,
+    pub jwt_public_key: Option<Raw>,
+    pub jwt_audience: Option<Raw>,
+    pub jwt_issuer: Option<Raw>,
 }
 
 impl Settings {
@@ -118,6 +122,14 @@ impl Settings {
                 .or(from_file("Sender.StreamToken", sender.stream_token)),
             allowed_origins: from_env("ALLOWED_ORIGINS", env.allowed_origins)
                 .or(from_file("Sender.AllowedOrigins", sender.allowed_origins)),
+            jwt_secret: from_env("JWT_SECRET", env.jwt_secret)
+                .or(from_file("Sender.JwtSecret", sender.jwt_secret)),
+            jwt_public_key: from_env("JWT_PUBLIC_KEY", env.jwt_public_key)
+                .or(from_file("Sender.JwtPublicKey", sender.jwt_public_key)),
+            jwt_audience: from_env("JWT_AUDIENCE", env.jwt_audience)
+                .or(from_file("Sender.JwtAudience", sender.jwt_audience)),
+            jwt_issuer: from_env("JWT_ISSUER", env.jwt_issuer)
+                .or(from_file("Sender.JwtIssuer", sender.jwt_issuer)),
         }
     }
 }

@@ -26,6 +26,7 @@ use log::LevelFilter;
 mod env;
 mod error;
 mod file;
+mod jwt;
 mod merge;
 mod private_key;
 mod tls;
@@ -33,6 +34,7 @@ mod validate;
 mod values;
 
 pub use error::ConfigError;
+pub use jwt::JwtKeys;
 pub use tls::{CaCertificates, ClientIdentity, SslMode};
 pub use values::parse_level;
 
@@ -127,6 +129,9 @@ pub struct SenderConfig {
     /// When non-empty, a browser's `Origin` must be one of these (requests without `Origin`,
     /// as agents send them, are not affected).
     pub allowed_origins: Vec<String>,
+    /// When set, `/<stream>` admits a client whose signed token these keys verify (besides
+    /// `stream_token`, which keeps working).
+    pub jwt: Option<JwtKeys>,
 }
 
 /// A value that must never be printed: `Debug` shows only that it is set.

@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use jsonwebtoken::DecodingKey;
 use log::LevelFilter;
 
+use super::jwt;
 use super::merge::{Raw, Settings};
 use super::tls::{IdentityError, decode_base64, decode_secret_base64};
 use super::values::{
@@ -13,8 +15,8 @@ use super::values::{
     parse_stream_path,
 };
 use super::{
-    CaCertificates, ClientIdentity, Config, ConfigError, LoggerConfig, ReceiverConfig, Secret,
-    SenderConfig, SslMode,
+    CaCertificates, ClientIdentity, Config, ConfigError, JwtKeys, LoggerConfig, ReceiverConfig,
+    Secret, SenderConfig, SslMode,
 };
 
 impl Settings {
@@ -68,6 +70,12 @@ impl Settings {
                 .filter(|token| !token.is_empty())
                 .map(Secret),
             allowed_origins: list(self.allowed_origins)?,
+            jwt: jwt_keys(
+                self.jwt_secret,
+                self.jwt_public_key,
+                self.jwt_audience,
+                self.jwt_issuer,
+            )?,
         };
         Ok(Config {
             logger,
@@ -75,6 +83,48 @@ impl Settings {
             sender,
         })
     }
+}
+
+/// The token keys, when a secret or a public key is set; an audience or issuer needs one of
+/// them, since without a key no token is verified at all.
+fn jwt_keys(
+    secret_raw: Option<Raw>,
+    public_raw: Option<Raw>,
+    audience: Option<Raw>,
+    issuer: Option<Raw>,
+) -> Result<Option<JwtKeys>, ConfigError> {
+    let secret_text = secret(secret_raw)?.filter(|s| !s.is_empty());
+    let public = match public_raw {
+        Some(raw) if raw.text().is_some_and(|t| !t.trim().is_empty()) => {
+            Some(raw.parse(jwt::parse_public_key)?)
+        }
+        Some(raw) if raw.text().is_none() => return Err(raw.invalid("expected a string")),
+        _ => None,
+    };
+    let audience_set = audience.as_ref().map(|raw| raw.origin().to_owned());
+    let issuer_set = issuer.as_ref().map(|raw| raw.origin().to_owned());
+    let audience = text(audience)?.filter(|s| !s.is_empty());
+    let issuer = text(issuer)?.filter(|s| !s.is_empty());
+    if secret_text.is_none() && public.is_none() {
+        if let Some(set) = audience_set
+            .filter(|_| audience.is_some())
+            .or(issuer_set.filter(|_| issuer.is_some()))
+        {
+            return Err(ConfigError::Unpaired {
+                set,
+                missing: "JWT_SECRET (Sender.JwtSecret) or JWT_PUBLIC_KEY (Sender.JwtPublicKey)"
+                    .to_owned(),
+                reason: "tokens are verified only with a key",
+            });
+        }
+        return Ok(None);
+    }
+    Ok(Some(JwtKeys {
+        secret: secret_text.map(|s| DecodingKey::from_secret(s.as_bytes())),
+        public,
+        audience,
+        issuer,
+    }))
 }
 
 /// A value read by a text parser (see [`Raw::parse`]).

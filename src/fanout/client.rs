@@ -18,6 +18,8 @@ pub enum CloseReason {
     TooSlow,
     /// The server is shutting down.
     GoingAway,
+    /// The client's signed token expired (`exp`).
+    TokenExpired,
 }
 
 impl CloseReason {
@@ -26,6 +28,7 @@ impl CloseReason {
         match self {
             CloseReason::TooSlow => close_code::POLICY_VIOLATION,
             CloseReason::GoingAway => close_code::GOING_AWAY,
+            CloseReason::TokenExpired => close_code::TOKEN_EXPIRED,
         }
     }
 
@@ -33,6 +36,7 @@ impl CloseReason {
         match self {
             CloseReason::TooSlow => "client too slow: outgoing queue overflowed",
             CloseReason::GoingAway => "server shutting down",
+            CloseReason::TokenExpired => "token expired",
         }
     }
 }

@@ -27,6 +27,9 @@ pub mod close_code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text message, or a close reason, that is not UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
+    /// The client's signed token expired: it may reconnect with a new one. (4000-4999 are for
+    /// applications, RFC 6455 §7.4.2.)
+    pub const TOKEN_EXPIRED: u16 = 4001;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
 

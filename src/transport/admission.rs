@@ -1,5 +1,5 @@
-//! Who may open the stream, over a websocket or as an event stream: the shared token, the
-//! allowed Origins, and `MaxClients`. Checked after the request is known to be valid and before
+//! Who may open the stream, over a websocket or as an event stream: the shared token or a signed
+//! token and its claims, the allowed Origins, and `MaxClients`. Checked after the request is known to be valid and before
 //! the client joins the fan-out. Also what an admitted browser is told about its Origin (CORS).
 
 use std::net::SocketAddr;
@@ -7,37 +7,57 @@ use std::net::SocketAddr;
 use hyper::StatusCode;
 use hyper::header::{self, HeaderMap, HeaderValue};
 
-use super::routes::text;
+use super::routes::{text, text_owned};
 use super::{AppState, Response};
-use crate::auth;
+use crate::auth::{self, Denied, Grant};
 use crate::config::SenderConfig;
 
-/// Auth, origin and capacity checks; `Some` is the refusal to send.
-pub fn refusal(
+/// Auth, origin and capacity checks: what a signed token grants the client (`None` without
+/// one), or the refusal to send.
+pub fn admit(
     state: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
     query: &str,
-) -> Option<Response> {
+) -> Result<Option<Grant>, Box<Response>> {
     let sender = &state.sender;
-    if let Some(expected) = &sender.stream_token {
-        if !auth::presents_token(headers, query, &expected.0) {
-            log::info!("stream request from {peer} refused: missing or wrong token");
-            let mut response = text(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized: a valid token is required",
-            );
+    let grant = auth::authorize(
+        sender.stream_token.as_ref(),
+        sender.jwt.as_ref(),
+        headers,
+        query,
+    )
+    .and_then(|grant| match &grant {
+        Some(grant) => within_claims(grant, &state.channel).map(|()| Some(grant.clone())),
+        None => Ok(None),
+    });
+    let grant = match grant {
+        Ok(grant) => grant,
+        Err(denied @ (Denied::Missing | Denied::Invalid(_))) => {
+            log::info!("stream request from {peer} refused: {denied}");
+            let mut response =
+                text_owned(StatusCode::UNAUTHORIZED, format!("unauthorized: {denied}"));
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return Some(response);
+            return Err(Box::new(response));
         }
-    }
+        Err(denied @ Denied::Forbidden(_)) => {
+            log::info!("stream request from {peer} refused: {denied}");
+            return Err(Box::new(text_owned(
+                StatusCode::FORBIDDEN,
+                format!("forbidden: {denied}"),
+            )));
+        }
+    };
     if !sender.allowed_origins.is_empty() {
         if let Some(origin) = headers.get(header::ORIGIN) {
             if !origin_allowed(sender, origin) {
                 log::info!("stream request from {peer} refused: origin {origin:?} not allowed");
-                return Some(text(StatusCode::FORBIDDEN, "forbidden: origin not allowed"));
+                return Err(Box::new(text(
+                    StatusCode::FORBIDDEN,
+                    "forbidden: origin not allowed",
+                )));
             }
         }
     }
@@ -46,12 +66,33 @@ pub fn refusal(
             "stream request from {peer} refused: {} clients connected (MaxClients)",
             sender.max_clients
         );
-        return Some(text(
+        return Err(Box::new(text(
             StatusCode::SERVICE_UNAVAILABLE,
             "service unavailable: too many clients",
+        )));
+    }
+    Ok(grant)
+}
+
+/// Whether what a token's claims allow covers this request: its `channels` must list the
+/// stream's channel, and a `filter` cannot be honoured by a server that delivers every message
+/// of its channel, so it is refused rather than ignored.
+fn within_claims(grant: &Grant, channel: &str) -> Result<(), Denied> {
+    if let Some(channels) = &grant.channels {
+        if !channels.iter().any(|c| c == channel) {
+            return Err(Denied::Forbidden(format!(
+                "its channels claim does not list {channel:?}"
+            )));
+        }
+    }
+    if grant.filtered {
+        return Err(Denied::Forbidden(
+            "its filter claim cannot be applied: this server delivers every message of the \
+             channel"
+                .to_owned(),
         ));
     }
-    None
+    Ok(())
 }
 
 fn origin_allowed(sender: &SenderConfig, origin: &HeaderValue) -> bool {

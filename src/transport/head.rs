@@ -7,8 +7,14 @@
 //! hand costs less, too: no HTTP connection state, no second task for the upgraded socket, no
 //! buffers kept past the 101. Both are a few hundred bytes of request, answered with one write.
 
+use std::io;
+use std::time::Duration;
+
 use hyper::Uri;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
 
 use super::Response;
 use super::upgrade::header_has_token;
@@ -132,6 +138,17 @@ pub fn plain_response(response: &Response) -> Vec<u8> {
     out.extend_from_slice(b"connection: close\r\n\r\n");
     out.extend_from_slice(body);
     out
+}
+
+/// Writes `refusal` on a connection hyper never saw and ends it, within `limit`.
+pub async fn refuse(stream: &mut TcpStream, refusal: &Response, limit: Duration) -> io::Result<()> {
+    let answer = plain_response(refusal);
+    let sent = timeout(limit, async {
+        stream.write_all(&answer).await?;
+        stream.shutdown().await
+    });
+    sent.await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
 #[cfg(test)]

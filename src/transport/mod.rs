@@ -30,10 +30,13 @@ pub mod upgrade;
 pub mod utf8;
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -41,6 +44,28 @@ use crate::config::SenderConfig;
 use crate::fanout::{ClientOut, Hub};
 use crate::metrics::Metrics;
 use crate::stream::{ListenerState, Stream};
+
+/// When a client's signed token expires: the moment its connection ends.
+pub struct Expiry(Option<Pin<Box<Sleep>>>);
+
+impl Expiry {
+    /// At `expires` (a token's `exp`), or never. Boxed, so that a client without one carries
+    /// only a pointer's worth of it.
+    pub fn at(expires: Option<SystemTime>) -> Expiry {
+        Expiry(expires.map(|at| {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            Box::pin(tokio::time::sleep(left))
+        }))
+    }
+
+    /// Resolves when the token expires; never for a client without one.
+    pub async fn reached(&mut self) {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().await,
+            None => std::future::pending().await,
+        }
+    }
+}
 
 /// Every response carries a small text body, built whole.
 pub type Response = hyper::Response<String>;
@@ -51,6 +76,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub listener_state: watch::Receiver<ListenerState>,
     pub stream: Arc<Stream>,
+    /// The PostgreSQL channel the stream carries (what a token's `channels` claim must list).
+    pub channel: String,
     pub sender: SenderConfig,
     pub shutdown: CancellationToken,
     /// Client tasks join it, so that shutdown waits for their close handshakes.

@@ -24,7 +24,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -32,8 +32,8 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::admission::{self, AllowOrigin};
-use super::head::{Request, plain_response};
-use super::{AppState, read_flushing, start};
+use super::head::{Request, refuse};
+use super::{AppState, Expiry, read_flushing, start};
 use crate::fanout::{CloseReason, Registration};
 use crate::message::{Format, SSE_PREAMBLE};
 use crate::metrics::Metrics;
@@ -52,20 +52,17 @@ pub async fn serve(
     request: Request,
 ) {
     let Request { headers, query } = request;
-    let admitted = match admission::refusal(&state, peer, &headers, &query) {
-        Some(refusal) => Err(refusal),
-        None => start::for_event_stream(&headers, &query).map_err(|bad| bad.response()),
-    };
-    let start = match admitted {
-        Ok(start) => start,
+    let admitted = admission::admit(&state, peer, &headers, &query).and_then(|grant| {
+        let start =
+            start::for_event_stream(&headers, &query).map_err(|bad| Box::new(bad.response()))?;
+        Ok((start, grant.and_then(|grant| grant.expires)))
+    });
+    let (start, expires) = match admitted {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             state.metrics.clients_rejected.inc();
-            let answer = plain_response(&refusal);
-            let sent = timeout(state.sender.handshake_timeout, async {
-                stream.write_all(&answer).await?;
-                stream.shutdown().await
-            });
-            if let Ok(Err(err)) = sent.await {
+            let sent = refuse(&mut stream, &refusal, state.sender.handshake_timeout).await;
+            if let Err(err) = sent {
                 log::debug!("event stream from {peer}: refusal not sent: {err}");
             }
             return;
@@ -94,6 +91,7 @@ pub async fn serve(
             stream: Arc::new(stream),
             registration,
             peer,
+            expires,
             metrics: state.metrics.clone(),
         }
         .run(),
@@ -142,6 +140,8 @@ struct EventStream {
     stream: Arc<TcpStream>,
     registration: Registration,
     peer: SocketAddr,
+    /// When the client's signed token expires, if it does: the stream ends then.
+    expires: Option<SystemTime>,
     metrics: Arc<Metrics>,
 }
 
@@ -179,10 +179,12 @@ impl EventStream {
     async fn serve(&self) -> End {
         let client = &self.registration.client;
         let mut buf = [0u8; READ_CHUNK];
+        let mut expiry = Expiry::at(self.expires);
         loop {
             tokio::select! {
                 biased;
                 _ = client.control.stopped() => return End::Stopped(client.control.reason()),
+                _ = expiry.reached() => return End::Stopped(CloseReason::TokenExpired),
                 // What the client sends is discarded: the stream is one-way.
                 read = read_flushing(&self.stream, &client.out, &mut buf) => match read {
                     Ok(0) => return End::Gone(io::ErrorKind::UnexpectedEof.into()),

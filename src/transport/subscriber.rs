@@ -14,13 +14,14 @@
 
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 
+use super::Expiry;
 use super::frames::{ClientEvent, FrameReader, ProtocolError};
 use crate::fanout::{CloseReason, Registration};
 use crate::message::websocket;
@@ -57,6 +58,8 @@ pub struct Subscriber {
     pub registration: Registration,
     pub peer: SocketAddr,
     pub liveness: Liveness,
+    /// When the client's signed token expires, if it does: the connection ends then (4001).
+    pub expires: Option<SystemTime>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -102,7 +105,7 @@ impl Subscriber {
                         CLOSE_TIMEOUT
                     };
                 let _ = timeout_at(deadline, self.drain_outbox()).await;
-                if reason == CloseReason::GoingAway {
+                if matches!(reason, CloseReason::GoingAway | CloseReason::TokenExpired) {
                     // Give the client the chance to answer, so it sees a clean close.
                     let _ = timeout_at(deadline, self.await_close(&mut reader)).await;
                 }
@@ -154,6 +157,7 @@ impl Subscriber {
         heard_lately.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut buf = [0u8; READ_CHUNK];
+        let mut expiry = Expiry::at(self.expires);
         loop {
             // Readiness futures do not spend tokio's cooperative budget: without this, a client
             // that floods frames would keep its worker thread (and what is queued on it, the
@@ -163,6 +167,7 @@ impl Subscriber {
             tokio::select! {
                 biased;
                 _ = client.control.stopped() => return End::Stopped(client.control.reason()),
+                _ = expiry.reached() => return End::Stopped(CloseReason::TokenExpired),
                 readable = self.stream.readable() => {
                     if let Err(err) = readable {
                         return End::Gone(err.to_string());

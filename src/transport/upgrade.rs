@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use super::head::{Request, plain_response};
+use super::head::{Request, refuse};
 use super::routes::text_owned;
 use super::subscriber::{Liveness, Subscriber};
 use super::{AppState, Response, admission, start};
@@ -37,6 +38,8 @@ struct Admitted {
     key: Vec<u8>,
     start: Start,
     offers_v1: bool,
+    /// When its signed token expires, if it came with one that does.
+    expires: Option<SystemTime>,
 }
 
 impl Admitted {
@@ -61,9 +64,9 @@ fn admit(
 ) -> Result<Admitted, Box<Response>> {
     let refusal = match check_handshake(method, headers) {
         Err(bad) => bad.response(),
-        Ok(key) => match admission::refusal(state, peer, headers, query) {
-            Some(refusal) => refusal,
-            None => match start::from_query(query) {
+        Ok(key) => match admission::admit(state, peer, headers, query) {
+            Err(refusal) => *refusal,
+            Ok(grant) => match start::from_query(query) {
                 Err(bad) => bad.response(),
                 Ok(start) => {
                     let offers_v1 = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, V1);
@@ -71,6 +74,7 @@ fn admit(
                         key,
                         start,
                         offers_v1,
+                        expires: grant.and_then(|grant| grant.expires),
                     });
                 }
             },
@@ -110,12 +114,8 @@ pub async fn serve(
     let admitted = match admit(&state, peer, &Method::GET, &request.headers, &request.query) {
         Ok(admitted) => admitted,
         Err(refusal) => {
-            let answer = plain_response(&refusal);
-            let sent = timeout(state.sender.handshake_timeout, async {
-                stream.write_all(&answer).await?;
-                stream.shutdown().await
-            });
-            if let Ok(Err(err)) = sent.await {
+            let sent = refuse(&mut stream, &refusal, state.sender.handshake_timeout).await;
+            if let Err(err) = sent {
                 log::debug!("websocket handshake from {peer}: refusal not sent: {err}");
             }
             return;
@@ -141,6 +141,7 @@ pub async fn serve(
             registration,
             peer,
             liveness: liveness(&state),
+            expires: admitted.expires,
             metrics: state.metrics.clone(),
         }
         .run(),
@@ -181,6 +182,7 @@ pub fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let registration = join(state, peer, &admitted);
     let liveness = liveness(state);
+    let expires = admitted.expires;
     let metrics = state.metrics.clone();
     let shutdown = state.shutdown.clone();
     state.tasks.spawn(async move {
@@ -209,6 +211,7 @@ pub fn upgrade(
             registration,
             peer,
             liveness,
+            expires,
             metrics,
         }
         .run()

@@ -1219,6 +1219,20 @@ pub async fn http_get(port: u16, path: &str) -> Result<HttpResponse> {
     http_request(port, "GET", path, &[]).await
 }
 
+pub const UPGRADE_HEADERS: [(&str, &str); 4] = [
+    ("Connection", "Upgrade"),
+    ("Upgrade", "websocket"),
+    ("Sec-WebSocket-Version", "13"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
+/// `GET path` with websocket upgrade headers and `extra` headers; the status is what matters.
+pub async fn upgrade(port: u16, path: &str, extra: &[(&str, &str)]) -> Result<HttpResponse> {
+    let mut headers = UPGRADE_HEADERS.to_vec();
+    headers.extend_from_slice(extra);
+    http_request(port, "GET", path, &headers).await
+}
+
 /// A request with extra header lines; `Connection: close` unless given.
 pub async fn http_request(
     port: u16,
@@ -1394,8 +1408,13 @@ pub const OP_CLOSE: u8 = 0x8;
 
 /// The request head of a valid websocket upgrade of `/stream`.
 pub fn upgrade_request(port: u16) -> String {
+    upgrade_request_of(port, "/stream")
+}
+
+/// [`upgrade_request`] of `path` (a query included).
+pub fn upgrade_request_of(port: u16, path: &str) -> String {
     format!(
-        "GET /stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\n\
          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     )
@@ -1472,10 +1491,15 @@ pub struct RawWs {
 impl RawWs {
     /// Upgrades a new connection to `/stream`; returns after the 101.
     pub async fn connect(port: u16) -> Result<RawWs> {
+        RawWs::connect_path(port, "/stream").await
+    }
+
+    /// [`RawWs::connect`] to `path` (a query included).
+    pub async fn connect_path(port: u16, path: &str) -> Result<RawWs> {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .with_context(|| format!("connect 127.0.0.1:{port}"))?;
-        RawWs::upgrade(stream, port).await
+        RawWs::upgrade(stream, port, path).await
     }
 
     /// As [`RawWs::connect`] with the socket's receive buffer set to `bytes` before connecting,
@@ -1487,12 +1511,14 @@ impl RawWs {
             .connect(([127, 0, 0, 1], port).into())
             .await
             .with_context(|| format!("connect 127.0.0.1:{port}"))?;
-        RawWs::upgrade(stream, port).await
+        RawWs::upgrade(stream, port, "/stream").await
     }
 
-    async fn upgrade(mut stream: TcpStream, port: u16) -> Result<RawWs> {
+    async fn upgrade(mut stream: TcpStream, port: u16, path: &str) -> Result<RawWs> {
         let handshake = async {
-            stream.write_all(upgrade_request(port).as_bytes()).await?;
+            stream
+                .write_all(upgrade_request_of(port, path).as_bytes())
+                .await?;
             let mut buf = Vec::new();
             loop {
                 if let Some(pos) = find(&buf, b"\r\n\r\n") {

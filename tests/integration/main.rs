@@ -15,6 +15,7 @@ mod harness_selftest;
 mod hostile;
 mod http;
 mod image_contract;
+mod jwt;
 mod kubernetes;
 mod lifecycle;
 mod operations;

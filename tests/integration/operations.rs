@@ -9,24 +9,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{
-    HttpResponse, PgCluster, Server, ServerOpts, TIMEOUT, Ws, free_port, http_get, http_request,
-    metric_value, next_event, next_event_within, notify, raise_own_open_files_limit, ws_connect,
+    HttpResponse, PgCluster, Server, ServerOpts, TIMEOUT, Ws, free_port, http_get, metric_value,
+    next_event, next_event_within, notify, raise_own_open_files_limit, upgrade, ws_connect,
     ws_connect_with,
 };
-
-const UPGRADE_HEADERS: [(&str, &str); 4] = [
-    ("Connection", "Upgrade"),
-    ("Upgrade", "websocket"),
-    ("Sec-WebSocket-Version", "13"),
-    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-];
-
-/// `GET path` with websocket upgrade headers and `extra` headers; the status is what matters.
-async fn upgrade(port: u16, path: &str, extra: &[(&str, &str)]) -> Result<HttpResponse> {
-    let mut headers = UPGRADE_HEADERS.to_vec();
-    headers.extend_from_slice(extra);
-    http_request(port, "GET", path, &headers).await
-}
 
 /// Every client in `clients` receives `payload` next (pings aside).
 async fn all_receive(clients: &mut [Ws], payload: &str) -> Result<()> {
