@@ -35,7 +35,7 @@ impl Default for HistoryLimits {
     }
 }
 
-/// Messages with consecutive offsets, oldest first.
+/// Messages in growing offsets, oldest first.
 #[derive(Debug)]
 pub struct History {
     entries: VecDeque<(Instant, Arc<Outgoing>)>,
@@ -113,7 +113,11 @@ impl History {
         if first > since.offset + 1 {
             return Err(ResetReason::Evicted);
         }
-        let skip = usize::try_from(since.offset + 1 - first).unwrap_or(usize::MAX);
+        // Offsets grow but may skip (in table mode positions are shared by every channel, and
+        // a row the check refuses keeps its position): search rather than count.
+        let skip = self
+            .entries
+            .partition_point(|(_, m)| m.position().offset <= since.offset);
         Ok(self
             .entries
             .iter()

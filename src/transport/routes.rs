@@ -12,7 +12,11 @@ use super::{AppState, Response, upgrade};
 use crate::stream::ListenerState;
 
 /// Answers one request from `peer`.
-pub fn route(state: &Arc<AppState>, peer: SocketAddr, request: Request<Incoming>) -> Response {
+pub async fn route(
+    state: &Arc<AppState>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response {
     let Some(rest) = request.uri().path().strip_prefix('/') else {
         return text(StatusCode::NOT_FOUND, "not found");
     };
@@ -20,7 +24,7 @@ pub fn route(state: &Arc<AppState>, peer: SocketAddr, request: Request<Incoming>
         "status" => status(state),
         "ready" => ready(state),
         "metrics" => metrics(state),
-        _ if rest == state.sender.stream_path => upgrade::upgrade(state, peer, request),
+        _ if rest == state.sender.stream_path => upgrade::upgrade(state, peer, request).await,
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
 }

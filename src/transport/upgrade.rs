@@ -25,7 +25,7 @@ use super::subscriber::{Liveness, Subscriber};
 use super::{AppState, Response, admission};
 
 /// Validates the handshake, registers the client, and answers 101; or says what is wrong.
-pub fn upgrade(
+pub async fn upgrade(
     state: &Arc<AppState>,
     peer: SocketAddr,
     mut request: Request<Incoming>,
@@ -59,7 +59,17 @@ pub fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut request);
 
     // Join the fan-out now: frames published from here on are queued for this client.
-    let (registration, joined) = state.stream.join(format, start);
+    let (registration, joined) = match state.stream.join_resuming(format, start).await {
+        Ok(joined) => joined,
+        Err(unavailable) => {
+            state.metrics.clients_rejected.inc();
+            log::info!("client {peer}: resume refused: {unavailable}");
+            return super::routes::text_owned(
+                StatusCode::SERVICE_UNAVAILABLE,
+                unavailable.to_string(),
+            );
+        }
+    };
     if joined != Joined::Live {
         log::debug!("client {} ({peer}): {joined:?}", registration.id);
     }

@@ -1,0 +1,142 @@
+-- vulcan-stream durable (table) mode: schema version 1.
+--
+-- `vulcan-stream migrate` runs this file (embedded in the binary) in one transaction. Teams that
+-- run their own migrations can apply it as it is, in one transaction (`psql -1 -f`): every
+-- statement is idempotent, and the first one serialises concurrent runs.
+--
+-- Publishers only INSERT (directly, or through vulcan_stream.publish): a row gets an insert-order
+-- `id` and no position. One server at a time, the sequencer, gives committed rows their
+-- positions (`pos`) in short transactions that follow each other, through
+-- vulcan_stream.assign_positions; so positions become visible in order and a reader that reads
+-- `pos > last ORDER BY pos` never skips a row, whatever order the publishers committed in.
+
+-- Concurrent runs (several replicas starting at once) wait here, then find everything done.
+SELECT pg_advisory_xact_lock(30323, 1);
+
+CREATE SCHEMA IF NOT EXISTS vulcan_stream;
+
+CREATE TABLE IF NOT EXISTS vulcan_stream.schema_version (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row: the stream's lineage (the epoch of every position, the same on every replica and
+-- across restarts, new only if the schema is created again), the last position given, and the
+-- largest payload publishers may store (set by `vulcan-stream migrate` from MaxPayload).
+CREATE TABLE IF NOT EXISTS vulcan_stream.lineage (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    epoch       text    NOT NULL DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16)
+                        CHECK (epoch ~ '^[0-9a-f]{1,16}$'),
+    head        bigint  NOT NULL DEFAULT 0,
+    max_payload integer NOT NULL DEFAULT 1048576 CHECK (max_payload > 0)
+);
+INSERT INTO vulcan_stream.lineage DEFAULT VALUES ON CONFLICT DO NOTHING;
+
+-- The messages. `pos` is NULL until the sequencer gives the committed row its position.
+CREATE TABLE IF NOT EXISTS vulcan_stream.messages (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    pos        bigint,
+    channel    text        NOT NULL,
+    payload    text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+-- Readers: `channel = $1 AND pos > $2 ORDER BY pos`.
+CREATE INDEX IF NOT EXISTS messages_channel_pos ON vulcan_stream.messages (channel, pos);
+-- A position is given once.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_pos ON vulcan_stream.messages (pos);
+-- The sequencer: the rows still without a position, in insert order.
+CREATE INDEX IF NOT EXISTS messages_unsequenced ON vulcan_stream.messages (id) WHERE pos IS NULL;
+
+-- The payload rules of the stream, the same as the server's: a JSON object whose fields
+-- `action`, `check_id`, `agent_id` and `scan_id` (names matched as Go's encoding/json matches
+-- them: ASCII case, and the Kelvin sign and long s), where present, are strings or null; at most
+-- lineage.max_payload bytes. A row that breaks them fails the publisher's statement.
+CREATE OR REPLACE FUNCTION vulcan_stream.check_message() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    doc   json;
+    field record;
+    limit_bytes integer;
+    why   text;
+BEGIN
+    IF NEW.channel = '' OR octet_length(NEW.channel) > 63 THEN
+        RAISE EXCEPTION 'vulcan_stream: channel % is not a channel name (1 to 63 bytes)', quote_literal(NEW.channel)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT max_payload INTO limit_bytes FROM vulcan_stream.lineage;
+    IF octet_length(NEW.payload) > limit_bytes THEN
+        RAISE EXCEPTION 'vulcan_stream: payload of % bytes on channel % exceeds the limit of % bytes (MaxPayload)',
+            octet_length(NEW.payload), quote_literal(NEW.channel), limit_bytes
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    IF btrim(NEW.payload, E' \t\n\r') = '' THEN
+        RAISE EXCEPTION 'vulcan_stream: empty payload on channel %', quote_literal(NEW.channel)
+            USING ERRCODE = 'invalid_text_representation';
+    END IF;
+    BEGIN
+        doc := NEW.payload::json;
+    EXCEPTION WHEN invalid_text_representation OR untranslatable_character THEN
+        GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+        RAISE EXCEPTION 'vulcan_stream: payload on channel % is not JSON: %', quote_literal(NEW.channel),
+            coalesce(nullif(why, ''), SQLERRM)
+            USING ERRCODE = 'invalid_text_representation';
+    END;
+    IF json_typeof(doc) <> 'object' THEN
+        RAISE EXCEPTION 'vulcan_stream: payload on channel % is a JSON %, not an object', quote_literal(NEW.channel), json_typeof(doc)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR field IN SELECT key, value FROM json_each(doc) LOOP
+        IF translate(field.key, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ' || U&'\212A\017F', 'abcdefghijklmnopqrstuvwxyzks')
+               IN ('action', 'check_id', 'agent_id', 'scan_id')
+           AND json_typeof(field.value) NOT IN ('string', 'null') THEN
+            RAISE EXCEPTION 'vulcan_stream: payload field % on channel % is a JSON %, agents need a string or null',
+                quote_literal(field.key), quote_literal(NEW.channel), json_typeof(field.value)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END LOOP;
+    -- Positions are the sequencer's to give.
+    NEW.pos := NULL;
+    RETURN NEW;
+END
+$$;
+
+DROP TRIGGER IF EXISTS check_message ON vulcan_stream.messages;
+CREATE TRIGGER check_message BEFORE INSERT ON vulcan_stream.messages
+    FOR EACH ROW EXECUTE FUNCTION vulcan_stream.check_message();
+
+-- Publishing: the message exists if and only if the caller's transaction commits. Returns the
+-- row's id (not its position: that is given after the commit).
+CREATE OR REPLACE FUNCTION vulcan_stream.publish(channel text, payload text) RETURNS bigint
+LANGUAGE sql AS $$
+    INSERT INTO vulcan_stream.messages (channel, payload) VALUES ($1, $2) RETURNING id
+$$;
+
+-- The sequencer's step: gives the committed rows without a position (at most max_rows, in
+-- insert order) the next positions, moves the head, and wakes the readers with one NOTIFY
+-- whose payload is the new head. The lineage row's lock serialises steps, so each commits
+-- before the next one takes its positions. Returns the head.
+CREATE OR REPLACE FUNCTION vulcan_stream.assign_positions(max_rows integer) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    start bigint;
+    assigned bigint;
+BEGIN
+    SELECT head INTO start FROM vulcan_stream.lineage FOR UPDATE;
+    WITH batch AS (
+        SELECT id, row_number() OVER (ORDER BY id) AS n
+        FROM vulcan_stream.messages
+        WHERE pos IS NULL
+        ORDER BY id
+        LIMIT max_rows
+    )
+    UPDATE vulcan_stream.messages m SET pos = start + batch.n FROM batch WHERE m.id = batch.id;
+    GET DIAGNOSTICS assigned = ROW_COUNT;
+    IF assigned > 0 THEN
+        UPDATE vulcan_stream.lineage SET head = start + assigned;
+        PERFORM pg_notify('vulcan_stream', (start + assigned)::text);
+    END IF;
+    RETURN start + assigned;
+END
+$$;
+
+INSERT INTO vulcan_stream.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;

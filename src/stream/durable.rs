@@ -1,0 +1,231 @@
+//! Table mode's resume: a client that comes back with a position older than the history is
+//! served from the table (through an [`Archive`] the source provides), page by page, until the
+//! history takes over; then it joins under the stream's lock as any resuming client does, so the
+//! hand-over has neither gap nor duplicate.
+//!
+//! The stream cannot import the source, so the table is reached through the [`Archive`] trait,
+//! which the table source implements and `run` wires in.
+//!
+//! A resume is bounded: at most [`RESUME_MAX_MESSAGES`] messages and the history's byte bound
+//! are read for one request; a client further behind gets a reset (`evicted`), as it would
+//! from a history that no longer holds its position.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use super::{Joined, Start, Stream};
+use crate::fanout::Registration;
+use crate::message::{self, Epoch, Format, Outgoing, Position, ResetReason};
+
+/// Rows read from the table per query.
+pub const PAGE: usize = 1000;
+/// Messages one resume may read from the table.
+pub const RESUME_MAX_MESSAGES: usize = 100_000;
+/// How long a resume waits for the source: to learn the lineage after a start, or to reach a
+/// position another replica has already served.
+pub const RESUME_WAIT: Duration = Duration::from_secs(5);
+
+/// One stored message: its position's offset and its payload as published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchivedRow {
+    pub offset: u64,
+    pub payload: String,
+}
+
+/// A page of the table after some offset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// In offset order, at most the limit asked for.
+    pub rows: Vec<ArchivedRow>,
+    /// The oldest offset the table still holds on any channel (`None`: empty table): rows
+    /// before it were deleted by retention.
+    pub oldest: Option<u64>,
+}
+
+/// The table, as the stream reads it for resumes.
+pub trait Archive: Send + Sync + 'static {
+    /// The stream's messages after `offset`, at most `limit`; the error says why the table
+    /// could not be read.
+    fn after(&self, offset: u64, limit: usize) -> BoxFuture<'_, Result<Page, String>>;
+}
+
+/// A resume could not be answered now (the table is unreachable, or its lineage not yet
+/// known); the client should retry. Transports answer 503.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the stream's table cannot be read now ({0}); retry")]
+pub struct Unavailable(pub String);
+
+/// The durable part of a stream.
+pub(super) struct Durable {
+    archive: Arc<dyn Archive>,
+    /// The table's lineage once the source has read it.
+    pub(super) lineage: watch::Sender<Option<Epoch>>,
+    /// Woken after every publish, for resumes that wait for the head to reach their position.
+    pub(super) published: Notify,
+    max_bytes: usize,
+}
+
+impl Durable {
+    pub(super) fn new(archive: Arc<dyn Archive>, max_bytes: usize) -> Durable {
+        Durable {
+            archive,
+            lineage: watch::Sender::new(None),
+            published: Notify::new(),
+            max_bytes,
+        }
+    }
+}
+
+/// What a resume read from the table, before the history takes over.
+struct Fetched {
+    messages: Vec<Arc<Outgoing>>,
+    bytes: usize,
+}
+
+impl Stream {
+    /// Adds a client that wants `format`, starting as `start` says; in table mode a position
+    /// older than the history is served from the table first. Notify mode joins at once, as
+    /// [`Stream::join`].
+    pub async fn join_resuming(
+        &self,
+        format: Format,
+        start: Start,
+    ) -> Result<(Registration, Joined), Unavailable> {
+        let (Some(durable), Start::After(since)) = (&self.durable, start) else {
+            return Ok(self.join(format, start));
+        };
+        let epoch = self.lineage(durable).await?;
+        if since.epoch != epoch {
+            return Ok(self.join(format, start));
+        }
+        self.wait_for_head(durable, since.offset).await;
+        let mut cursor = since;
+        let mut fetched = Fetched {
+            messages: Vec::new(),
+            bytes: 0,
+        };
+        loop {
+            {
+                let mut log = self.lock();
+                let head = log.head;
+                if head.epoch != epoch {
+                    // The lineage changed under us: the client gets that reset.
+                    drop(log);
+                    return Ok(self.join(format, start));
+                }
+                let from_history = if cursor.offset >= head.offset {
+                    // The table was read up to (or past) what the stream has published: what it
+                    // publishes next follows the last message kept.
+                    fetched
+                        .messages
+                        .retain(|m| m.position().offset <= head.offset);
+                    Ok(Vec::new())
+                } else {
+                    log.history.after(Instant::now(), cursor, head)
+                };
+                match from_history {
+                    Ok(missed) => {
+                        let count = fetched.messages.len() + missed.len();
+                        let frames: Vec<Bytes> = fetched
+                            .messages
+                            .iter()
+                            .chain(missed.iter())
+                            .filter_map(|m| m.frame(format))
+                            .cloned()
+                            .collect();
+                        self.metrics.resumes_served.inc();
+                        let registration = self.hub.register_after(format, frames);
+                        return Ok((registration, Joined::Resumed(count)));
+                    }
+                    Err(ResetReason::Evicted) => {}
+                    Err(_) => {
+                        drop(log);
+                        return Ok(self.join(format, Start::After(cursor)));
+                    }
+                }
+            }
+            let page = durable
+                .archive
+                .after(cursor.offset, super::durable::PAGE)
+                .await
+                .map_err(Unavailable)?;
+            if cursor == since && page.oldest.is_some_and(|oldest| oldest > since.offset + 1) {
+                return Ok(self.reset_join(format, ResetReason::Evicted));
+            }
+            let Some(last) = page.rows.last().map(|row| row.offset) else {
+                // Nothing after the cursor in the table, yet the history does not reach it:
+                // what the stream published since is gone (retention).
+                return Ok(self.reset_join(format, ResetReason::Evicted));
+            };
+            for row in page.rows {
+                let position = Position {
+                    epoch,
+                    offset: row.offset,
+                };
+                if message::validate(&row.payload).is_ok() {
+                    let message = Arc::new(Outgoing::message(position, &row.payload));
+                    fetched.bytes += message.size();
+                    fetched.messages.push(message);
+                }
+            }
+            cursor = Position {
+                epoch,
+                offset: last,
+            };
+            if fetched.messages.len() > RESUME_MAX_MESSAGES || fetched.bytes > durable.max_bytes {
+                log::info!(
+                    "a resume from {since} is more than {RESUME_MAX_MESSAGES} messages or {} \
+                     bytes behind: reset",
+                    durable.max_bytes
+                );
+                return Ok(self.reset_join(format, ResetReason::Evicted));
+            }
+        }
+    }
+
+    /// Joins with a reset naming the head.
+    fn reset_join(&self, format: Format, reason: ResetReason) -> (Registration, Joined) {
+        let log = self.lock();
+        self.metrics.count_reset(reason);
+        let reset = Outgoing::reset(log.head, reason);
+        let frames = reset.frame(format).cloned().into_iter().collect();
+        let registration = self.hub.register_after(format, frames);
+        drop(log);
+        (registration, Joined::Reset(reason))
+    }
+
+    /// The table's lineage, waiting up to [`RESUME_WAIT`] for the source to read it.
+    async fn lineage(&self, durable: &Durable) -> Result<Epoch, Unavailable> {
+        let mut lineage = durable.lineage.subscribe();
+        let known = tokio::time::timeout(RESUME_WAIT, lineage.wait_for(Option::is_some)).await;
+        match known {
+            Ok(Ok(epoch)) => Ok(epoch.expect("waited for it to be known")),
+            _ => Err(Unavailable(
+                "the table source has not connected yet".to_owned(),
+            )),
+        }
+    }
+
+    /// Waits, at most [`RESUME_WAIT`], until the stream has published up to `offset`: a client
+    /// that comes from a replica a little ahead of this one is then served as it expects,
+    /// rather than reset as `ahead`.
+    async fn wait_for_head(&self, durable: &Durable, offset: u64) {
+        let deadline = Instant::now() + RESUME_WAIT;
+        loop {
+            let published = durable.published.notified();
+            let mut published = std::pin::pin!(published);
+            published.as_mut().enable();
+            if self.lock().head.offset >= offset {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, published).await.is_err() {
+                return;
+            }
+        }
+    }
+}
