@@ -190,6 +190,33 @@ mod tests {
     }
 
     #[test]
+    fn offsets_with_gaps_are_searched_not_counted() {
+        let epoch = Epoch::new_after(None);
+        let now = Instant::now();
+        let mut history = History::new(HistoryLimits::default());
+        for offset in [3, 7, 8, 20] {
+            for message in messages(epoch, offset..=offset) {
+                history.push(now, message);
+            }
+        }
+        let head = Position { epoch, offset: 20 };
+        let at = |offset| Position { epoch, offset };
+        assert_eq!(
+            offsets(&history.after(now, at(3), head).expect("3")),
+            [7, 8, 20]
+        );
+        assert_eq!(
+            offsets(&history.after(now, at(2), head).expect("2")),
+            [3, 7, 8, 20]
+        );
+        assert_eq!(
+            offsets(&history.after(now, at(10), head).expect("10")),
+            [20]
+        );
+        assert_eq!(history.after(now, at(1), head), Err(ResetReason::Evicted));
+    }
+
+    #[test]
     fn the_byte_bound_is_never_exceeded() {
         let epoch = Epoch::new_after(None);
         let all = messages(epoch, 1..=100);

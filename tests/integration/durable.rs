@@ -1,0 +1,533 @@
+//! Table mode (`PG_SOURCE=table`): the schema and `migrate`, publishing in the publisher's
+//! transaction, the payload check, commit order, positions shared by replicas, and nothing
+//! lost or doubled across restarts of the server and of PostgreSQL.
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use tokio::sync::OnceCell;
+
+use crate::harness::{
+    PgCluster, SERVER_BIN, Server, ServerOpts, TIMEOUT, Ws, next_event, run_bin, ws_connect,
+    ws_connect_with,
+};
+
+const PROTOCOL: (&str, &str) = ("Sec-WebSocket-Protocol", "vulcan-stream.v1");
+
+/// Runs `vulcan-stream migrate` against `pg` with `extra` environment.
+async fn migrate_with(pg: &PgCluster, extra: &[(&str, &str)]) -> Result<crate::harness::BinOutput> {
+    let mut env = pg.env();
+    env.push(("LOG_LEVEL".to_owned(), "info".to_owned()));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    run_bin(SERVER_BIN, &["migrate"], &env, TIMEOUT * 3).await
+}
+
+/// The shared cluster, migrated once for this process.
+async fn shared() -> Result<&'static PgCluster> {
+    static MIGRATED: OnceCell<()> = OnceCell::const_new();
+    let pg = PgCluster::shared().await;
+    MIGRATED
+        .get_or_try_init(|| async {
+            let out = migrate_with(pg, &[]).await?;
+            ensure!(out.code == Some(0), "migrate failed: {out:?}");
+            Ok(())
+        })
+        .await?;
+    Ok(pg)
+}
+
+/// A table-mode server on `channel`.
+fn table_opts(pg: &PgCluster, channel: &str) -> ServerOpts {
+    ServerOpts::with_db(pg, channel).env("PG_SOURCE", "table")
+}
+
+/// `SELECT vulcan_stream.publish(channel, payload)`.
+async fn publish(
+    client: &impl tokio_postgres::GenericClient,
+    channel: &str,
+    payload: &str,
+) -> Result<()> {
+    client
+        .execute(
+            "SELECT vulcan_stream.publish($1, $2)",
+            &[&channel, &payload],
+        )
+        .await
+        .with_context(|| format!("publish on {channel}: {payload:?}"))?;
+    Ok(())
+}
+
+fn seq_payload(i: u64) -> String {
+    format!(r#"{{"action":"seq","seq":{i}}}"#)
+}
+
+/// The next v1 frame that is not a heartbeat.
+async fn next_v1(ws: &mut Ws) -> Result<Value> {
+    loop {
+        let text = next_event(ws).await?;
+        let frame: Value =
+            serde_json::from_str(&text).with_context(|| format!("v1 frame {text:?}"))?;
+        if frame["event"] != "ping" {
+            return Ok(frame);
+        }
+    }
+}
+
+/// The next v1 message (fails on a reset): its position and its `seq`.
+async fn next_message(ws: &mut Ws) -> Result<(String, u64)> {
+    let frame = next_v1(ws).await?;
+    ensure!(frame.get("data").is_some(), "a message expected: {frame}");
+    let id = frame["id"].as_str().context("id")?.to_owned();
+    let seq = frame["data"]["seq"].as_u64().context("seq")?;
+    Ok((id, seq))
+}
+
+fn offset(id: &str) -> Result<u64> {
+    id.rsplit_once('-')
+        .and_then(|(_, offset)| offset.parse().ok())
+        .with_context(|| format!("position {id:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_is_idempotent_safe_in_parallel_and_exits_as_the_server() -> Result<()> {
+    let pg = PgCluster::private().await?;
+    let runs = futures::future::join_all((0..4).map(|_| migrate_with(&pg, &[]))).await;
+    for out in runs {
+        let out = out?;
+        ensure!(out.code == Some(0), "a concurrent migrate failed: {out:?}");
+    }
+    let again = migrate_with(&pg, &[("PG_MAX_PAYLOAD", "65536")]).await?;
+    ensure!(again.code == Some(0), "{again:?}");
+    assert!(
+        again
+            .stderr
+            .contains("schema vulcan_stream at version 1 (was 1)"),
+        "{again:?}"
+    );
+    let db = pg.client().await?;
+    let versions: i64 = db
+        .query_one("SELECT count(*) FROM vulcan_stream.schema_version", &[])
+        .await?
+        .get(0);
+    assert_eq!(versions, 1);
+    let row = db
+        .query_one("SELECT epoch, max_payload FROM vulcan_stream.lineage", &[])
+        .await?;
+    let epoch: String = row.get(0);
+    assert!(epoch.len() == 16 && epoch.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(row.get::<_, i32>(1), 65_536);
+
+    // The shipped SQL file is the one the binary runs: applying it again by hand changes nothing.
+    let sql = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("_resources/sql/001_schema.sql"),
+    )?;
+    db.batch_execute(&format!("BEGIN; {sql} COMMIT;")).await?;
+    let same: String = db
+        .query_one("SELECT epoch FROM vulcan_stream.lineage", &[])
+        .await?
+        .get(0);
+    assert_eq!(same, epoch);
+
+    let bad = migrate_with(&pg, &[("PG_SOURCE", "outbox")]).await?;
+    assert_eq!(bad.code, Some(2), "{bad:?}");
+    assert!(bad.stderr.contains(r#"PG_SOURCE="outbox""#), "{bad:?}");
+    let port = crate::harness::free_port().to_string();
+    let down = migrate_with(&pg, &[("PG_PORT", &port)]).await?;
+    assert_eq!(down.code, Some(1), "{down:?}");
+    assert!(down.stderr.contains("cannot connect"), "{down:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_in_table_mode_without_the_schema_says_to_migrate() -> Result<()> {
+    let pg = PgCluster::private().await?;
+    let server = Server::spawn(table_opts(&pg, "durable-unmigrated").no_wait_ready()).await?;
+    server
+        .wait_log(|log| log.contains("run `vulcan-stream migrate`"))
+        .await?;
+    let ready = crate::harness::http_get(server.port(), "/ready").await?;
+    assert_eq!(ready.status, 503);
+    let out = migrate_with(&pg, &[]).await?;
+    ensure!(out.code == Some(0), "{out:?}");
+    server.wait_ready().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_exists_only_if_its_transaction_commits() -> Result<()> {
+    let pg = shared().await?;
+    let channel = "durable-rollback";
+    let server = Server::spawn(table_opts(pg, channel)).await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    let mut legacy = ws_connect(server.port(), "/stream").await?;
+    server.wait_for_clients(2).await?;
+    let mut db = pg.client().await?;
+    let tx = db.transaction().await?;
+    publish(&tx, channel, &seq_payload(0)).await?;
+    tx.rollback().await?;
+    // A plain INSERT is a publish too.
+    db.execute(
+        "INSERT INTO vulcan_stream.messages (channel, payload) VALUES ($1, $2)",
+        &[&channel, &seq_payload(1)],
+    )
+    .await?;
+    let (id, seq) = next_message(&mut ws).await?;
+    assert_eq!(seq, 1, "the rolled-back message was delivered");
+    assert_eq!(next_event(&mut legacy).await?, seq_payload(1));
+    let status = server.status().await?;
+    assert_eq!(status["head"].as_str(), Some(id.as_str()));
+    let epoch: String = db
+        .query_one("SELECT epoch FROM vulcan_stream.lineage", &[])
+        .await?
+        .get(0);
+    assert_eq!(status["epoch"].as_str(), Some(epoch.as_str()));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_payload_fails_the_publishers_statement_with_a_clear_error() -> Result<()> {
+    let pg = shared().await?;
+    let channel = "durable-bad-payload";
+    let db = pg.client().await?;
+    let max: i32 = db
+        .query_one("SELECT max_payload FROM vulcan_stream.lineage", &[])
+        .await?
+        .get(0);
+    let too_big = format!(r#"{{"x":"{}"}}"#, "y".repeat(usize::try_from(max)?));
+    let cases: [(&str, &str, &str); 8] = [
+        ("nope", "22P02", "is not JSON: Token \"nope\" is invalid"),
+        ("   ", "22P02", "empty payload"),
+        ("[1,2]", "22023", "is a JSON array, not an object"),
+        (r#"{"action":1}"#, "22023", "field 'action'"),
+        (r#"{"Check_ID":{}}"#, "22023", "field 'Check_ID'"),
+        (r#"{"action":"ok","action":5}"#, "22023", "is a JSON number"),
+        (r#"{"action":"x"} y"#, "22P02", "is not JSON"),
+        (&too_big, "54000", "exceeds the limit"),
+    ];
+    for (payload, code, needle) in cases {
+        let err = db
+            .execute(
+                "SELECT vulcan_stream.publish($1, $2)",
+                &[&channel, &payload],
+            )
+            .await
+            .err()
+            .with_context(|| format!("{payload:?} was accepted"))?;
+        let db_err = err.as_db_error().context("a database error")?;
+        assert_eq!(db_err.code().code(), code, "{payload:?}: {db_err}");
+        let message = db_err.message();
+        assert!(
+            message.starts_with("vulcan_stream: ") && message.contains(needle),
+            "{payload:?}: {message}"
+        );
+        // A plain INSERT is checked the same way.
+        let insert = db
+            .execute(
+                "INSERT INTO vulcan_stream.messages (channel, payload) VALUES ($1, $2)",
+                &[&channel, &payload],
+            )
+            .await;
+        ensure!(insert.is_err(), "INSERT of {payload:?} accepted");
+    }
+    // What agents decode is accepted, as the server accepts it.
+    for payload in [
+        r#"{"action":null,"check_id":"x","scan_id":"ñ✓😀"}"#,
+        r#"{"zeta":1,"alpha":[1,{"x":null}]}"#,
+        "{}",
+    ] {
+        publish(&db, channel, payload).await?;
+    }
+    let stored: i64 = db
+        .query_one(
+            "SELECT count(*) FROM vulcan_stream.messages WHERE channel = $1",
+            &[&channel],
+        )
+        .await?
+        .get(0);
+    assert_eq!(stored, 3);
+    Ok(())
+}
+
+/// The outbox bug: a transaction that took the smaller id commits last. Its row must still be
+/// delivered, after the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_transactions_committing_in_reverse_order_skip_nothing() -> Result<()> {
+    let pg = shared().await?;
+    let channel = "durable-commit-order";
+    let server = Server::spawn(table_opts(pg, channel)).await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    server.wait_for_clients(1).await?;
+    let mut first_db = pg.client().await?;
+    let mut second_db = pg.client().await?;
+    let first = first_db.transaction().await?;
+    publish(&first, channel, &seq_payload(1)).await?;
+    let second = second_db.transaction().await?;
+    publish(&second, channel, &seq_payload(2)).await?;
+    let ids: Vec<i64> = pg
+        .client()
+        .await?
+        .query(
+            "SELECT id FROM vulcan_stream.messages WHERE channel = $1",
+            &[&channel],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(ids.is_empty(), "uncommitted rows are invisible: {ids:?}");
+    second.commit().await?;
+    let (second_id, seq) = next_message(&mut ws).await?;
+    assert_eq!(seq, 2);
+    first.commit().await?;
+    let (first_id, seq) = next_message(&mut ws).await?;
+    assert_eq!(seq, 1, "the row of the transaction that committed last");
+    assert!(offset(&first_id)? > offset(&second_id)?);
+
+    // A client resuming from before both gets both, in position order, from the table.
+    let since = format!(
+        "{}-{}",
+        second_id.split('-').next().context("epoch")?,
+        offset(&second_id)? - 1
+    );
+    let mut late = ws_connect(server.port(), &format!("/stream?since={since}")).await?;
+    assert_eq!(next_message(&mut late).await?, (second_id, 2));
+    assert_eq!(next_message(&mut late).await?, (first_id, 1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_unrelated_open_transaction_does_not_stall_delivery() -> Result<()> {
+    let pg = shared().await?;
+    let channel = "durable-open-transaction";
+    let server = Server::spawn(table_opts(pg, channel)).await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    server.wait_for_clients(1).await?;
+    // One transaction that holds an xid and a snapshot, and one that published and stays open.
+    let mut idle_db = pg.client().await?;
+    let idle = idle_db.transaction().await?;
+    idle.batch_execute("CREATE TEMP TABLE hold (x int); INSERT INTO hold VALUES (1)")
+        .await?;
+    let mut pending_db = pg.client().await?;
+    let pending = pending_db.transaction().await?;
+    publish(&pending, channel, &seq_payload(999)).await?;
+
+    let db = pg.client().await?;
+    for i in 0..20 {
+        publish(&db, channel, &seq_payload(i)).await?;
+        let (_, seq) = next_message(&mut ws).await?;
+        assert_eq!(seq, i);
+    }
+    pending.commit().await?;
+    assert_eq!(next_message(&mut ws).await?.1, 999);
+    idle.rollback().await?;
+    Ok(())
+}
+
+/// Three servers on one database give every message the same position, and a client that hops
+/// from one to the next with `since` misses nothing and gets nothing twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_positions_and_a_client_hops_between_them() -> Result<()> {
+    const MESSAGES: u64 = 300;
+    let pg = shared().await?;
+    let channel = "durable-replicas";
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(Server::spawn(table_opts(pg, channel).env("HISTORY_MESSAGES", 50)).await?);
+    }
+    let mut watchers = Vec::new();
+    for server in &servers {
+        watchers.push(ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?);
+        server.wait_for_clients(1).await?;
+    }
+    let db = pg.client().await?;
+    let publisher = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            publish(&db, channel, &seq_payload(i)).await?;
+        }
+        anyhow::Ok(())
+    });
+
+    // The hopper reads a third on each server, resuming on the next from its last position.
+    let mut hopper = ws_connect_with(servers[0].port(), "/stream", &[PROTOCOL]).await?;
+    let mut seen = Vec::new();
+    let mut hopper_ids = Vec::new();
+    for hop in 0..3 {
+        while seen.len() < ((hop + 1) * MESSAGES as usize) / 3 {
+            let (id, seq) = next_message(&mut hopper).await?;
+            seen.push(seq);
+            hopper_ids.push(id);
+        }
+        if hop < 2 {
+            let last = hopper_ids.last().context("a position")?;
+            let next = &servers[hop + 1];
+            hopper = ws_connect(next.port(), &format!("/stream?since={last}")).await?;
+        }
+    }
+    publisher.await??;
+    let expected: Vec<u64> = (0..MESSAGES).collect();
+    assert_eq!(
+        seen, expected,
+        "every message once, in order, across the hops"
+    );
+
+    let mut all_ids = Vec::new();
+    for watcher in &mut watchers {
+        let mut ids = Vec::new();
+        for i in 0..MESSAGES {
+            let (id, seq) = next_message(watcher).await?;
+            assert_eq!(seq, i);
+            ids.push(id);
+        }
+        all_ids.push(ids);
+    }
+    assert_eq!(all_ids[0], all_ids[1], "same positions on two replicas");
+    assert_eq!(all_ids[0], all_ids[2], "same positions on three replicas");
+    assert_eq!(all_ids[0], hopper_ids, "the hopper saw the same positions");
+    let sequencers = servers
+        .iter()
+        .filter(|s| !s.log_lines(&["holds the sequencer lock"]).is_empty())
+        .count();
+    assert!(sequencers <= 1, "{sequencers} replicas sequenced at once");
+    Ok(())
+}
+
+/// Messages committed while the server is down (killed) reach a client that resumes with its
+/// last position once a server is back; positions stay valid across the restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_committed_while_the_server_was_down_reach_a_resuming_client() -> Result<()> {
+    let pg = shared().await?;
+    let channel = "durable-server-down";
+    let db = pg.client().await?;
+    let server = Server::spawn(table_opts(pg, channel)).await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    server.wait_for_clients(1).await?;
+    let mut last = String::new();
+    for i in 0..10 {
+        publish(&db, channel, &seq_payload(i)).await?;
+        let (id, seq) = next_message(&mut ws).await?;
+        assert_eq!(seq, i);
+        last = id;
+    }
+    drop(ws);
+    server.signal(libc::SIGKILL)?;
+    drop(server);
+    for i in 10..30 {
+        publish(&db, channel, &seq_payload(i)).await?;
+    }
+    let server = Server::spawn(table_opts(pg, channel)).await?;
+    let mut ws = ws_connect(server.port(), &format!("/stream?since={last}")).await?;
+    for i in 10..30 {
+        let (_, seq) = next_message(&mut ws).await?;
+        assert_eq!(seq, i);
+    }
+    publish(&db, channel, &seq_payload(30)).await?;
+    assert_eq!(next_message(&mut ws).await?.1, 30);
+    Ok(())
+}
+
+/// The reader's and the sequencer's backends terminated, then PostgreSQL restarted: a client
+/// that stays connected gets every message exactly once, in order, and no reset.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_backend_and_a_postgres_restart_lose_and_double_nothing() -> Result<()> {
+    let pg = PgCluster::private().await?;
+    let out = migrate_with(&pg, &[]).await?;
+    ensure!(out.code == Some(0), "{out:?}");
+    let channel = "durable-faults";
+    let server = Server::spawn(table_opts(&pg, channel)).await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    let mut legacy = ws_connect(server.port(), "/stream").await?;
+    server.wait_for_clients(2).await?;
+    let mut seen = Vec::new();
+    let mut next = 0;
+    let mut round = |from: u64, to: u64| {
+        let range = from..to;
+        next = to;
+        range
+    };
+
+    let db = pg.client().await?;
+    for i in round(0, 20) {
+        publish(&db, channel, &seq_payload(i)).await?;
+    }
+    while seen.len() < 10 {
+        seen.push(next_message(&mut ws).await?.1);
+    }
+    let admin = pg.connect("postgres").await?;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name IN ('vulcan-stream', 'vulcan-stream sequencer')",
+            &[],
+        )
+        .await?;
+    for i in round(20, 40) {
+        publish(&db, channel, &seq_payload(i)).await?;
+    }
+    while seen.len() < 30 {
+        seen.push(next_message(&mut ws).await?.1);
+    }
+    server
+        .wait_log(|log| log.contains("table reader's connection"))
+        .await?;
+
+    pg.stop().await?;
+    pg.start().await?;
+    let db = pg.client().await?;
+    for i in round(40, 60) {
+        publish(&db, channel, &seq_payload(i)).await?;
+    }
+    while seen.len() < next as usize {
+        seen.push(next_message(&mut ws).await?.1);
+    }
+    let expected: Vec<u64> = (0..next).collect();
+    assert_eq!(seen, expected, "every message once, in order, no reset");
+    for i in 0..next {
+        assert_eq!(next_event(&mut legacy).await?, seq_payload(i));
+    }
+    let unique: BTreeSet<u64> = seen.iter().copied().collect();
+    ensure!(unique.len() == seen.len(), "duplicates: {seen:?}");
+    if server.metrics().await?.contains("cause=\"listen-gap\"} 1") {
+        bail!("table mode reported a listen gap");
+    }
+    Ok(())
+}
+
+/// A position older than the history is served from the table, page by page, then live.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_older_than_the_history_is_served_from_the_table_in_pages() -> Result<()> {
+    const MESSAGES: i64 = 2_500;
+    let pg = shared().await?;
+    let channel = "durable-deep-resume";
+    let server = Server::spawn(table_opts(pg, channel).env("HISTORY_MESSAGES", 10)).await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    server.wait_for_clients(1).await?;
+    let db = pg.client().await?;
+    publish(&db, channel, &seq_payload(0)).await?;
+    let (first, _) = next_message(&mut ws).await?;
+    db.execute(
+        r#"INSERT INTO vulcan_stream.messages (channel, payload)
+           SELECT $1, format('{"action":"seq","seq":%s}', g) FROM generate_series(1, $2::bigint) AS g"#,
+        &[&channel, &MESSAGES],
+    )
+    .await?;
+    let mut last = String::new();
+    for i in 1..=MESSAGES {
+        let (id, seq) = next_message(&mut ws).await?;
+        assert_eq!(seq, u64::try_from(i)?);
+        last = id;
+    }
+    let mut late = ws_connect(server.port(), &format!("/stream?since={first}")).await?;
+    for i in 1..=MESSAGES {
+        let (_, seq) = next_message(&mut late).await?;
+        assert_eq!(seq, u64::try_from(i)?, "from the table, then the history");
+    }
+    publish(&db, channel, &seq_payload(u64::try_from(MESSAGES)? + 1)).await?;
+    let (id, _) = next_message(&mut late).await?;
+    assert!(offset(&id)? > offset(&last)?);
+    assert_eq!(
+        server.metric("vulcan_stream_resumes_served_total").await?,
+        1.0
+    );
+    Ok(())
+}
