@@ -139,4 +139,25 @@ BEGIN
 END
 $$;
 
+-- Retention: deletes, in position order, at most max_rows of the oldest rows published more
+-- than `retention` ago, stopping at the first younger one, so that what is deleted is always
+-- every row before some position (a reader that finds min(pos) past its position knows that
+-- rows it needs are gone). Deleting old rows takes no lock a publisher waits for. Returns the
+-- number of rows deleted; called again while it returns max_rows.
+CREATE OR REPLACE FUNCTION vulcan_stream.expire(retention interval, max_rows integer) RETURNS integer
+LANGUAGE sql AS $$
+    WITH oldest AS (
+        SELECT pos, created_at FROM vulcan_stream.messages
+        WHERE pos IS NOT NULL ORDER BY pos LIMIT max_rows
+    ), young AS (
+        SELECT min(pos) AS pos FROM oldest WHERE created_at >= now() - retention
+    ), gone AS (
+        DELETE FROM vulcan_stream.messages m USING oldest
+        WHERE m.pos = oldest.pos
+          AND oldest.pos < coalesce((SELECT pos FROM young), 9223372036854775807)
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
+
 INSERT INTO vulcan_stream.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;

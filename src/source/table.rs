@@ -12,6 +12,8 @@
 //!   publishers committed in; an unrelated open transaction holds nothing it waits for.
 //!   Publishers do not NOTIFY: that would take PostgreSQL's cluster-wide NOTIFY lock at every
 //!   commit, which is what table mode exists to avoid.
+//!   The same replica deletes rows older than `Retention`, a small batch at a time between two
+//!   steps ([`RETENTION_INTERVAL`]), oldest positions first.
 //! - [`TableReader`]: on every replica, LISTENs for the sequencer's wake-up and also reads
 //!   every [`CHECK_INTERVAL`] (a lost wake-up, in a network partition say, then costs at most
 //!   that), reading the channel's rows `pos > cursor ORDER BY pos`, page by page, into the
@@ -44,6 +46,11 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub const STANDBY_INTERVAL: Duration = Duration::from_secs(1);
 /// Rows a sequencer step positions at most (a backlog takes several steps, back to back).
 const SEQUENCER_BATCH: i32 = 10_000;
+/// Rows deleted by retention per statement: small, so that no statement holds many row locks
+/// or runs long.
+const RETENTION_BATCH: i32 = 1000;
+/// How often the sequencer looks for rows past retention.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(1);
 /// Rows a reader reads per query.
 const READ_PAGE: i64 = 1000;
 
@@ -369,8 +376,39 @@ impl Sequencer {
                 Err(err) => return SessionEnd::Failed(pg::describe_error(&err)),
             },
         };
+        let expire = tokio::select! {
+            _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+            ended = &mut connection => return SessionEnd::Lost(ended),
+            result = client.prepare("SELECT vulcan_stream.expire(make_interval(secs => $1), $2)") => match result {
+                Ok(statement) => statement,
+                Err(err) => return SessionEnd::Failed(pg::describe_error(&err)),
+            },
+        };
+        let retention = self.config.retention.as_secs_f64();
+        let mut next_expiry = tokio::time::Instant::now();
         let mut previous: Option<i64> = None;
         loop {
+            if tokio::time::Instant::now() >= next_expiry {
+                // One small batch between two steps: sequencing never waits for more.
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                    [&retention, &RETENTION_BATCH];
+                let batch = client.query_one(&expire, &params);
+                let deleted: i32 = tokio::select! {
+                    _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                    ended = &mut connection => return SessionEnd::Lost(ended),
+                    result = tokio::time::timeout(timeout, batch) => match result {
+                        Ok(Ok(row)) => row.get(0),
+                        Ok(Err(err)) => return SessionEnd::Lost(pg::describe_error(&err)),
+                        Err(_) => return SessionEnd::Lost(format!("retention unanswered after {timeout:?}")),
+                    },
+                };
+                if deleted > 0 {
+                    log::debug!("retention: {deleted} row(s) deleted");
+                }
+                if deleted < RETENTION_BATCH {
+                    next_expiry = tokio::time::Instant::now() + RETENTION_INTERVAL;
+                }
+            }
             let step = client.query_one(&statement, &[&SEQUENCER_BATCH]);
             let head: i64 = tokio::select! {
                 _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,

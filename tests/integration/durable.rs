@@ -531,3 +531,64 @@ async fn a_resume_older_than_the_history_is_served_from_the_table_in_pages() -> 
     );
     Ok(())
 }
+
+/// Rows past retention are deleted (by the sequencing replica, in small batches), and a client
+/// resuming from before them is told with a reset rather than served with a gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_past_retention_are_deleted_and_a_resume_from_before_them_is_reset() -> Result<()> {
+    let pg = PgCluster::private().await?;
+    let out = migrate_with(&pg, &[]).await?;
+    ensure!(out.code == Some(0), "{out:?}");
+    let channel = "durable-retention";
+    let server = Server::spawn(
+        table_opts(&pg, channel)
+            .env("PG_RETENTION", 3600)
+            .env("HISTORY_MESSAGES", 2),
+    )
+    .await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    server.wait_for_clients(1).await?;
+    let db = pg.client().await?;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        publish(&db, channel, &seq_payload(i)).await?;
+        ids.push(next_message(&mut ws).await?.0);
+    }
+    // The first five were published two hours ago, as far as retention can tell.
+    db.execute(
+        "UPDATE vulcan_stream.messages SET created_at = now() - interval '2 hours' \
+         WHERE channel = $1 AND pos <= $2",
+        &[&channel, &i64::try_from(offset(&ids[4])?)?],
+    )
+    .await?;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let left: i64 = db
+            .query_one(
+                "SELECT count(*) FROM vulcan_stream.messages WHERE channel = $1",
+                &[&channel],
+            )
+            .await?
+            .get(0);
+        if left == 5 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{left} rows left after {TIMEOUT:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // From before the deleted rows: a reset naming the head.
+    let mut stale = ws_connect(server.port(), &format!("/stream?since={}", ids[1])).await?;
+    let reset = next_v1(&mut stale).await?;
+    assert_eq!(reset["event"], "reset", "{reset}");
+    assert_eq!(reset["reason"], "evicted", "{reset}");
+    assert_eq!(reset["id"].as_str(), Some(ids[9].as_str()), "{reset}");
+    // From a kept one, older than the history: served from the table.
+    let mut kept = ws_connect(server.port(), &format!("/stream?since={}", ids[5])).await?;
+    for i in 6..10 {
+        assert_eq!(next_message(&mut kept).await?.1, i);
+    }
+    Ok(())
+}
