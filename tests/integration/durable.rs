@@ -592,3 +592,55 @@ async fn rows_past_retention_are_deleted_and_a_resume_from_before_them_is_reset(
     }
     Ok(())
 }
+
+/// A measurement rather than a check (run with `--ignored --nocapture`): publish → frame
+/// latency in table mode at 500 messages a second for ten seconds, one v1 client, the default
+/// PollInterval.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement: run by hand"]
+async fn table_mode_latency_at_500_messages_a_second() -> Result<()> {
+    const RATE: u64 = 500;
+    const SECONDS: u64 = 10;
+    let pg = shared().await?;
+    let channel = "durable-latency";
+    let server = Server::spawn(table_opts(pg, channel)).await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    server.wait_for_clients(1).await?;
+    let db = pg.client().await?;
+    let started = std::time::Instant::now();
+    let epoch = std::time::SystemTime::now();
+    let publisher = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(std::time::Duration::from_micros(1_000_000 / RATE));
+        for i in 0..RATE * SECONDS {
+            ticker.tick().await;
+            let sent = epoch.elapsed()?.as_micros();
+            let payload = format!(r#"{{"action":"seq","seq":{i},"sent":{sent}}}"#);
+            publish(&db, channel, &payload).await?;
+        }
+        anyhow::Ok(())
+    });
+    let mut latencies = Vec::new();
+    while latencies.len() < usize::try_from(RATE * SECONDS)? {
+        let i = latencies.len() as u64;
+        let text = next_event(&mut ws).await?;
+        let now = epoch.elapsed()?.as_micros();
+        let frame: Value = serde_json::from_str(&text)?;
+        if frame["event"] == "ping" {
+            continue;
+        }
+        assert_eq!(frame["data"]["seq"].as_u64(), Some(i));
+        let sent = u128::from(frame["data"]["sent"].as_u64().context("sent")?);
+        latencies.push(now - sent);
+    }
+    publisher.await??;
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    eprintln!(
+        "table mode, {RATE} msg/s for {:?}: publish → frame p50 {} µs, p99 {} µs, max {} µs",
+        started.elapsed(),
+        at(0.5),
+        at(0.99),
+        latencies[latencies.len() - 1]
+    );
+    Ok(())
+}
