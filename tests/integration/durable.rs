@@ -644,3 +644,24 @@ async fn table_mode_latency_at_500_messages_a_second() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_test_client_proves_a_table_mode_deployment() -> Result<()> {
+    let pg = shared().await?;
+    let channel = "durable-test-client";
+    let server = Server::spawn(table_opts(pg, channel)).await?;
+    let mut env = pg.env();
+    for (key, value) in [
+        ("PG_CHANNEL", channel.to_owned()),
+        ("PG_SOURCE", "table".to_owned()),
+        ("PORT", server.port().to_string()),
+    ] {
+        env.push((key.to_owned(), value));
+    }
+    for mode in [&[][..], &["--v1"][..], &["--sse"][..]] {
+        let out = run_bin(crate::harness::CLIENT_BIN, mode, &env, TIMEOUT * 2).await?;
+        ensure!(out.code == Some(0), "{mode:?}: {out:?}");
+        assert!(out.stdout.starts_with("ok: "), "{out:?}");
+    }
+    Ok(())
+}
