@@ -140,7 +140,7 @@ END
 $$;
 
 -- Retention: deletes, in position order, at most max_rows of the oldest rows published more
--- than `retention` ago, stopping at the first younger one, so that what is deleted is always
+-- than `retention` ago, stopping at the first younger one and never the newest row, so that what is deleted is always
 -- every row before some position (a reader that finds min(pos) past its position knows that
 -- rows it needs are gone). Deleting old rows takes no lock a publisher waits for. Returns the
 -- number of rows deleted; called again while it returns max_rows.
@@ -155,6 +155,8 @@ LANGUAGE sql AS $$
         DELETE FROM vulcan_stream.messages m USING oldest
         WHERE m.pos = oldest.pos
           AND oldest.pos < coalesce((SELECT pos FROM young), 9223372036854775807)
+          -- The newest row stays, so that an empty table always means nothing was deleted.
+          AND oldest.pos < (SELECT max(pos) FROM vulcan_stream.messages)
         RETURNING 1
     )
     SELECT count(*)::integer FROM gone

@@ -118,6 +118,11 @@ impl Stream {
                     drop(log);
                     return Ok(self.join(format, start));
                 }
+                if cursor == since && since.offset > head.offset {
+                    // Still ahead after the wait: the history's answer (a reset) is the right one.
+                    drop(log);
+                    return Ok(self.join(format, start));
+                }
                 let from_history = if cursor.offset >= head.offset {
                     // The table was read up to (or past) what the stream has published: what it
                     // publishes next follows the last message kept.
@@ -154,13 +159,14 @@ impl Stream {
                 .after(cursor.offset, super::durable::PAGE)
                 .await
                 .map_err(Unavailable)?;
-            if cursor == since && page.oldest.is_some_and(|oldest| oldest > since.offset + 1) {
+            if page.oldest.is_some_and(|oldest| oldest > cursor.offset + 1) {
+                // Retention deletes a prefix of the positions: rows after the cursor are gone.
                 return Ok(self.reset_join(format, ResetReason::Evicted));
             }
             let Some(last) = page.rows.last().map(|row| row.offset) else {
-                // Nothing after the cursor in the table, yet the history does not reach it:
-                // what the stream published since is gone (retention).
-                return Ok(self.reset_join(format, ResetReason::Evicted));
+                // Nothing of this channel after the cursor (retention keeps the newest row, so
+                // an empty table means nothing was deleted): the stream's next message follows.
+                return Ok(self.join_with(format, &fetched.messages, epoch));
             };
             for row in page.rows {
                 let position = Position {
@@ -186,6 +192,34 @@ impl Stream {
                 return Ok(self.reset_join(format, ResetReason::Evicted));
             }
         }
+    }
+
+    /// Joins after `fetched`: every message of the channel after the client's position that
+    /// the table holds. The reader publishes only rows the table showed it, in order, so that
+    /// reaches the head; what the stream publishes next follows.
+    fn join_with(
+        &self,
+        format: Format,
+        fetched: &[Arc<Outgoing>],
+        epoch: Epoch,
+    ) -> (Registration, Joined) {
+        let log = self.lock();
+        if log.head.epoch != epoch {
+            drop(log);
+            return self.reset_join(format, ResetReason::OtherEpoch);
+        }
+        let head = log.head.offset;
+        let kept: Vec<Bytes> = fetched
+            .iter()
+            .filter(|m| m.position().offset <= head)
+            .filter_map(|m| m.frame(format))
+            .cloned()
+            .collect();
+        let count = kept.len();
+        self.metrics.resumes_served.inc();
+        let registration = self.hub.register_after(format, kept);
+        drop(log);
+        (registration, Joined::Resumed(count))
     }
 
     /// Joins with a reset naming the head.
