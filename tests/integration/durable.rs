@@ -724,3 +724,94 @@ async fn a_resume_with_nothing_new_on_its_channel_gets_no_reset() -> Result<()> 
     );
     Ok(())
 }
+
+/// A wake-up that never comes (as in a network partition): the reader's periodic check still
+/// finds the row. The row is positioned here by hand, in the sequencer's way but without its
+/// NOTIFY.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_wake_up_is_made_up_by_the_periodic_check() -> Result<()> {
+    let pg = shared().await?;
+    let channel = "durable-lost-wake-up";
+    let server = Server::spawn(table_opts(pg, channel)).await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    server.wait_for_clients(1).await?;
+    let mut db = pg.client().await?;
+    let tx = db.transaction().await?;
+    let head: i64 = tx
+        .query_one("SELECT head FROM vulcan_stream.lineage FOR UPDATE", &[])
+        .await?
+        .get(0);
+    tx.execute(
+        "INSERT INTO vulcan_stream.messages (channel, payload) VALUES ($1, $2)",
+        &[&channel, &seq_payload(7)],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE vulcan_stream.messages SET pos = $2 WHERE channel = $1",
+        &[&channel, &(head + 1)],
+    )
+    .await?;
+    tx.execute("UPDATE vulcan_stream.lineage SET head = $1", &[&(head + 1)])
+        .await?;
+    tx.commit().await?;
+    let (id, seq) = next_message(&mut ws).await?;
+    assert_eq!(seq, 7);
+    assert_eq!(offset(&id)?, u64::try_from(head + 1)?);
+    Ok(())
+}
+
+/// A measurement rather than a check (run with `--ignored --nocapture`): commits per second of
+/// 8 concurrent publishers for 5 s each way, `pg_notify` against `vulcan_stream.publish`, on
+/// one cluster in one run, with a server of each mode running; with `fsync` off (as the tests
+/// run PostgreSQL) and on (as production does: a notifying commit holds NOTIFY's cluster-wide
+/// lock while its commit record is flushed).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement: run by hand"]
+async fn publisher_throughput_table_against_notify() -> Result<()> {
+    const PUBLISHERS: usize = 8;
+    let pg = PgCluster::private().await?;
+    let out = migrate_with(&pg, &[]).await?;
+    ensure!(out.code == Some(0), "{out:?}");
+    let channel = "durable-throughput";
+    let _server = Server::spawn(table_opts(&pg, channel)).await?;
+    let _listener = Server::spawn(ServerOpts::with_db(&pg, channel)).await?;
+    let admin = pg.connect("postgres").await?;
+    for fsync in ["off", "on"] {
+        // ALTER SYSTEM cannot share a statement batch (an implicit transaction).
+        admin
+            .batch_execute(&format!("ALTER SYSTEM SET fsync = {fsync}"))
+            .await?;
+        admin.batch_execute("SELECT pg_reload_conf()").await?;
+        for (name, sql) in [
+            ("notify", "SELECT pg_notify($1, $2)"),
+            ("table", "SELECT vulcan_stream.publish($1, $2)"),
+            ("notify", "SELECT pg_notify($1, $2)"),
+            ("table", "SELECT vulcan_stream.publish($1, $2)"),
+        ] {
+            let stop = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let mut tasks = Vec::new();
+            for p in 0..PUBLISHERS {
+                let db = pg.client().await?;
+                tasks.push(tokio::spawn(async move {
+                    let mut count = 0u64;
+                    while std::time::Instant::now() < stop {
+                        let payload =
+                            format!(r#"{{"action":"seq","publisher":{p},"seq":{count}}}"#);
+                        db.execute(sql, &[&channel, &payload]).await?;
+                        count += 1;
+                    }
+                    anyhow::Ok(count)
+                }));
+            }
+            let mut total = 0;
+            for task in tasks {
+                total += task.await??;
+            }
+            eprintln!(
+                "fsync {fsync}, {name}: {PUBLISHERS} publishers, {} commits/s",
+                total / 5
+            );
+        }
+    }
+    Ok(())
+}
