@@ -27,8 +27,14 @@ use crate::metrics::Metrics;
 
 /// How long a close handshake may take, from the server's close frame to the end of the TCP
 /// connection: writing the frame out, the client's answer when the server started the
-/// handshake, and the client closing its side after the server's FIN.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// handshake, and the client closing its side after the server's FIN. Under a second, so that
+/// whatever the client does, its descriptor is free within a second of the close.
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// The same for a client closed as too slow: its socket was full, so it is not reading, and its
+/// close frame goes out only if it happens to read now. Waiting longer would only hold its
+/// descriptor.
+const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Bytes read from a client per `read`: clients send only pongs and closes, so a small buffer
 /// (part of the task, no allocation) keeps an idle connection cheap.
@@ -90,8 +96,14 @@ impl Subscriber {
         match end {
             End::Stopped(reason) => {
                 let close = websocket::close_frame(reason.code(), reason.text());
-                client.out.seal_with(close, reason == CloseReason::TooSlow);
-                let deadline = Instant::now() + CLOSE_TIMEOUT;
+                let too_slow = reason == CloseReason::TooSlow;
+                client.out.seal_with(close, too_slow);
+                let deadline = Instant::now()
+                    + if too_slow {
+                        SLOW_CLOSE_TIMEOUT
+                    } else {
+                        CLOSE_TIMEOUT
+                    };
                 let _ = timeout_at(deadline, self.drain_outbox()).await;
                 if reason == CloseReason::GoingAway {
                     // Give the client the chance to answer, so it sees a clean close.
