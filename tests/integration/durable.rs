@@ -9,8 +9,8 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use crate::harness::{
-    PgCluster, SERVER_BIN, Server, ServerOpts, TIMEOUT, Ws, next_event, run_bin, ws_connect,
-    ws_connect_with,
+    PgCluster, SERVER_BIN, Server, ServerOpts, TIMEOUT, Ws, next_event, run_bin, sse_connect,
+    sse_event, ws_connect, ws_connect_with,
 };
 
 const PROTOCOL: (&str, &str) = ("Sec-WebSocket-Protocol", "vulcan-stream.v1");
@@ -148,9 +148,19 @@ async fn a_server_in_table_mode_without_the_schema_says_to_migrate() -> Result<(
         .await?;
     let ready = crate::harness::http_get(server.port(), "/ready").await?;
     assert_eq!(ready.status, 503);
+    // A resume cannot be answered without the table's lineage: 503, and the client retries.
+    let request = "GET /stream?since=00ab-1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n\
+                   Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let refused = crate::harness::http_raw(server.port(), request.as_bytes()).await?;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(refused.text().contains("retry"), "{refused:?}");
     let out = migrate_with(&pg, &[]).await?;
     ensure!(out.code == Some(0), "{out:?}");
-    server.wait_ready().await?;
+    // The reader retries with backoff (up to 30 s between attempts; some seconds by now).
+    server
+        .wait_ready_within(TIMEOUT * 3, "/ready after migrate")
+        .await?;
     Ok(())
 }
 
@@ -418,12 +428,17 @@ async fn messages_committed_while_the_server_was_down_reach_a_resuming_client() 
     }
     let server = Server::spawn(table_opts(pg, channel)).await?;
     let mut ws = ws_connect(server.port(), &format!("/stream?since={last}")).await?;
+    // A browser's EventSource resumes with Last-Event-ID.
+    let mut sse = sse_connect(server.port(), "/stream", &[("Last-Event-ID", &last)]).await?;
     for i in 10..30 {
         let (_, seq) = next_message(&mut ws).await?;
         assert_eq!(seq, i);
+        let event = sse_event(&mut sse).await?;
+        assert_eq!(event.data, seq_payload(i), "{event:?}");
     }
     publish(&db, channel, &seq_payload(30)).await?;
     assert_eq!(next_message(&mut ws).await?.1, 30);
+    assert_eq!(sse_event(&mut sse).await?.data, seq_payload(30));
     Ok(())
 }
 
