@@ -830,3 +830,137 @@ async fn publisher_throughput_table_against_notify() -> Result<()> {
     }
     Ok(())
 }
+
+/// A short chaos run: a publisher at a steady rate and a client that resumes on whichever
+/// replica is up, while the reader's and the sequencer's backends are terminated, PostgreSQL
+/// restarts, and a replica is killed (SIGKILL) and started again. Every message arrives once,
+/// in order, without a reset.
+#[tokio::test(flavor = "multi_thread")]
+async fn chaos_loses_doubles_and_reorders_nothing() -> Result<()> {
+    const MESSAGES: u64 = 400;
+    let pg = std::sync::Arc::new(PgCluster::private().await?);
+    let out = migrate_with(&pg, &[]).await?;
+    ensure!(out.code == Some(0), "{out:?}");
+    let channel = "durable-chaos";
+    let mut first = Server::spawn(table_opts(&pg, channel)).await?;
+    let second = Server::spawn(table_opts(&pg, channel)).await?;
+    let (ports_tx, ports) = tokio::sync::watch::channel(vec![first.port(), second.port()]);
+    let (seen_tx, mut seen_rx) = tokio::sync::watch::channel(0usize);
+
+    // Publishes each message exactly once: after an error (the database restarting), it
+    // reconnects and checks whether the message was committed before trying again.
+    let publisher_pg = pg.clone();
+    let publisher = tokio::spawn(async move {
+        let mut db = publisher_pg.client().await?;
+        let deadline = tokio::time::Instant::now() + TIMEOUT * 6;
+        let mut ticker = tokio::time::interval(std::time::Duration::from_millis(5));
+        for i in 0..MESSAGES {
+            ticker.tick().await;
+            let payload = seq_payload(i);
+            loop {
+                ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "publisher stuck at {i}"
+                );
+                if publish(&db, channel, &payload).await.is_ok() {
+                    break;
+                }
+                let Ok(client) = publisher_pg.client().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                db = client;
+                let stored = db
+                    .query_one(
+                        "SELECT count(*) FROM vulcan_stream.messages \
+                         WHERE channel = $1 AND payload = $2",
+                        &[&channel, &payload],
+                    )
+                    .await;
+                if matches!(stored, Ok(row) if row.get::<_, i64>(0) > 0) {
+                    break;
+                }
+            }
+        }
+        anyhow::Ok(())
+    });
+
+    // Reads, and on any failure resumes from its last position on the next replica listed.
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut last: Option<String> = None;
+        let mut hop = 0usize;
+        let deadline = tokio::time::Instant::now() + TIMEOUT * 6;
+        while seen.len() < usize::try_from(MESSAGES)? {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "reader stuck after {seen:?}"
+            );
+            let list = ports.borrow().clone();
+            let port = list[hop % list.len()];
+            hop += 1;
+            let path = match &last {
+                Some(id) => format!("/stream?since={id}"),
+                None => "/stream".to_owned(),
+            };
+            let Ok(mut ws) = ws_connect_with(port, &path, &[PROTOCOL]).await else {
+                continue;
+            };
+            while let Ok(frame) = next_v1(&mut ws).await {
+                ensure!(
+                    frame.get("data").is_some(),
+                    "a reset in table mode: {frame}"
+                );
+                let id = frame["id"].as_str().context("id")?.to_owned();
+                seen.push(frame["data"]["seq"].as_u64().context("seq")?);
+                last = Some(id);
+                seen_tx.send_replace(seen.len());
+                if seen.len() == usize::try_from(MESSAGES)? {
+                    break;
+                }
+            }
+        }
+        anyhow::Ok(seen)
+    });
+
+    let mut progress = async |count: usize| {
+        tokio::time::timeout(TIMEOUT * 2, seen_rx.wait_for(|seen| *seen >= count))
+            .await
+            .with_context(|| format!("{count} messages not seen in time"))?
+            .context("reader ended")?;
+        anyhow::Ok(())
+    };
+    progress(50).await?;
+    pg.connect("postgres")
+        .await?
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name IN ('vulcan-stream', 'vulcan-stream sequencer')",
+            &[],
+        )
+        .await?;
+    progress(120).await?;
+    pg.stop().await?;
+    pg.start().await?;
+    progress(200).await?;
+    first.signal(libc::SIGKILL)?;
+    first.quiet_on_drop();
+    first = Server::spawn(table_opts(&pg, channel)).await?;
+    ports_tx.send_replace(vec![first.port(), second.port()]);
+    progress(280).await?;
+    pg.connect("postgres")
+        .await?
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'vulcan-stream'",
+            &[],
+        )
+        .await?;
+
+    publisher.await??;
+    let seen = reader.await??;
+    let expected: Vec<u64> = (0..MESSAGES).collect();
+    assert_eq!(seen, expected, "every message once, in order");
+    drop(first);
+    Ok(())
+}
