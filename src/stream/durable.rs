@@ -263,3 +263,173 @@ impl Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::Hub;
+    use crate::fanout::outbox::test_support::socket_pair;
+    use crate::metrics::Metrics;
+    use crate::stream::HistoryLimits;
+    use tokio::io::AsyncReadExt;
+    use tokio_util::sync::CancellationToken;
+
+    /// The table as a list: rows after an offset, and the oldest position kept.
+    struct FakeTable {
+        rows: Vec<(u64, String)>,
+        oldest: Option<u64>,
+    }
+
+    impl Archive for FakeTable {
+        fn after(&self, offset: u64, limit: usize) -> BoxFuture<'_, Result<Page, String>> {
+            let rows = self
+                .rows
+                .iter()
+                .filter(|(o, _)| *o > offset)
+                .take(limit)
+                .map(|(o, p)| ArchivedRow {
+                    offset: *o,
+                    payload: p.clone(),
+                })
+                .collect();
+            Box::pin(std::future::ready(Ok(Page {
+                rows,
+                oldest: self.oldest,
+            })))
+        }
+    }
+
+    fn payload(offset: u64) -> String {
+        format!(r#"{{"n":{offset}}}"#)
+    }
+
+    fn table(offsets: impl IntoIterator<Item = u64>, oldest: Option<u64>) -> Arc<FakeTable> {
+        Arc::new(FakeTable {
+            rows: offsets.into_iter().map(|o| (o, payload(o))).collect(),
+            oldest,
+        })
+    }
+
+    fn stream(archive: Arc<FakeTable>, history: usize) -> (Stream, CancellationToken) {
+        let root = CancellationToken::new();
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::new(16, root.clone(), metrics.clone()));
+        let limits = HistoryLimits {
+            max_messages: history,
+            ..HistoryLimits::default()
+        };
+        (Stream::new_durable(hub, metrics, limits, archive), root)
+    }
+
+    /// Publishes the messages at `offsets`, as the table reader would.
+    async fn publish(stream: &Stream, epoch: Epoch, offsets: impl IntoIterator<Item = u64>) {
+        let mut batch: Vec<_> = offsets
+            .into_iter()
+            .filter_map(|offset| {
+                stream.accept_at("c", &payload(offset), Position { epoch, offset })
+            })
+            .collect();
+        stream.publish(&mut batch).await;
+    }
+
+    /// The v1 frames a registration's backlog holds, as `(event or offset)` strings.
+    async fn backlog(registration: &Registration, count: usize) -> Vec<String> {
+        let (server, mut peer) = socket_pair().await;
+        registration.client.out.attach(server);
+        assert!(registration.client.out.flush().expect("flush"));
+        let mut text = Vec::new();
+        let mut got = Vec::new();
+        while got.len() < count {
+            let mut buf = [0u8; 4096];
+            let n = peer.read(&mut buf).await.expect("read");
+            text.extend_from_slice(&buf[..n]);
+            got = String::from_utf8_lossy(&text)
+                .split('{')
+                .filter_map(|part| {
+                    part.strip_prefix("\"id\":\"")
+                        .and_then(|rest| rest.split('"').next())
+                        .map(|id| id.rsplit('-').next().unwrap_or_default().to_owned())
+                        .or_else(|| part.contains("reset").then(|| "reset".to_owned()))
+                })
+                .collect();
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_resume_older_than_the_history_reads_the_table_then_the_history() {
+        let (stream, _root) = stream(table(1..=10, Some(1)), 3);
+        let epoch = Epoch::new_after(None);
+        stream.continue_at(epoch.start()).await;
+        publish(&stream, epoch, 1..=10).await;
+        let since = Position { epoch, offset: 2 };
+        let (registration, joined) = stream
+            .join_resuming(Format::V1, Start::After(since))
+            .await
+            .expect("served");
+        assert_eq!(joined, Joined::Resumed(8));
+        let offsets: Vec<String> = (3..=10).map(|o: u64| o.to_string()).collect();
+        assert_eq!(backlog(&registration, 8).await, offsets);
+    }
+
+    #[tokio::test]
+    async fn nothing_of_the_channel_after_the_position_joins_without_a_reset() {
+        let (stream, _root) = stream(table([5], Some(1)), 3);
+        let epoch = Epoch::new_after(None);
+        stream.continue_at(epoch.start()).await;
+        publish(&stream, epoch, [5]).await;
+        // Other channels' rows moved the head on.
+        stream.advance_to(50);
+        let since = Position { epoch, offset: 5 };
+        let (_, joined) = stream
+            .join_resuming(Format::V1, Start::After(since))
+            .await
+            .expect("served");
+        assert_eq!(joined, Joined::Resumed(0));
+        // A restarted replica, whose history is empty, answers the same.
+        let (restarted, _root) = self::stream(table([5], Some(1)), 3);
+        restarted.continue_at(Position { epoch, offset: 50 }).await;
+        let (_, joined) = restarted
+            .join_resuming(Format::V1, Start::After(since))
+            .await
+            .expect("served");
+        assert_eq!(joined, Joined::Resumed(0));
+    }
+
+    #[tokio::test]
+    async fn rows_gone_to_retention_reset_as_evicted() {
+        let (stream, _root) = stream(table(20..=30, Some(20)), 3);
+        let epoch = Epoch::new_after(None);
+        stream.continue_at(Position { epoch, offset: 19 }).await;
+        publish(&stream, epoch, 20..=30).await;
+        let since = Position { epoch, offset: 5 };
+        let (registration, joined) = stream
+            .join_resuming(Format::V1, Start::After(since))
+            .await
+            .expect("answered");
+        assert_eq!(joined, Joined::Reset(ResetReason::Evicted));
+        assert_eq!(backlog(&registration, 1).await, ["reset"]);
+        let other = Epoch::new_after(Some(epoch)).start();
+        let (_, joined) = stream
+            .join_resuming(Format::V1, Start::After(other))
+            .await
+            .expect("answered");
+        assert_eq!(joined, Joined::Reset(ResetReason::OtherEpoch));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn before_the_lineage_is_known_a_resume_is_unavailable() {
+        let (stream, _root) = stream(table([], None), 3);
+        let since = Position {
+            epoch: Epoch::new_after(None),
+            offset: 1,
+        };
+        let refused = stream.join_resuming(Format::V1, Start::After(since)).await;
+        assert!(refused.is_err());
+        let (_, joined) = stream
+            .join_resuming(Format::V1, Start::Live)
+            .await
+            .expect("live needs nothing");
+        assert_eq!(joined, Joined::Live);
+    }
+}
