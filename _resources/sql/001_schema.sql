@@ -21,16 +21,26 @@ CREATE TABLE IF NOT EXISTS vulcan_stream.schema_version (
 );
 
 -- One row: the stream's lineage (the epoch of every position, the same on every replica and
--- across restarts, new only if the schema is created again), the last position given, and the
--- largest payload publishers may store (set by `vulcan-stream migrate` from MaxPayload).
+-- across restarts, new only if the schema is created again) and the last position given.
 CREATE TABLE IF NOT EXISTS vulcan_stream.lineage (
     singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     epoch       text    NOT NULL DEFAULT substr(md5(random()::text || clock_timestamp()::text), 1, 16)
                         CHECK (epoch ~ '^[0-9a-f]{1,16}$'),
-    head        bigint  NOT NULL DEFAULT 0,
-    max_payload integer NOT NULL DEFAULT 1048576 CHECK (max_payload > 0)
+    head        bigint  NOT NULL DEFAULT 0
 );
 INSERT INTO vulcan_stream.lineage DEFAULT VALUES ON CONFLICT DO NOTHING;
+
+-- The largest payload publishers may store, in bytes: a constant that `vulcan-stream migrate`
+-- sets from MaxPayload (a function rather than a row, so that the check costs no lookup).
+-- Replace it to change the limit; applying this file again keeps the value it finds.
+DO $$
+BEGIN
+    IF to_regprocedure('vulcan_stream.max_payload()') IS NULL THEN
+        CREATE FUNCTION vulcan_stream.max_payload() RETURNS integer
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 1048576';
+    END IF;
+END
+$$;
 
 -- The messages. `pos` is NULL until the sequencer gives the committed row its position.
 CREATE TABLE IF NOT EXISTS vulcan_stream.messages (
@@ -40,33 +50,35 @@ CREATE TABLE IF NOT EXISTS vulcan_stream.messages (
     payload    text        NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now()
 );
--- Readers: `channel = $1 AND pos > $2 ORDER BY pos`.
-CREATE INDEX IF NOT EXISTS messages_channel_pos ON vulcan_stream.messages (channel, pos);
--- A position is given once.
-CREATE UNIQUE INDEX IF NOT EXISTS messages_pos ON vulcan_stream.messages (pos);
+-- Readers: `channel = $1 AND pos > $2 ORDER BY pos`. The position indexes hold only
+-- positioned rows, so that a publisher's insert touches none of them: the sequencer's update
+-- adds the entries, in its own batched transaction.
+CREATE INDEX IF NOT EXISTS messages_channel_pos ON vulcan_stream.messages (channel, pos)
+    WHERE pos IS NOT NULL;
+-- A position is given once; retention deletes in this order.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_pos ON vulcan_stream.messages (pos)
+    WHERE pos IS NOT NULL;
 -- The sequencer: the rows still without a position, in insert order.
 CREATE INDEX IF NOT EXISTS messages_unsequenced ON vulcan_stream.messages (id) WHERE pos IS NULL;
 
 -- The payload rules of the stream, the same as the server's: a JSON object whose fields
 -- `action`, `check_id`, `agent_id` and `scan_id` (names matched as Go's encoding/json matches
 -- them: ASCII case, and the Kelvin sign and long s), where present, are strings or null; at most
--- lineage.max_payload bytes. A row that breaks them fails the publisher's statement.
+-- vulcan_stream.max_payload() bytes. A row that breaks them fails the publisher's statement.
 CREATE OR REPLACE FUNCTION vulcan_stream.check_message() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     doc   json;
     field record;
-    limit_bytes integer;
     why   text;
 BEGIN
     IF NEW.channel = '' OR octet_length(NEW.channel) > 63 THEN
         RAISE EXCEPTION 'vulcan_stream: channel % is not a channel name (1 to 63 bytes)', quote_literal(NEW.channel)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT max_payload INTO limit_bytes FROM vulcan_stream.lineage;
-    IF octet_length(NEW.payload) > limit_bytes THEN
+    IF octet_length(NEW.payload) > vulcan_stream.max_payload() THEN
         RAISE EXCEPTION 'vulcan_stream: payload of % bytes on channel % exceeds the limit of % bytes (MaxPayload)',
-            octet_length(NEW.payload), quote_literal(NEW.channel), limit_bytes
+            octet_length(NEW.payload), quote_literal(NEW.channel), vulcan_stream.max_payload()
             USING ERRCODE = 'program_limit_exceeded';
     END IF;
     IF btrim(NEW.payload, E' \t\n\r') = '' THEN

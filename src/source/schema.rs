@@ -49,7 +49,7 @@ pub fn target(config: &ReceiverConfig) -> String {
 }
 
 /// Creates or upgrades the schema in one transaction, and records `MaxPayload` for the
-/// publishers' check.
+/// publishers' check (`vulcan_stream.max_payload()`).
 pub async fn migrate(
     config: &ReceiverConfig,
     tls: &MakeTlsConnector,
@@ -121,11 +121,13 @@ async fn migrate_on(
             tx.batch_execute(sql).await.map_err(failed(*version))?;
         }
     }
+    // A constant in a function, so that the publishers' check costs no lookup. The value is a
+    // validated integer (at most 256 MiB), so formatting it into the statement is safe.
     let max_payload = i32::try_from(config.max_payload).unwrap_or(i32::MAX);
-    tx.execute(
-        "UPDATE vulcan_stream.lineage SET max_payload = $1",
-        &[&max_payload],
-    )
+    tx.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION vulcan_stream.max_payload() RETURNS integer \
+         LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT {max_payload}'"
+    ))
     .await
     .map_err(failed(SCHEMA_VERSION))?;
     let epoch: String = tx

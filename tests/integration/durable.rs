@@ -112,7 +112,10 @@ async fn migrate_is_idempotent_safe_in_parallel_and_exits_as_the_server() -> Res
         .get(0);
     assert_eq!(versions, 1);
     let row = db
-        .query_one("SELECT epoch, max_payload FROM vulcan_stream.lineage", &[])
+        .query_one(
+            "SELECT epoch, vulcan_stream.max_payload() FROM vulcan_stream.lineage",
+            &[],
+        )
         .await?;
     let epoch: String = row.get(0);
     assert!(epoch.len() == 16 && epoch.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -202,11 +205,20 @@ async fn a_bad_payload_fails_the_publishers_statement_with_a_clear_error() -> Re
     let channel = "durable-bad-payload";
     let db = pg.client().await?;
     let max: i32 = db
-        .query_one("SELECT max_payload FROM vulcan_stream.lineage", &[])
+        .query_one("SELECT vulcan_stream.max_payload()", &[])
         .await?
         .get(0);
     let too_big = format!(r#"{{"x":"{}"}}"#, "y".repeat(usize::try_from(max)?));
-    let cases: [(&str, &str, &str); 8] = [
+    let cases: [(&str, &str, &str); 13] = [
+        (r#"{"ACTION":[1]}"#, "22023", "field 'ACTION'"),
+        (r#"{"x":"action","action":1}"#, "22023", "field 'action'"),
+        (r#"{"\u0061ction":1}"#, "22023", "field 'action'"),
+        ("{\"chec\u{212A}_id\":true}", "22023", "is a JSON boolean"),
+        (
+            r#"{"scan_id":1,"agent_id":"a"}"#,
+            "22023",
+            "field 'scan_id'",
+        ),
         ("nope", "22P02", "is not JSON: Token \"nope\" is invalid"),
         ("   ", "22P02", "empty payload"),
         ("[1,2]", "22023", "is a JSON array, not an object"),
@@ -246,6 +258,8 @@ async fn a_bad_payload_fails_the_publishers_statement_with_a_clear_error() -> Re
         r#"{"action":null,"check_id":"x","scan_id":"ñ✓😀"}"#,
         r#"{"zeta":1,"alpha":[1,{"x":null}]}"#,
         "{}",
+        r#"{"Action":"x","nested":{"action":1},"note":"action"}"#,
+        r#"{"actİon":5}"#,
     ] {
         publish(&db, channel, payload).await?;
     }
@@ -256,7 +270,7 @@ async fn a_bad_payload_fails_the_publishers_statement_with_a_clear_error() -> Re
         )
         .await?
         .get(0);
-    assert_eq!(stored, 3);
+    assert_eq!(stored, 5);
     Ok(())
 }
 
