@@ -133,6 +133,11 @@ DECLARE
     start bigint;
     assigned bigint;
 BEGIN
+    -- Idle steps (most of them) stay read-only: no lock, no transaction id.
+    IF NOT EXISTS (SELECT 1 FROM vulcan_stream.messages WHERE pos IS NULL) THEN
+        SELECT head INTO start FROM vulcan_stream.lineage;
+        RETURN start;
+    END IF;
     SELECT head INTO start FROM vulcan_stream.lineage FOR UPDATE;
     WITH batch AS (
         SELECT id, row_number() OVER (ORDER BY id) AS n
