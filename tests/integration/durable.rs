@@ -625,7 +625,7 @@ async fn rows_past_retention_are_deleted_and_a_resume_from_before_them_is_reset(
 
 /// A measurement rather than a check (run with `--ignored --nocapture`): publish → frame
 /// latency in table mode at 500 messages a second for ten seconds, one v1 client, the default
-/// PollInterval.
+/// PollInterval (or `PG_POLL_INTERVAL` from the environment).
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a measurement: run by hand"]
 async fn table_mode_latency_at_500_messages_a_second() -> Result<()> {
@@ -633,7 +633,9 @@ async fn table_mode_latency_at_500_messages_a_second() -> Result<()> {
     const SECONDS: u64 = 10;
     let pg = shared().await?;
     let channel = "durable-latency";
-    let server = Server::spawn(table_opts(pg, channel)).await?;
+    // PG_POLL_INTERVAL in the test's environment tries another interval.
+    let poll = std::env::var("PG_POLL_INTERVAL").unwrap_or_else(|_| "5".to_owned());
+    let server = Server::spawn(table_opts(pg, channel).env("PG_POLL_INTERVAL", &poll)).await?;
     let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
     server.wait_for_clients(1).await?;
     let db = pg.client().await?;
@@ -666,7 +668,8 @@ async fn table_mode_latency_at_500_messages_a_second() -> Result<()> {
     latencies.sort_unstable();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     eprintln!(
-        "table mode, {RATE} msg/s for {:?}: publish → frame p50 {} µs, p99 {} µs, max {} µs",
+        "table mode, PollInterval {poll} ms, {RATE} msg/s for {:?}: publish → frame p50 {} µs, \
+         p99 {} µs, max {} µs",
         started.elapsed(),
         at(0.5),
         at(0.99),
