@@ -159,6 +159,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
                 Sequencer {
                     config: config.receiver.clone(),
                     tls: tls.clone(),
+                    metrics: metrics.clone(),
                     shutdown: shutdown.clone(),
                 }
                 .run(),

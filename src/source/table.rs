@@ -169,9 +169,13 @@ impl TableReader {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
             () = self.stream.continue_at(Position { epoch, offset: start }) => {}
         }
+        let reconnected = cursor.is_some();
         *cursor = Some((epoch, start));
         self.stream.set_listener_state(ListenerState::Listening);
         backoff.reset();
+        if reconnected {
+            self.metrics.listener_reconnects.inc();
+        }
         log::info!(
             "reading channel {:?} from table vulcan_stream.messages on {target} after position \
              {}",
@@ -283,6 +287,7 @@ async fn drive(mut connection: PgConnection, wake: &Notify) -> String {
 pub struct Sequencer {
     pub config: ReceiverConfig,
     pub tls: MakeTlsConnector,
+    pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
 }
 
@@ -291,7 +296,10 @@ impl Sequencer {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let mut last_cause: Option<String> = None;
         loop {
-            let cause = match self.session(&mut backoff).await {
+            let end = self.session(&mut backoff).await;
+            // The lock went with the session.
+            self.metrics.sequencer_active.set(0);
+            let cause = match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(cause) | SessionEnd::Failed(cause) => cause,
             };
@@ -368,6 +376,7 @@ impl Sequencer {
             }
         }
         log::info!("this replica now gives positions to new rows (it holds the sequencer lock)");
+        self.metrics.sequencer_active.set(1);
         let statement = tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
             ended = &mut connection => return SessionEnd::Lost(ended),
@@ -403,6 +412,9 @@ impl Sequencer {
                     },
                 };
                 if deleted > 0 {
+                    self.metrics
+                        .rows_expired
+                        .inc_by(u64::from(deleted.unsigned_abs()));
                     log::debug!("retention: {deleted} row(s) deleted");
                 }
                 if deleted < RETENTION_BATCH {

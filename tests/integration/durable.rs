@@ -409,11 +409,11 @@ async fn replicas_share_positions_and_a_client_hops_between_them() -> Result<()>
     assert_eq!(all_ids[0], all_ids[1], "same positions on two replicas");
     assert_eq!(all_ids[0], all_ids[2], "same positions on three replicas");
     assert_eq!(all_ids[0], hopper_ids, "the hopper saw the same positions");
-    let sequencers = servers
-        .iter()
-        .filter(|s| !s.log_lines(&["holds the sequencer lock"]).is_empty())
-        .count();
-    assert!(sequencers <= 1, "{sequencers} replicas sequenced at once");
+    let mut sequencers = 0.0;
+    for server in &servers {
+        sequencers += server.metric("vulcan_stream_sequencer_active").await?;
+    }
+    assert!(sequencers <= 1.0, "{sequencers} replicas sequence at once");
     Ok(())
 }
 
@@ -520,6 +520,10 @@ async fn a_terminated_backend_and_a_postgres_restart_lose_and_double_nothing() -
     if server.metrics().await?.contains("cause=\"listen-gap\"} 1") {
         bail!("table mode reported a listen gap");
     }
+    let reconnects = server
+        .metric("vulcan_stream_listener_reconnects_total")
+        .await?;
+    assert!(reconnects >= 2.0, "{reconnects} reconnects counted");
     Ok(())
 }
 
@@ -620,6 +624,11 @@ async fn rows_past_retention_are_deleted_and_a_resume_from_before_them_is_reset(
     for i in 6..10 {
         assert_eq!(next_message(&mut kept).await?.1, i);
     }
+    assert_eq!(
+        server.metric("vulcan_stream_rows_expired_total").await?,
+        5.0
+    );
+    assert_eq!(server.metric("vulcan_stream_sequencer_active").await?, 1.0);
     Ok(())
 }
 
