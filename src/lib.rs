@@ -29,6 +29,8 @@
 //! # Flow
 //! A NOTIFY reaches [`source::notify::Receiver`], which hands the payload to
 //! [`stream::Stream::accept`]: checked once, given the next position, encoded once per format.
+//! In table mode a row reaches [`source::table::TableReader`] with the position the
+//! [`source::table::Sequencer`] gave it in the table, and [`stream::Stream::accept_at`] keeps it.
 //! [`stream::Stream::publish`] appends the batch to the history and queues it, under one lock,
 //! for the fan-out's shard threads ([`fanout::Hub::enqueue`]); each writes every client's
 //! format to its share of the clients without waiting on any: the client's
@@ -36,7 +38,9 @@
 //! take for the client's task to flush ([`transport::subscriber::Subscriber`] for a websocket,
 //! the one in [`transport::sse`] for an event stream). A client that resumes joins through
 //! [`stream::Stream::join`] under the same lock: what it missed goes into its outbox first, and
-//! it gets every batch queued after that, so the hand-over has neither gap nor duplicate.
+//! it gets every batch queued after that, so the hand-over has neither gap nor duplicate. In
+//! table mode [`stream::Stream::join_resuming`] first reads what the history no longer holds
+//! from the table ([`source::table::TableArchive`]).
 
 pub mod auth;
 pub mod config;
@@ -76,7 +80,15 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// [`source::schema`]).
 pub async fn migrate(config: &Config) -> Result<source::schema::Migrated, Error> {
     let tls = source::pg::tls_connector(&config.receiver)?;
-    Ok(source::schema::migrate(&config.receiver, &tls).await?)
+    let done = source::schema::migrate(&config.receiver, &tls).await?;
+    log::info!(
+        "schema vulcan_stream at version {} (was {}) on {}, lineage {}",
+        done.to,
+        done.from,
+        source::schema::target(&config.receiver),
+        done.epoch
+    );
+    Ok(done)
 }
 
 /// Runs the service until `shutdown` is cancelled, then closes every client (1001) and the

@@ -71,14 +71,7 @@ fn main() -> ExitCode {
 }
 
 fn migrate(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    let done = runtime.block_on(vulcan_stream::migrate(&config))?;
-    log::info!(
-        "schema vulcan_stream at version {} (was {}), lineage {}",
-        done.to,
-        done.from,
-        done.epoch
-    );
+    tokio::runtime::Runtime::new()?.block_on(vulcan_stream::migrate(&config))?;
     Ok(())
 }
 
