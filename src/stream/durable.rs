@@ -7,7 +7,7 @@
 //! which the table source implements and `run` wires in.
 //!
 //! A resume is bounded: at most [`RESUME_MAX_MESSAGES`] messages and the history's byte bound
-//! are read for one request; a client further behind gets a reset (`evicted`), as it would
+//! (at least [`RESUME_MIN_BYTES`]) are read for one request; a client further behind gets a reset (`evicted`), as it would
 //! from a history that no longer holds its position.
 
 use std::sync::Arc;
@@ -26,6 +26,8 @@ use crate::message::{self, Epoch, Format, Outgoing, Position, ResetReason};
 pub const PAGE: usize = 1000;
 /// Messages one resume may read from the table.
 pub const RESUME_MAX_MESSAGES: usize = 100_000;
+/// The least a resume may read from the table, whatever the history's byte bound.
+pub const RESUME_MIN_BYTES: usize = 64 << 20;
 /// How long a resume waits for the source: to learn the lineage after a start, or to reach a
 /// position another replica has already served.
 pub const RESUME_WAIT: Duration = Duration::from_secs(5);
@@ -76,7 +78,8 @@ impl Durable {
             archive,
             lineage: watch::Sender::new(None),
             published: Notify::new(),
-            max_bytes,
+            // A history of 0 bytes (none kept) must not turn every resume into a reset.
+            max_bytes: max_bytes.max(RESUME_MIN_BYTES),
         }
     }
 }
