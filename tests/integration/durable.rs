@@ -990,3 +990,57 @@ async fn chaos_loses_doubles_and_reorders_nothing() -> Result<()> {
     drop(first);
     Ok(())
 }
+
+/// The replica that gives positions is killed: another takes the sequencer lock over and
+/// delivery goes on; a stop signal still ends a table-mode server cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_replica_takes_over_when_the_sequencer_dies() -> Result<()> {
+    let pg = PgCluster::private().await?;
+    let out = migrate_with(&pg, &[]).await?;
+    ensure!(out.code == Some(0), "{out:?}");
+    let channel = "durable-takeover";
+    let mut servers = vec![
+        Server::spawn(table_opts(&pg, channel)).await?,
+        Server::spawn(table_opts(&pg, channel)).await?,
+    ];
+    // Exactly one of them sequences.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let holder = loop {
+        let mut active = Vec::new();
+        for server in &servers {
+            active.push(server.metric("vulcan_stream_sequencer_active").await?);
+        }
+        if active.iter().sum::<f64>() == 1.0 {
+            break active.iter().position(|a| *a == 1.0).context("a holder")?;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "sequencers: {active:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    };
+    let mut killed = servers.remove(holder);
+    let mut survivor = servers.remove(0);
+    let mut ws = ws_connect_with(survivor.port(), "/stream", &[PROTOCOL]).await?;
+    survivor.wait_for_clients(1).await?;
+    killed.signal(libc::SIGKILL)?;
+    killed.quiet_on_drop();
+    killed.wait_exit(TIMEOUT).await?;
+    let db = pg.client().await?;
+    for i in 0..5 {
+        publish(&db, channel, &seq_payload(i)).await?;
+    }
+    for i in 0..5 {
+        assert_eq!(next_message(&mut ws).await?.1, i);
+    }
+    assert_eq!(
+        survivor.metric("vulcan_stream_sequencer_active").await?,
+        1.0
+    );
+    survivor.signal(libc::SIGTERM)?;
+    let status = survivor
+        .wait_exit(std::time::Duration::from_secs(5))
+        .await?;
+    assert_eq!(status.code(), Some(0), "{status}");
+    Ok(())
+}
