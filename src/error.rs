@@ -27,4 +27,34 @@ pub enum Error {
     },
     #[error("cannot build the TLS connector for PostgreSQL")]
     Tls(#[source] native_tls::Error),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+}
+
+/// The schema version this build reads and writes (durable mode).
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Why the schema could not be created, upgraded or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("cannot connect to {target}: {cause}")]
+    Connect { target: String, cause: String },
+    #[error("migration to schema version {version} failed on {target}: {cause}")]
+    Migrate {
+        version: i32,
+        target: String,
+        cause: String,
+    },
+    #[error(
+        "schema vulcan_stream on {target} is at version {found}, newer than this build's \
+         {SCHEMA_VERSION}: upgrade vulcan-stream"
+    )]
+    Newer { target: String, found: i32 },
+    #[error(
+        "schema vulcan_stream is missing or incomplete on {target} ({cause}): run \
+         `vulcan-stream migrate` with the same configuration"
+    )]
+    Missing { target: String, cause: String },
+    #[error("schema vulcan_stream on {target}: {cause}")]
+    Query { target: String, cause: String },
 }

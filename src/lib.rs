@@ -8,8 +8,9 @@
 //! - [`config`]: the Go original's TOML file plus environment, validated into [`Config`].
 //! - [`message`]: one accepted payload and its encodings (legacy and `vulcan-stream.v1`
 //!   websocket frames, Server-Sent Events), each made once and shared; positions.
-//! - [`source`]: where messages come from: the `LISTEN` connection ([`source::notify`]) and its
-//!   PostgreSQL connection options ([`source::pg`]).
+//! - [`source`]: where messages come from: the `LISTEN` connection ([`source::notify`]) or the
+//!   durable table ([`source::table`], its schema in [`source::schema`]), and their PostgreSQL
+//!   connection options ([`source::pg`]).
 //! - [`stream`]: the one path from a source to the clients: each payload checked once, given
 //!   its position, kept in the bounded history and published in order; resumes; epochs and
 //!   resets; the heartbeat; whether the source is live.
@@ -28,6 +29,8 @@
 //! # Flow
 //! A NOTIFY reaches [`source::notify::Receiver`], which hands the payload to
 //! [`stream::Stream::accept`]: checked once, given the next position, encoded once per format.
+//! In table mode a row reaches [`source::table::TableReader`] with the position the
+//! [`source::table::Sequencer`] gave it in the table, and [`stream::Stream::accept_at`] keeps it.
 //! [`stream::Stream::publish`] appends the batch to the history and queues it, under one lock,
 //! for the fan-out's shard threads ([`fanout::Hub::enqueue`]); each writes every client's
 //! format to its share of the clients without waiting on any: the client's
@@ -35,7 +38,9 @@
 //! take for the client's task to flush ([`transport::subscriber::Subscriber`] for a websocket,
 //! the one in [`transport::sse`] for an event stream). A client that resumes joins through
 //! [`stream::Stream::join`] under the same lock: what it missed goes into its outbox first, and
-//! it gets every batch queued after that, so the hand-over has neither gap nor duplicate.
+//! it gets every batch queued after that, so the hand-over has neither gap nor duplicate. In
+//! table mode [`stream::Stream::join_resuming`] first reads what the history no longer holds
+//! from the table ([`source::table::TableArchive`]).
 
 pub mod auth;
 pub mod config;
@@ -60,14 +65,31 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 pub use error::{ConfigError, Error};
 
+use config::SourceKind;
 use fanout::Hub;
 use metrics::Metrics;
 use source::notify::Receiver;
+use source::table::{Sequencer, TableArchive, TableReader};
 use stream::Stream;
 use transport::AppState;
 
 /// How long clients get to receive their close frames after a stop signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// `vulcan-stream migrate`: creates or upgrades the durable mode's schema (see
+/// [`source::schema`]).
+pub async fn migrate(config: &Config) -> Result<source::schema::Migrated, Error> {
+    let tls = source::pg::tls_connector(&config.receiver)?;
+    let done = source::schema::migrate(&config.receiver, &tls).await?;
+    log::info!(
+        "schema vulcan_stream at version {} (was {}) on {}, lineage {}",
+        done.to,
+        done.from,
+        source::schema::target(&config.receiver),
+        done.epoch
+    );
+    Ok(done)
+}
 
 /// Runs the service until `shutdown` is cancelled, then closes every client (1001) and the
 /// database connection, waiting at most [`SHUTDOWN_GRACE`].
@@ -124,27 +146,55 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         shutdown.clone(),
         metrics.clone(),
     ));
-    let stream = Arc::new(Stream::new(
-        hub.clone(),
-        metrics.clone(),
-        stream::HistoryLimits {
-            max_messages: config.sender.history_messages,
-            max_bytes: config.sender.history_bytes,
-            max_age: config.sender.history_age,
-        },
-    ));
+    let limits = stream::HistoryLimits {
+        max_messages: config.sender.history_messages,
+        max_bytes: config.sender.history_bytes,
+        max_age: config.sender.history_age,
+    };
+    let stream = Arc::new(match config.receiver.source {
+        SourceKind::Notify => Stream::new(hub.clone(), metrics.clone(), limits),
+        SourceKind::Table => {
+            let archive = TableArchive::new(config.receiver.clone(), tls.clone());
+            Stream::new_durable(hub.clone(), metrics.clone(), limits, Arc::new(archive))
+        }
+    });
     let tasks = TaskTracker::new();
 
-    tasks.spawn(
-        Receiver {
-            config: config.receiver.clone(),
-            tls,
-            stream: stream.clone(),
-            metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
+    match config.receiver.source {
+        SourceKind::Notify => {
+            tasks.spawn(
+                Receiver {
+                    config: config.receiver.clone(),
+                    tls,
+                    stream: stream.clone(),
+                    metrics: metrics.clone(),
+                    shutdown: shutdown.clone(),
+                }
+                .run(),
+            );
         }
-        .run(),
-    );
+        SourceKind::Table => {
+            tasks.spawn(
+                Sequencer {
+                    config: config.receiver.clone(),
+                    tls: tls.clone(),
+                    metrics: metrics.clone(),
+                    shutdown: shutdown.clone(),
+                }
+                .run(),
+            );
+            tasks.spawn(
+                TableReader {
+                    config: config.receiver.clone(),
+                    tls,
+                    stream: stream.clone(),
+                    metrics: metrics.clone(),
+                    shutdown: shutdown.clone(),
+                }
+                .run(),
+            );
+        }
+    }
     tasks.spawn(
         stream
             .clone()

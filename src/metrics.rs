@@ -25,6 +25,10 @@ pub struct Metrics {
     pub listener_reconnects: Counter,
     pub accept_pauses: Counter,
     pub resumes_served: Counter,
+    /// Table mode: 1 on the replica that gives positions (holds the sequencer lock).
+    pub sequencer_active: Gauge,
+    /// Table mode: rows deleted by retention on this replica.
+    pub rows_expired: Counter,
     /// Resets by cause: one per LISTEN gap (sent to every opted-in client), one per client
     /// whose `since` could not be served.
     resets: Family<Vec<(&'static str, &'static str)>, Counter>,
@@ -53,6 +57,8 @@ impl Metrics {
             listener_reconnects: Counter::default(),
             accept_pauses: Counter::default(),
             resumes_served: Counter::default(),
+            sequencer_active: Gauge::default(),
+            rows_expired: Counter::default(),
             resets: Family::default(),
             registry: Registry::default(),
         };
@@ -115,6 +121,16 @@ impl Metrics {
             "resumes_served",
             "Clients that resumed from a position with every missed message from the history",
             m.resumes_served.clone(),
+        );
+        registry.register(
+            "sequencer_active",
+            "Table mode: 1 while this replica gives positions to new rows",
+            m.sequencer_active.clone(),
+        );
+        registry.register(
+            "rows_expired",
+            "Table mode: rows deleted by retention on this replica",
+            m.rows_expired.clone(),
         );
         registry.register(
             "resets",

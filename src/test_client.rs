@@ -270,7 +270,14 @@ pub async fn probe(
     let payload = serde_json::json!({"action": "test", "check_id": check_id}).to_string();
     let notified = timeout_at(
         deadline,
-        client.execute("SELECT pg_notify($1, $2)", &[&db.channel, &payload]),
+        // In table mode the server reads rows, not NOTIFYs: publish as a backend would.
+        client.execute(
+            match db.source {
+                crate::config::SourceKind::Notify => "SELECT pg_notify($1, $2)",
+                crate::config::SourceKind::Table => "SELECT vulcan_stream.publish($1, $2)",
+            },
+            &[&db.channel, &payload],
+        ),
     )
     .await
     .map_err(|_| timed_out(0))?;

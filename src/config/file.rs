@@ -87,6 +87,14 @@ pub(super) struct ReceiverSection {
     pub health_check_interval: Option<Value>,
     #[serde(rename = "healthchecktimeout")]
     pub health_check_timeout: Option<Value>,
+    #[serde(rename = "source")]
+    pub source: Option<Value>,
+    #[serde(rename = "maxpayload")]
+    pub max_payload: Option<Value>,
+    #[serde(rename = "retention")]
+    pub retention: Option<Value>,
+    #[serde(rename = "pollinterval")]
+    pub poll_interval: Option<Value>,
     #[serde(flatten)]
     unknown: Table,
 }

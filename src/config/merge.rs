@@ -33,6 +33,10 @@ pub(super) struct Settings {
     pub stream_channel: Option<Raw>,
     pub health_check_interval: Option<Raw>,
     pub health_check_timeout: Option<Raw>,
+    pub source: Option<Raw>,
+    pub max_payload: Option<Raw>,
+    pub retention: Option<Raw>,
+    pub poll_interval: Option<Raw>,
     pub http_port: Option<Raw>,
     pub http_stream: Option<Raw>,
     pub ping_interval: Option<Raw>,
@@ -94,6 +98,14 @@ impl Settings {
             health_check_timeout: from_env("PG_HEALTH_TIMEOUT", env.pg_health_timeout).or(
                 from_file("Receiver.HealthCheckTimeout", receiver.health_check_timeout),
             ),
+            source: from_env("PG_SOURCE", env.pg_source)
+                .or(from_file("Receiver.Source", receiver.source)),
+            max_payload: from_env("PG_MAX_PAYLOAD", env.pg_max_payload)
+                .or(from_file("Receiver.MaxPayload", receiver.max_payload)),
+            retention: from_env("PG_RETENTION", env.pg_retention)
+                .or(from_file("Receiver.Retention", receiver.retention)),
+            poll_interval: from_env("PG_POLL_INTERVAL", env.pg_poll_interval)
+                .or(from_file("Receiver.PollInterval", receiver.poll_interval)),
             http_port: from_env("PORT", env.port)
                 .or(from_file("Sender.HTTPPort", sender.http_port)),
             http_stream: from_env("STREAM", env.stream)

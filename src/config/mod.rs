@@ -36,6 +36,7 @@ mod values;
 pub use error::ConfigError;
 pub use jwt::JwtKeys;
 pub use tls::{CaCertificates, ClientIdentity, SslMode};
+pub use validate::DEFAULT_RETENTION_SECS;
 pub use values::parse_level;
 
 use env::EnvSettings;
@@ -77,6 +78,33 @@ pub struct ReceiverConfig {
     pub health_interval: Duration,
     /// How long that query may take before the connection counts as lost.
     pub health_timeout: Duration,
+    /// Where messages come from: NOTIFY payloads, or rows of `vulcan_stream.messages`.
+    pub source: SourceKind,
+    /// Table mode: the largest payload a publisher may store (bytes); larger rows are refused
+    /// by the database and, should one get there, dropped by the reader.
+    pub max_payload: usize,
+    /// Table mode: how long rows are kept for clients that resume.
+    pub retention: Duration,
+    /// Table mode: how often the sequencer looks for newly committed rows.
+    pub poll_interval: Duration,
+}
+
+/// `Receiver.Source` / `PG_SOURCE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// `LISTEN` on the channel: what was committed while nobody listened is gone.
+    Notify,
+    /// Rows of `vulcan_stream.messages`: durable, with positions shared by every replica.
+    Table,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Notify => "notify",
+            SourceKind::Table => "table",
+        }
+    }
 }
 
 /// Hand-written so that the password can never reach a log line or an error message.
@@ -94,6 +122,10 @@ impl fmt::Debug for ReceiverConfig {
             .field("channel", &self.channel)
             .field("health_interval", &self.health_interval)
             .field("health_timeout", &self.health_timeout)
+            .field("source", &self.source)
+            .field("max_payload", &self.max_payload)
+            .field("retention", &self.retention)
+            .field("poll_interval", &self.poll_interval)
             .finish()
     }
 }
@@ -211,6 +243,34 @@ mod tests {
         assert_eq!(c.sender.ping_interval, Duration::from_secs(5));
         assert_eq!(c.sender.pong_timeout, Duration::from_secs(15));
         assert_eq!(c.logger.level, LevelFilter::Info);
+        assert_eq!(c.receiver.source, SourceKind::Notify);
+        assert_eq!(c.receiver.max_payload, 1 << 20);
+        assert_eq!(c.receiver.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.receiver.poll_interval, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn table_mode_keys_from_file_and_environment() {
+        let file = "[Receiver]\nSource = \"table\"\nMaxPayload = 65536\nRetention = 3600\nPollInterval = 2\n";
+        let c = load(Some(file), &[]).expect("loads").config;
+        assert_eq!(c.receiver.source, SourceKind::Table);
+        assert_eq!(c.receiver.max_payload, 65_536);
+        assert_eq!(c.receiver.retention, Duration::from_secs(3600));
+        assert_eq!(c.receiver.poll_interval, Duration::from_millis(2));
+        let c = load(Some(file), &[("PG_SOURCE", "notify")])
+            .expect("loads")
+            .config;
+        assert_eq!(c.receiver.source, SourceKind::Notify);
+        assert_eq!(
+            error(None, &[("PG_SOURCE", "outbox")]),
+            r#"PG_SOURCE="outbox": not a source (notify, table)"#
+        );
+        assert!(
+            error(Some("[Receiver]\nMaxPayload = 10\n"), &[])
+                .starts_with("Receiver.MaxPayload=10: not a size in bytes")
+        );
+        assert!(error(None, &[("PG_RETENTION", "1")]).starts_with(r#"PG_RETENTION="1""#));
+        assert!(error(None, &[("PG_POLL_INTERVAL", "0")]).starts_with(r#"PG_POLL_INTERVAL="0""#));
     }
 
     #[test]

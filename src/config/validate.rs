@@ -11,13 +11,17 @@ use super::jwt;
 use super::merge::{Raw, Settings};
 use super::tls::{IdentityError, decode_base64, decode_secret_base64};
 use super::values::{
-    parse_channel, parse_count, parse_level, parse_port, parse_positive, parse_seconds,
-    parse_stream_path,
+    parse_channel, parse_count, parse_level, parse_max_payload, parse_poll_interval, parse_port,
+    parse_positive, parse_retention, parse_seconds, parse_source, parse_stream_path,
 };
 use super::{
     CaCertificates, ClientIdentity, Config, ConfigError, JwtKeys, LoggerConfig, ReceiverConfig,
-    Secret, SenderConfig, SslMode,
+    Secret, SenderConfig, SourceKind, SslMode,
 };
+
+/// Seven days: a week-end's outage of every replica still resumes, at a table size an operator
+/// can plan for (rows × payload size × a week).
+pub const DEFAULT_RETENTION_SECS: u64 = 7 * 86_400;
 
 impl Settings {
     pub(super) fn validate(self) -> Result<Config, ConfigError> {
@@ -48,6 +52,12 @@ impl Settings {
                 .unwrap_or(Duration::from_secs(30)),
             health_timeout: parsed(self.health_check_timeout, parse_seconds)?
                 .unwrap_or(Duration::from_secs(10)),
+            source: parsed(self.source, parse_source)?.unwrap_or(SourceKind::Notify),
+            max_payload: parsed(self.max_payload, parse_max_payload)?.unwrap_or(1 << 20),
+            retention: parsed(self.retention, parse_retention)?
+                .unwrap_or(Duration::from_secs(DEFAULT_RETENTION_SECS)),
+            poll_interval: parsed(self.poll_interval, parse_poll_interval)?
+                .unwrap_or(Duration::from_millis(5)),
         };
         let ping_interval =
             parsed(self.ping_interval, parse_seconds)?.unwrap_or(Duration::from_secs(5));

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+use super::SourceKind;
+
 pub(super) fn parse_port(text: &str) -> Result<u16, String> {
     text.trim()
         .parse::<u16>()
@@ -34,6 +36,45 @@ pub(super) fn parse_count(text: &str) -> Result<usize, String> {
     text.trim()
         .parse::<usize>()
         .map_err(|_| "not a whole number".to_owned())
+}
+
+/// `notify` or `table`, in any case.
+pub(super) fn parse_source(text: &str) -> Result<SourceKind, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "notify" => Ok(SourceKind::Notify),
+        "table" => Ok(SourceKind::Table),
+        _ => Err("not a source (notify, table)".to_owned()),
+    }
+}
+
+/// The largest payload a table-mode publisher may store, in bytes: at least NOTIFY's 7,999
+/// (table mode must not be stricter than notify mode), at most 256 MiB (every encoding of a
+/// message is held in memory, and PostgreSQL's text stops at 1 GB).
+pub(super) fn parse_max_payload(text: &str) -> Result<usize, String> {
+    const MAX: usize = 256 << 20;
+    match text.trim().parse::<usize>() {
+        Ok(n) if (7_999..=MAX).contains(&n) => Ok(n),
+        _ => Err(format!("not a size in bytes from 7999 to {MAX}")),
+    }
+}
+
+/// How long table rows are kept, in whole seconds: from a minute (shorter would race clients
+/// that resume after a blip) to ten years.
+pub(super) fn parse_retention(text: &str) -> Result<Duration, String> {
+    const MAX: u64 = 10 * 366 * 86_400;
+    match text.trim().parse::<u64>() {
+        Ok(secs) if (60..=MAX).contains(&secs) => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("not a whole number of seconds from 60 to {MAX}")),
+    }
+}
+
+/// Milliseconds between the sequencer's looks for new rows: 1 to 1000 (0 would spin; more than
+/// a second would make every publish wait that long).
+pub(super) fn parse_poll_interval(text: &str) -> Result<Duration, String> {
+    match text.trim().parse::<u64>() {
+        Ok(ms) if (1..=1000).contains(&ms) => Ok(Duration::from_millis(ms)),
+        _ => Err("not a whole number of milliseconds from 1 to 1000".to_owned()),
+    }
 }
 
 /// Log level names of the original (DEBUG … PANIC) in any case, plus TRACE and OFF.
@@ -93,6 +134,21 @@ mod tests {
         assert!(parse_seconds("0").is_err());
         assert!(parse_seconds("86401").is_err());
         assert!(parse_seconds("-1").is_err());
+    }
+
+    #[test]
+    fn table_mode_settings_are_bounded() {
+        assert_eq!(parse_source("Table"), Ok(SourceKind::Table));
+        assert_eq!(parse_source("notify"), Ok(SourceKind::Notify));
+        assert!(parse_source("outbox").is_err());
+        assert_eq!(parse_max_payload("7999"), Ok(7_999));
+        assert!(parse_max_payload("7998").is_err());
+        assert!(parse_max_payload(&((256usize << 20) + 1).to_string()).is_err());
+        assert_eq!(parse_retention("60"), Ok(Duration::from_secs(60)));
+        assert!(parse_retention("59").is_err());
+        assert_eq!(parse_poll_interval("5"), Ok(Duration::from_millis(5)));
+        assert!(parse_poll_interval("0").is_err());
+        assert!(parse_poll_interval("1001").is_err());
     }
 
     #[test]

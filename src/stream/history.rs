@@ -35,7 +35,7 @@ impl Default for HistoryLimits {
     }
 }
 
-/// Messages with consecutive offsets, oldest first.
+/// Messages in growing offsets, oldest first.
 #[derive(Debug)]
 pub struct History {
     entries: VecDeque<(Instant, Arc<Outgoing>)>,
@@ -113,7 +113,11 @@ impl History {
         if first > since.offset + 1 {
             return Err(ResetReason::Evicted);
         }
-        let skip = usize::try_from(since.offset + 1 - first).unwrap_or(usize::MAX);
+        // Offsets grow but may skip (in table mode positions are shared by every channel, and
+        // a row the check refuses keeps its position): search rather than count.
+        let skip = self
+            .entries
+            .partition_point(|(_, m)| m.position().offset <= since.offset);
         Ok(self
             .entries
             .iter()
@@ -183,6 +187,33 @@ mod tests {
             history.after(now, other, head),
             Err(ResetReason::OtherEpoch)
         );
+    }
+
+    #[test]
+    fn offsets_with_gaps_are_searched_not_counted() {
+        let epoch = Epoch::new_after(None);
+        let now = Instant::now();
+        let mut history = History::new(HistoryLimits::default());
+        for offset in [3, 7, 8, 20] {
+            for message in messages(epoch, offset..=offset) {
+                history.push(now, message);
+            }
+        }
+        let head = Position { epoch, offset: 20 };
+        let at = |offset| Position { epoch, offset };
+        assert_eq!(
+            offsets(&history.after(now, at(3), head).expect("3")),
+            [7, 8, 20]
+        );
+        assert_eq!(
+            offsets(&history.after(now, at(2), head).expect("2")),
+            [3, 7, 8, 20]
+        );
+        assert_eq!(
+            offsets(&history.after(now, at(10), head).expect("10")),
+            [20]
+        );
+        assert_eq!(history.after(now, at(1), head), Err(ResetReason::Evicted));
     }
 
     #[test]

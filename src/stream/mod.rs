@@ -9,6 +9,7 @@
 //! client is given what it missed and joins the fan-out, while publishing appends and queues
 //! under the same lock, so the hand-over has neither gap nor duplicate.
 
+pub mod durable;
 pub mod history;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::fanout::{Batch, Hub, Registration};
 use crate::message::{self, Epoch, Format, Outgoing, Position, ResetReason};
 use crate::metrics::Metrics;
+pub use durable::{Archive, ArchivedRow, Page, Unavailable};
 pub use history::{History, HistoryLimits};
 
 /// Whether the stream's source is live, as `/status` and `/ready` report it.
@@ -74,6 +76,8 @@ pub struct Stream {
     metrics: Arc<Metrics>,
     state: watch::Sender<ListenerState>,
     log: Mutex<Log>,
+    /// Table mode only: where resumes beyond the history are served from.
+    durable: Option<durable::Durable>,
 }
 
 impl Stream {
@@ -88,7 +92,23 @@ impl Stream {
                 next: start.next(),
                 history: History::new(limits),
             }),
+            durable: None,
         }
+    }
+
+    /// A stream whose positions come from its source (table mode): each message keeps the
+    /// position the source gives it ([`Stream::accept_at`]), the epoch is the table's lineage
+    /// ([`Stream::continue_at`]), and a client that resumes from further back than the history
+    /// is served from `archive`.
+    pub fn new_durable(
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        limits: HistoryLimits,
+        archive: Arc<dyn Archive>,
+    ) -> Stream {
+        let mut stream = Stream::new(hub, metrics, limits);
+        stream.durable = Some(durable::Durable::new(archive, limits.max_bytes));
+        stream
     }
 
     fn lock(&self) -> MutexGuard<'_, Log> {
@@ -163,6 +183,83 @@ impl Stream {
         }
     }
 
+    /// Table mode: checks one row's payload; it keeps the position the table gave it. Invalid
+    /// ones are counted and logged, never forwarded (their position is simply not used).
+    pub fn accept_at(
+        &self,
+        channel: &str,
+        payload: &str,
+        position: Position,
+    ) -> Option<Arc<Outgoing>> {
+        self.metrics.notifications_received.inc();
+        match message::validate(payload) {
+            Ok(()) => {
+                log::debug!("row {position}: {}", message::preview(payload));
+                Some(Arc::new(Outgoing::message(position, payload)))
+            }
+            Err(rejected) => {
+                self.metrics.notifications_invalid.inc();
+                log::warn!(
+                    "row {position} on {channel:?} dropped ({rejected}): {:?}",
+                    message::preview(payload)
+                );
+                None
+            }
+        }
+    }
+
+    /// Table mode: the source (re)connected and reads after `head`, in the table's lineage
+    /// `head.epoch`. The same lineage as before means nothing was lost (the source continues
+    /// from its own cursor); a first call sets the epoch; a different lineage (the schema was
+    /// created again) starts over, and opted-in clients are told with a reset.
+    pub async fn continue_at(&self, head: Position) {
+        let Some(durable) = &self.durable else {
+            return;
+        };
+        let previous = *durable.lineage.borrow();
+        if previous == Some(head.epoch) {
+            return;
+        }
+        let rooms = self.hub.reserve(1).await;
+        let mut log = self.lock();
+        log.head = head;
+        log.next = head.next();
+        log.history.clear();
+        if previous.is_some() {
+            self.metrics.count_reset(ResetReason::OtherEpoch);
+            self.hub.enqueue(
+                message_batch(Outgoing::reset(head, ResetReason::OtherEpoch)),
+                rooms,
+            );
+            log::warn!(
+                "the table's lineage changed to {} (its schema was created again): clients \
+                 resume from {head}",
+                head.epoch
+            );
+        } else {
+            drop(rooms);
+            log::info!("stream lineage {}: continuing after {head}", head.epoch);
+        }
+        drop(log);
+        durable.lineage.send_replace(Some(head.epoch));
+    }
+
+    /// Table mode: the source has read every row of the stream's channel up to `offset` (the
+    /// table's head), so the head moves there even when none of them was on this channel; a
+    /// client that resumes from a position another replica gave up to there is then current.
+    pub fn advance_to(&self, offset: u64) {
+        let Some(durable) = &self.durable else {
+            return;
+        };
+        let mut log = self.lock();
+        if offset > log.head.offset {
+            log.head.offset = offset;
+            log.next.offset = offset + 1;
+            drop(log);
+            durable.published.notify_waiters();
+        }
+    }
+
     /// Publishes accepted messages, in order, to every client and keeps them in the history;
     /// empties `batch`. Waits only while the fan-out is a full read-ahead behind; cancelling
     /// the wait publishes nothing.
@@ -181,6 +278,9 @@ impl Stream {
         }
         self.hub.enqueue(items, rooms);
         drop(log);
+        if let Some(durable) = &self.durable {
+            durable.published.notify_waiters();
+        }
         self.metrics.notifications_forwarded.inc_by(count as u64);
         log::debug!(
             "{count} notification(s) forwarded to {} clients",

@@ -172,14 +172,17 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, state: Arc<Ap
     }
     let routed = state.clone();
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        let mut response = routes::route(&routed, peer, request);
-        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            // One request per connection: see the module's doc.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let routed = routed.clone();
+        async move {
+            let mut response = routes::route(&routed, peer, request).await;
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                // One request per connection: see the module's doc.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
         }
-        std::future::ready(Ok::<_, Infallible>(response))
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

@@ -13,7 +13,11 @@ use super::{AppState, Response, upgrade};
 use crate::stream::ListenerState;
 
 /// Answers one request from `peer`.
-pub fn route(state: &Arc<AppState>, peer: SocketAddr, request: Request<Incoming>) -> Response {
+pub async fn route(
+    state: &Arc<AppState>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response {
     let Some(rest) = request.uri().path().strip_prefix('/') else {
         return text(StatusCode::NOT_FOUND, "not found");
     };
@@ -24,7 +28,7 @@ pub fn route(state: &Arc<AppState>, peer: SocketAddr, request: Request<Incoming>
         _ if rest == state.sender.stream_path && request.method() == Method::OPTIONS => {
             preflight(state, request.headers())
         }
-        _ if rest == state.sender.stream_path => upgrade::upgrade(state, peer, request),
+        _ if rest == state.sender.stream_path => upgrade::upgrade(state, peer, request).await,
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
 }

@@ -76,7 +76,22 @@ pub async fn serve(
 
     // Join first: frames published from here on wait in the outbox, which gets the socket only
     // after the head and the preamble are written.
-    let (registration, joined) = state.stream.join(Format::Sse, start);
+    let (registration, joined) = match state.stream.join_resuming(Format::Sse, start).await {
+        Ok(joined) => joined,
+        Err(unavailable) => {
+            state.metrics.clients_rejected.inc();
+            log::info!("event stream from {peer}: resume refused: {unavailable}");
+            let refusal = super::routes::text_owned(
+                hyper::StatusCode::SERVICE_UNAVAILABLE,
+                unavailable.to_string(),
+            );
+            let sent = refuse(&mut stream, &refusal, state.sender.handshake_timeout).await;
+            if let Err(err) = sent {
+                log::debug!("event stream from {peer}: refusal not sent: {err}");
+            }
+            return;
+        }
+    };
     let id = registration.id;
     if joined != Joined::Live {
         log::debug!("client {id} ({peer}): {joined:?}");

@@ -85,12 +85,32 @@ fn admit(
 }
 
 /// Joins the fan-out at the client's start: frames published from here on are queued for it.
-fn join(state: &AppState, peer: SocketAddr, admitted: &Admitted) -> Registration {
-    let (registration, joined) = state.stream.join(admitted.format(), admitted.start);
+/// In table mode a resume may have to read the table first, and is refused (503, counted)
+/// while the table cannot be read.
+async fn join(
+    state: &AppState,
+    peer: SocketAddr,
+    admitted: &Admitted,
+) -> Result<Registration, Box<Response>> {
+    let (registration, joined) = match state
+        .stream
+        .join_resuming(admitted.format(), admitted.start)
+        .await
+    {
+        Ok(joined) => joined,
+        Err(unavailable) => {
+            state.metrics.clients_rejected.inc();
+            log::info!("client {peer}: resume refused: {unavailable}");
+            return Err(Box::new(text_owned(
+                StatusCode::SERVICE_UNAVAILABLE,
+                unavailable.to_string(),
+            )));
+        }
+    };
     if joined != Joined::Live {
         log::debug!("client {} ({peer}): {joined:?}", registration.id);
     }
-    registration
+    Ok(registration)
 }
 
 fn liveness(state: &AppState) -> Liveness {
@@ -111,8 +131,17 @@ pub async fn serve(
     mut stream: TcpStream,
     request: Request,
 ) {
-    let admitted = match admit(&state, peer, &Method::GET, &request.headers, &request.query) {
-        Ok(admitted) => admitted,
+    let joined = match admit(&state, peer, &Method::GET, &request.headers, &request.query) {
+        Ok(admitted) => {
+            drop(request);
+            join(&state, peer, &admitted)
+                .await
+                .map(|registration| (admitted, registration))
+        }
+        Err(refusal) => Err(refusal),
+    };
+    let (admitted, registration) = match joined {
+        Ok(joined) => joined,
         Err(refusal) => {
             let sent = refuse(&mut stream, &refusal, state.sender.handshake_timeout).await;
             if let Err(err) = sent {
@@ -121,8 +150,6 @@ pub async fn serve(
             return;
         }
     };
-    drop(request);
-    let registration = join(&state, peer, &admitted);
     let head = switching_protocols(&admitted);
     match timeout(state.sender.handshake_timeout, stream.write_all(&head)).await {
         Ok(Ok(())) => {}
@@ -169,7 +196,7 @@ fn switching_protocols(admitted: &Admitted) -> Vec<u8> {
 /// The same handshake when hyper has read it (a head the accept loop could not classify, such
 /// as one that arrived in pieces after the client stopped sending): validates it, registers
 /// the client, and answers 101, or says what is wrong.
-pub fn upgrade(
+pub async fn upgrade(
     state: &Arc<AppState>,
     peer: SocketAddr,
     mut request: hyper::Request<Incoming>,
@@ -180,7 +207,10 @@ pub fn upgrade(
         Err(refusal) => return *refusal,
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let registration = join(state, peer, &admitted);
+    let registration = match join(state, peer, &admitted).await {
+        Ok(registration) => registration,
+        Err(refusal) => return *refusal,
+    };
     let liveness = liveness(state);
     let expires = admitted.expires;
     let metrics = state.metrics.clone();

@@ -11,6 +11,7 @@ mod browser;
 mod config_errors;
 mod config_file;
 mod delivery;
+mod durable;
 mod harness_selftest;
 mod hostile;
 mod http;
