@@ -878,3 +878,55 @@ pub async fn stuck_end(ws: &mut Ws, deadline: Instant) -> ClientEnd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_follow_one_another_within_an_epoch() {
+        let mut track = PositionTrack::after("00ab-10");
+        for position in ["00ab-11", "00ab-12", "00ab-14", "00ab-14", "00ab-13"] {
+            track.message(position);
+        }
+        assert_eq!(
+            track.counts,
+            Positions {
+                seen: 5,
+                gaps: 1,
+                repeats: 2,
+                ..Positions::default()
+            }
+        );
+        // A reset names where to go on from; the next message follows it.
+        track.reset("00cd-0");
+        track.message("00cd-1");
+        assert_eq!((track.counts.resets, track.counts.epoch_changes), (1, 0));
+        track.message("00ef-2");
+        assert_eq!(track.counts.epoch_changes, 1);
+        assert_eq!(track.last(), Some("00ef-2"));
+        assert!(!track.counts.is_clean());
+        assert!(PositionTrack::default().last().is_none());
+    }
+
+    #[test]
+    fn v1_fields_are_read_without_parsing_json() {
+        let frame = r#"{"id":"00ab-7","data":{"action":"x"}}"#;
+        assert_eq!(v1_field(frame, r#"{"id":""#), Some("00ab-7"));
+        let reset = r#"{"event":"reset","id":"00ab-9","reason":"evicted"}"#;
+        assert_eq!(v1_field(reset, r#""id":""#), Some("00ab-9"));
+        assert_eq!(v1_field(r#"{"action":"ping"}"#, r#"{"id":""#), None);
+    }
+
+    #[tokio::test]
+    async fn a_resume_adds_since_to_the_query() {
+        let target = Target::resolve("ws://127.0.0.1:9/stream", 4096)
+            .await
+            .expect("a ws URL");
+        let resumed = target.with_query("since", "00ab-7");
+        assert_eq!(resumed.path, "/stream?since=00ab-7");
+        assert_eq!(resumed.url, "ws://127.0.0.1:9/stream?since=00ab-7");
+        let again = resumed.with_query("token", "t");
+        assert_eq!(again.path, "/stream?since=00ab-7&token=t");
+    }
+}

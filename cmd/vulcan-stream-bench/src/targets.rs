@@ -944,6 +944,72 @@ mod tests {
         );
     }
 
+    #[test]
+    fn formats_are_judged_against_legacy_in_the_same_run() {
+        use crate::report::ListenerCheck;
+        let run = |format: Format, us: f64| Report {
+            settings: Settings {
+                clients: 1000,
+                format,
+                ..Settings::default()
+            },
+            delivery: Some(Delivery {
+                expected: 10,
+                counts: Counts {
+                    delivered: 10,
+                    ..Counts::default()
+                },
+                clients_complete: 1000,
+                ..Delivery::default()
+            }),
+            server: Some(ServerUse {
+                cpu_us_per_frame: Some(us),
+                ..ServerUse::default()
+            }),
+            ..Report::default()
+        };
+        let runs = vec![
+            run(Format::Legacy, 0.10),
+            run(Format::V1, 0.12),
+            run(Format::Sse, 0.20),
+            run(Format::Legacy, 0.10),
+            run(Format::V1, 0.14),
+            run(Format::Sse, 0.10),
+        ];
+        let rows = evaluate(&Reports {
+            format_runs: runs,
+            burst: Some(Report {
+                listener: Some(ListenerCheck {
+                    epoch_before: "a".to_owned(),
+                    epoch_after: "b".to_owned(),
+                    reconnects: Some(1.0),
+                }),
+                ..run(Format::Legacy, 1.0)
+            }),
+            ..Reports::default()
+        });
+        let v1 = find(&rows, "12. 1,000 v1 clients");
+        assert_eq!(v1.verdict, Verdict::Pass);
+        assert!(v1.measured.starts_with("1.30× "), "{}", v1.measured);
+        assert!(
+            v1.measured.contains("by round 1.20×, 1.40×"),
+            "{}",
+            v1.measured
+        );
+        // 0.15 against 0.10 on the mean, although one round was 2×.
+        assert_eq!(find(&rows, "12. 1,000 sse clients").verdict, Verdict::Pass);
+        assert_eq!(
+            find(&rows, "12. formats: nothing lost").verdict,
+            Verdict::Pass
+        );
+        assert_eq!(find(&rows, "15. 8,000 clients").verdict, Verdict::Fail);
+        assert_eq!(find(&rows, "15. the burst").verdict, Verdict::Pass);
+        assert_eq!(
+            find(&rows, "13. resume storm, 1,000").verdict,
+            Verdict::NotRun
+        );
+    }
+
     fn find<'a>(rows: &'a [Row], target: &str) -> &'a Row {
         rows.iter()
             .find(|r| r.target.starts_with(target))
