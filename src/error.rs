@@ -27,4 +27,6 @@ pub enum Error {
     },
     #[error("cannot build the TLS connector for PostgreSQL")]
     Tls(#[source] native_tls::Error),
+    #[error("cannot start the LISTEN receiver's thread")]
+    ReceiverThread(#[source] io::Error),
 }

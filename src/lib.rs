@@ -66,6 +66,32 @@ use source::notify::Receiver;
 use stream::Stream;
 use transport::AppState;
 
+/// Starts the LISTEN receiver on a thread and a runtime of its own; returns a future that ends
+/// when it does, for the task tracker.
+///
+/// On the shared runtime the receiver queued behind thousands of client tasks, each flushing a
+/// burst from its outbox: it went unpolled for over a second, its health query was not even
+/// written before its deadline passed, and a live connection was dropped (a new epoch for every
+/// client). Its own thread keeps its reads and its health check on time whatever the clients
+/// do; it shares only the stream's lock and the fan-out's room with them.
+fn spawn_receiver(receiver: Receiver) -> Result<impl Future<Output = ()>, Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::ReceiverThread)?;
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("receiver".to_owned())
+        .spawn(move || {
+            runtime.block_on(receiver.run());
+            drop(done);
+        })
+        .map_err(Error::ReceiverThread)?;
+    Ok(async move {
+        let _ = ended.await;
+    })
+}
+
 /// How long clients get to receive their close frames after a stop signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -128,16 +154,14 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     ));
     let tasks = TaskTracker::new();
 
-    tasks.spawn(
-        Receiver {
-            config: config.receiver.clone(),
-            tls,
-            stream: stream.clone(),
-            metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
-        }
-        .run(),
-    );
+    let receiver = Receiver {
+        config: config.receiver.clone(),
+        tls,
+        stream: stream.clone(),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    };
+    tasks.spawn(spawn_receiver(receiver)?);
     tasks.spawn(
         stream
             .clone()

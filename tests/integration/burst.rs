@@ -4,8 +4,9 @@
 //! reconnect, no "lost" line) and every client gets every message, in order, none closed.
 //!
 //! The clients are the load generator's (the workspace's other package, built for the test),
-//! which checks every client's sequence. The client queue holds the whole burst, so that no
-//! client is closed for being behind while it keeps reading: on two cores the generator reads
+//! which checks every client's sequence. The client queue holds the whole burst and the pong
+//! timeout outlasts it, so that no client is closed for being behind while it keeps reading
+//! (its Ping waits behind the frames in its socket buffers): on two cores the generator reads
 //! on the same cores the server writes with, and only the LISTEN connection is under test.
 
 use std::time::Duration;
@@ -34,7 +35,8 @@ async fn a_burst_under_one_second_health_checks_keeps_the_listen_and_loses_nothi
         ServerOpts::with_db(pg, channel)
             .env("PG_HEALTH_INTERVAL", "1")
             .env("PG_HEALTH_TIMEOUT", "1")
-            .env("CLIENT_QUEUE", MESSAGES + 1024),
+            .env("CLIENT_QUEUE", MESSAGES + 1024)
+            .env("PONG_TIMEOUT", 600),
     )
     .await?;
     let epoch = server.status().await?["epoch"].clone();
