@@ -233,7 +233,6 @@ impl SseStream {
         };
         let rest = std::mem::take(&mut self.rest);
         if let Err(error) = parser.feed(&rest, &mut on) {
-            drop(on);
             return (tally, ClientEnd::Dropped { error });
         }
         let mut chunk = vec![0u8; READ_CHUNK];
@@ -263,7 +262,6 @@ impl SseStream {
                 }
             }
         };
-        drop(on);
         (tally, end)
     }
 }
@@ -310,7 +308,6 @@ mod tests {
         for chunk in input.chunks(piece) {
             parser.feed(chunk, &mut on).expect("valid stream");
         }
-        drop(on);
         (seen, parser.retry_ms)
     }
 
