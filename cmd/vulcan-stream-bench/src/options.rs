@@ -89,6 +89,12 @@ pub struct ClientArgs {
     /// message's position follows the one before.
     #[arg(long, value_enum, default_value_t = Format::Legacy)]
     pub format: Format,
+    /// The kernel's receive buffer of each reading client, in bytes [default: the kernel's,
+    /// which grows with the traffic]. A small one keeps a burst to thousands of clients out of
+    /// the kernel's TCP memory: past its limit (`net.ipv4.tcp_mem`) loopback segments are
+    /// dropped and retransmitted after timeouts that back off to minutes.
+    #[arg(long, value_name = "BYTES")]
+    pub recv_buffer: Option<u32>,
 }
 
 /// PostgreSQL.
@@ -550,6 +556,12 @@ impl ClientArgs {
         }
         if !(256..=16 << 20).contains(&self.read_buffer) {
             return usage("--read-buffer must be between 256 and 16777216 bytes");
+        }
+        if self
+            .recv_buffer
+            .is_some_and(|b| !(1024..=64 << 20).contains(&b))
+        {
+            return usage("--recv-buffer must be between 1024 and 67108864 bytes");
         }
         Ok(())
     }

@@ -85,6 +85,9 @@ pub struct Settings {
     /// What the reading clients asked for (legacy websocket frames when absent).
     #[serde(default)]
     pub format: Format,
+    /// The reading clients' kernel receive buffer, when set.
+    #[serde(default)]
+    pub recv_buffer: Option<u32>,
 }
 
 impl Settings {
@@ -97,6 +100,7 @@ impl Settings {
             read_buffer: clients.read_buffer,
             connect_concurrency: clients.connect_concurrency,
             format: clients.format,
+            recv_buffer: clients.recv_buffer,
             ..Settings::default()
         }
     }

@@ -288,6 +288,7 @@ impl LoadSpec {
             connect_concurrency: 1,
             read_buffer: 4096,
             format: Format::Legacy,
+            recv_buffer: None,
         };
         let mut spec = LoadSpec::new(
             "raw-listen",
@@ -401,6 +402,7 @@ impl LoadSpec {
             read_buffer: self.clients.read_buffer,
             connect_concurrency: self.clients.connect_concurrency,
             format: self.clients.format,
+            recv_buffer: self.clients.recv_buffer,
         }
     }
 }
@@ -626,7 +628,7 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
             0,
             n,
             spec.clients.connect_concurrency,
-            &Dial::default(),
+            &Dial::recv_buffer(spec.clients.recv_buffer),
         )
         .await;
         if connected.is_empty() {
