@@ -96,8 +96,9 @@ pub struct Outgoing {
 /// The text of the legacy heartbeat frame, as the original sent it.
 pub const PING_PAYLOAD: &str = r#"{"action":"ping"}"#;
 
-/// [`PING_PAYLOAD`] as a text frame: FIN + text opcode, length 17.
-const PING_FRAME: &[u8] = b"\x81\x11{\"action\":\"ping\"}";
+/// [`PING_PAYLOAD`] as a text frame (FIN + text opcode, length 17), then a websocket Ping
+/// (FIN + ping opcode, length 4): a legacy client's heartbeat, both frames in one write.
+const PING_FRAMES: &[u8] = b"\x81\x11{\"action\":\"ping\"}\x89\x04ping";
 
 /// Sent once to each SSE client before anything else: how long a browser waits before it
 /// reconnects (milliseconds).
@@ -122,15 +123,20 @@ impl Outgoing {
         }
     }
 
-    /// The heartbeat, naming the newest message (`head`).
+    /// The heartbeat, naming the newest message (`head`). A websocket client gets its
+    /// heartbeat message and a websocket Ping together, written once per client by the fan-out
+    /// rather than the Ping by each client's own task: the Pong it answers is how a vanished
+    /// client is found.
     pub fn ping(head: Position) -> Outgoing {
         let v1 = format!(r#"{{"event":"ping","id":"{head}"}}"#);
+        let mut v1_frames = BytesMut::from(&websocket::text(v1.as_bytes())[..]);
+        v1_frames.extend_from_slice(websocket::PING);
         Outgoing {
             position: head,
             payload_at: None,
             frames: [
-                Some(Bytes::from_static(PING_FRAME)),
-                Some(websocket::text(v1.as_bytes())),
+                Some(Bytes::from_static(PING_FRAMES)),
+                Some(v1_frames.freeze()),
                 Some(Bytes::from(format!(": ping {head}\n\n"))),
             ],
         }
@@ -258,14 +264,19 @@ mod tests {
     fn events_carry_positions_and_legacy_clients_keep_the_original_ping() {
         let head: Position = "2-5".parse().expect("position");
         let ping = Outgoing::ping(head);
+        // The original's heartbeat text frame, then a websocket Ping in the same write.
+        let legacy = ping.frame(Format::Legacy).expect("legacy");
+        let (text, control) = legacy.split_at(legacy.len() - websocket::PING.len());
+        assert_eq!(&text[..2], b"\x81\x11");
+        assert_eq!(&text[2..], PING_PAYLOAD.as_bytes());
+        assert_eq!(control, websocket::PING);
+        let v1 = ping.frame(Format::V1).expect("v1");
+        let (text, control) = v1.split_at(v1.len() - websocket::PING.len());
         assert_eq!(
-            &ping.frame(Format::Legacy).expect("legacy")[2..],
-            PING_PAYLOAD.as_bytes()
-        );
-        assert_eq!(
-            text_of(ping.frame(Format::V1).expect("v1")),
+            text_of(&Bytes::copy_from_slice(text)),
             r#"{"event":"ping","id":"0000000000000002-5"}"#
         );
+        assert_eq!(control, websocket::PING);
         assert!(ping.frame(Format::Sse).expect("sse").starts_with(b":"));
         assert_eq!(ping.payload(), None);
         let reset = Outgoing::reset(head, ResetReason::Evicted);

@@ -6,6 +6,10 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+/// A websocket Ping. It carries a payload so that no NUL byte goes out: a plain `curl` on the
+/// stream (the README's example) stops at the first NUL it would print to a terminal.
+pub const PING: &[u8] = b"\x89\x04ping";
+
 /// Frame opcodes (RFC 6455 §5.2).
 pub mod opcode {
     pub const CONTINUATION: u8 = 0x0;

@@ -5,14 +5,15 @@
 //! `TokioIo<TcpStream>`, so that an upgraded websocket comes back as the raw socket.
 //!
 //! Before hyper reads anything, the connection's first request head is *peeked* at (left in
-//! the socket) until it is complete, within the same timeout and size limit: an event-stream
-//! request ([`sse::classify`]) is taken out of the socket and served by [`sse`], since hyper
-//! would never give up the socket of a 200. Every other connection goes to hyper with its bytes
-//! untouched, and keep-alive off: every answer but a 101 says `Connection: close`, so hyper
-//! closes the connection after it, each request is the first on its connection, and an
-//! event-stream request can never arrive on a connection hyper already holds. (Not through
-//! hyper's `keep_alive(false)`: that also appends `close` to a 101's `Connection: upgrade`,
-//! which websocket clients such as tungstenite refuse.)
+//! the socket) until it is complete, within the same timeout and size limit
+//! ([`head::classify`]): a websocket handshake or an event-stream request of the stream path is
+//! taken out of the socket and served on it by [`upgrade`] or [`sse`] (hyper would never give
+//! up the socket of a 200, and a handshake costs less without it). Every other connection goes
+//! to hyper with its bytes untouched, and keep-alive off: every answer but a 101 says
+//! `Connection: close`, so hyper closes the connection after it, each request is the first on
+//! its connection, and a request of the stream path can never arrive on a connection hyper
+//! already holds. (Not through hyper's `keep_alive(false)`: that also appends `close` to a
+//! 101's `Connection: upgrade`, which websocket clients such as tungstenite refuse.)
 
 use std::convert::Infallible;
 use std::io;
@@ -30,8 +31,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout_at};
 use tokio_util::task::TaskTracker;
 
-use super::sse::{self, Head};
-use super::{AppState, routes};
+use super::head::{self, Head};
+use super::{AppState, routes, sse, upgrade};
 use crate::error::Error;
 
 /// The largest request head (request line plus headers) accepted; hyper's minimum is 8 KiB.
@@ -148,16 +149,20 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, state: Arc<Ap
         peeked = timeout_at(deadline, first_head(&stream, &state.sender.stream_path)) => peeked,
     };
     match peeked {
-        Ok(Ok(Peeked::EventStream(len, request))) => {
-            // The head is in the socket already: this read does not wait.
-            let mut head = vec![0; len];
-            match timeout_at(deadline, stream.read_exact(&mut head)).await {
+        Ok(Ok(Peeked::StreamPath(len, kind, request))) => {
+            // The head is in the socket already: this read does not wait. (On the heap, not in
+            // this task, whose size every client pays for as long as it is connected.)
+            let mut taken = vec![0; len];
+            match timeout_at(deadline, stream.read_exact(&mut taken)).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => return log::debug!("connection from {peer}: {err}"),
                 Err(_) => return,
             }
-            drop(head);
-            return sse::serve(state, peer, stream, request).await;
+            drop(taken);
+            return match kind {
+                StreamPath::Websocket => upgrade::serve(state, peer, stream, request).await,
+                StreamPath::EventStream => sse::serve(state, peer, stream, request).await,
+            };
         }
         Ok(Ok(Peeked::Http)) => {}
         Ok(Ok(Peeked::Closed)) => return,
@@ -198,11 +203,19 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, state: Arc<Ap
     }
 }
 
+/// Which request of the stream path a head is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamPath {
+    Websocket,
+    EventStream,
+}
+
 /// What a connection's first request is.
 #[derive(Debug)]
 enum Peeked {
-    /// An event-stream request whose head is the first `.0` bytes in the socket.
-    EventStream(usize, sse::Request),
+    /// A request of the stream path served without hyper, whose head is the first `.0` bytes
+    /// in the socket.
+    StreamPath(usize, StreamPath, head::Request),
     /// Anything else (malformed and oversized heads too): for hyper, which answers it.
     Http,
     /// The client closed the connection without sending anything.
@@ -239,8 +252,13 @@ async fn first_head(stream: &TcpStream, stream_path: &str) -> io::Result<Peeked>
             Err(err) => return Err(err),
         };
         seen = n;
-        match sse::classify(&buf[..n], stream_path) {
-            Head::EventStream { len, request } => return Ok(Peeked::EventStream(len, request)),
+        match head::classify(&buf[..n], stream_path) {
+            Head::Websocket { len, request } => {
+                return Ok(Peeked::StreamPath(len, StreamPath::Websocket, request));
+            }
+            Head::EventStream { len, request } => {
+                return Ok(Peeked::StreamPath(len, StreamPath::EventStream, request));
+            }
             Head::Other => return Ok(Peeked::Http),
             // hyper reads what there is and answers it (or sees the end) as it always did.
             Head::Partial if finished || n >= MAX_REQUEST_HEAD => return Ok(Peeked::Http),
@@ -318,7 +336,7 @@ mod tests {
             client.write_all(rest).await.expect("write");
             peek.await.expect("peek")
         };
-        let Peeked::EventStream(len, request) = peeked else {
+        let Peeked::StreamPath(len, StreamPath::EventStream, request) = peeked else {
             panic!("not an event stream");
         };
         assert_eq!(len, HEAD.len());
@@ -341,7 +359,9 @@ mod tests {
         );
         client.write_all(head.as_bytes()).await.expect("write");
         let peeked = first_head(&server, "stream").await.expect("peek");
-        assert!(matches!(peeked, Peeked::EventStream(len, _) if len == head.len()));
+        assert!(
+            matches!(peeked, Peeked::StreamPath(len, StreamPath::EventStream, _) if len == head.len())
+        );
 
         let (server, mut client) = socket_pair().await;
         let huge = format!(

@@ -1,8 +1,10 @@
 //! Transport: HTTP, websocket and Server-Sent Events, the edge of the process.
 //!
 //! - [`accept`]: the listening socket, the accept loop, and each connection: its first request
-//!   head is looked at before hyper reads it, an event-stream request goes to [`sse`], anything
-//!   else to hyper (one request per connection).
+//!   head is looked at before hyper reads it ([`head`]); a websocket handshake of the stream
+//!   path goes to [`upgrade`], an event-stream request to [`sse`], anything else to hyper (one
+//!   request per connection).
+//! - [`head`]: that first request head, and refusals written without hyper.
 //! - [`routes`]: which path answers what: the stream, `/status`, `/ready`, `/metrics`.
 //! - [`upgrade`]: the websocket handshake (RFC 6455 §4.2), which registers the client with the
 //!   fan-out before its 101 goes out.
@@ -19,6 +21,7 @@
 pub mod accept;
 pub mod admission;
 pub mod frames;
+pub mod head;
 pub mod routes;
 pub mod sse;
 pub mod start;

@@ -1,9 +1,10 @@
 //! One websocket client's task: reads (to answer pings and closes, notice liveness and enforce
-//! limits), flushes what the hub could not write at once, pings, and closes.
+//! limits), flushes what the hub could not write at once, and closes.
 //!
 //! Frames normally reach the socket without this task: the fan-out writes them directly (see
-//! [`crate::fanout::outbox`]). The task wakes only for what the client sends, for a backlog to flush
-//! when the socket becomes writable again, for its ping timer, and to close. A client that has
+//! [`crate::fanout::outbox`]), the heartbeat's websocket Ping included. The task wakes only for
+//! what the client sends, for a backlog to flush when the socket becomes writable again, once
+//! every PingInterval to see whether the client was heard from, and to close. A client that has
 //! not been heard from (any bytes, pongs included) within the pong timeout is dropped: that is
 //! how a vanished peer (pulled cable, expired NAT entry) is found.
 //!
@@ -27,16 +28,18 @@ use crate::metrics::Metrics;
 
 /// How long a close handshake may take, from the server's close frame to the end of the TCP
 /// connection: writing the frame out, the client's answer when the server started the
-/// handshake, and the client closing its side after the server's FIN.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// handshake, and the client closing its side after the server's FIN. Under a second, so that
+/// whatever the client does, its descriptor is free within a second of the close.
+const CLOSE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// The same for a client closed as too slow: its socket was full, so it is not reading, and its
+/// close frame goes out only if it happens to read now. Waiting longer would only hold its
+/// descriptor.
+const SLOW_CLOSE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Bytes read from a client per `read`: clients send only pongs and closes, so a small buffer
 /// (part of the task, no allocation) keeps an idle connection cheap.
 const READ_CHUNK: usize = 512;
-
-/// A websocket Ping. It carries a payload so that no NUL byte goes out: a plain `curl` on the
-/// stream (the README's example) stops at the first NUL it would print to a terminal.
-const PING: &[u8] = b"\x89\x04ping";
 
 /// Liveness and limit settings shared by every client.
 #[derive(Debug, Clone, Copy)]
@@ -90,8 +93,14 @@ impl Subscriber {
         match end {
             End::Stopped(reason) => {
                 let close = websocket::close_frame(reason.code(), reason.text());
-                client.out.seal_with(close, reason == CloseReason::TooSlow);
-                let deadline = Instant::now() + CLOSE_TIMEOUT;
+                let too_slow = reason == CloseReason::TooSlow;
+                client.out.seal_with(close, too_slow);
+                let deadline = Instant::now()
+                    + if too_slow {
+                        SLOW_CLOSE_TIMEOUT
+                    } else {
+                        CLOSE_TIMEOUT
+                    };
                 let _ = timeout_at(deadline, self.drain_outbox()).await;
                 if reason == CloseReason::GoingAway {
                     // Give the client the chance to answer, so it sees a clean close.
@@ -139,8 +148,10 @@ impl Subscriber {
     async fn serve(&self, reader: &mut FrameReader) -> End {
         let client = &self.registration.client;
         let interval = self.liveness.ping_interval;
-        let mut pinger = tokio::time::interval_at(Instant::now() + interval, interval);
-        pinger.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The Pings themselves go out with the fan-out's heartbeat; this only looks at whether
+        // the client has answered anything lately.
+        let mut heard_lately = tokio::time::interval_at(Instant::now() + interval, interval);
+        heard_lately.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut buf = [0u8; READ_CHUNK];
         loop {
@@ -174,11 +185,10 @@ impl Subscriber {
                     }
                 }
                 _ = client.out.backlog_signalled(), if !backlog => {}
-                _ = pinger.tick() => {
+                _ = heard_lately.tick() => {
                     if last_heard.elapsed() > self.liveness.pong_timeout {
                         return End::Unresponsive;
                     }
-                    client.out.send_control(Bytes::from_static(PING));
                 }
             }
         }

@@ -2,72 +2,185 @@
 //! library: the client joins the fan-out *before* the 101 goes out (so a client that saw its
 //! 101 misses nothing), and its raw socket goes to the fan-out, which writes shared,
 //! pre-encoded frames into it directly.
+//!
+//! A handshake is normally served on the raw socket, from the head the accept loop read
+//! ([`serve`]), with nothing of hyper's made or kept. hyper answers only the heads the accept
+//! loop leaves to it ([`upgrade`]), with the same checks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use base64::Engine as _;
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use super::head::{Request, plain_response};
 use super::routes::text_owned;
-use super::start;
+use super::subscriber::{Liveness, Subscriber};
+use super::{AppState, Response, admission, start};
+use crate::fanout::Registration;
 use crate::message::Format;
 use crate::stream::{Joined, Start};
 
 /// The websocket subprotocol of clients that want positions, resume and resets.
 pub const V1: &str = "vulcan-stream.v1";
-use super::subscriber::{Liveness, Subscriber};
-use super::{AppState, Response, admission};
 
-/// Validates the handshake, registers the client, and answers 101; or says what is wrong.
-pub fn upgrade(
-    state: &Arc<AppState>,
-    peer: SocketAddr,
-    mut request: Request<Incoming>,
-) -> Response {
-    let key = match check_handshake(request.method(), request.headers()) {
-        Ok(key) => key,
-        Err(refused) => {
-            state.metrics.clients_rejected.inc();
-            return refused.response();
+/// What the client of an accepted handshake asked for.
+struct Admitted {
+    key: Vec<u8>,
+    start: Start,
+    offers_v1: bool,
+}
+
+impl Admitted {
+    /// Clients that neither offer the protocol nor resume get exactly the original frames.
+    fn format(&self) -> Format {
+        if self.offers_v1 || self.start != Start::Live {
+            Format::V1
+        } else {
+            Format::Legacy
         }
-    };
-    let query = request.uri().query().unwrap_or_default();
-    if let Some(refusal) = admission::refusal(state, peer, request.headers(), query) {
-        state.metrics.clients_rejected.inc();
-        return refusal;
     }
-    let start = match start::from_query(query) {
-        Ok(start) => start,
-        Err(bad) => {
-            state.metrics.clients_rejected.inc();
-            return bad.response();
-        }
-    };
-    let offers_v1 = header_has_token(request.headers(), header::SEC_WEBSOCKET_PROTOCOL, V1);
-    // Clients that neither offer the protocol nor resume get exactly the original frames.
-    let format = if offers_v1 || start != Start::Live {
-        Format::V1
-    } else {
-        Format::Legacy
-    };
-    let on_upgrade = hyper::upgrade::on(&mut request);
+}
 
-    // Join the fan-out now: frames published from here on are queued for this client.
-    let (registration, joined) = state.stream.join(format, start);
+/// Checks a handshake, and whether this client may connect and where it starts: what it asked
+/// for, or the answer that refuses it (counted).
+fn admit(
+    state: &AppState,
+    peer: SocketAddr,
+    method: &Method,
+    headers: &HeaderMap,
+    query: &str,
+) -> Result<Admitted, Box<Response>> {
+    let refusal = match check_handshake(method, headers) {
+        Err(bad) => bad.response(),
+        Ok(key) => match admission::refusal(state, peer, headers, query) {
+            Some(refusal) => refusal,
+            None => match start::from_query(query) {
+                Err(bad) => bad.response(),
+                Ok(start) => {
+                    let offers_v1 = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, V1);
+                    return Ok(Admitted {
+                        key,
+                        start,
+                        offers_v1,
+                    });
+                }
+            },
+        },
+    };
+    state.metrics.clients_rejected.inc();
+    Err(Box::new(refusal))
+}
+
+/// Joins the fan-out at the client's start: frames published from here on are queued for it.
+fn join(state: &AppState, peer: SocketAddr, admitted: &Admitted) -> Registration {
+    let (registration, joined) = state.stream.join(admitted.format(), admitted.start);
     if joined != Joined::Live {
         log::debug!("client {} ({peer}): {joined:?}", registration.id);
     }
-    let liveness = Liveness {
+    registration
+}
+
+fn liveness(state: &AppState) -> Liveness {
+    Liveness {
         ping_interval: state.sender.ping_interval,
         pong_timeout: state.sender.pong_timeout,
         max_message: state.sender.max_frame_size,
+    }
+}
+
+/// Serves a websocket handshake whose head the accept loop has taken from `stream`, without
+/// hyper: refuses it, or registers the client, writes the 101 and starts the client's task.
+/// The socket goes to the client's outbox only after the 101 (in [`Subscriber::run`]): what is
+/// published meanwhile waits in the outbox, so it can neither overtake the 101 nor be missed.
+pub async fn serve(
+    state: Arc<AppState>,
+    peer: SocketAddr,
+    mut stream: TcpStream,
+    request: Request,
+) {
+    let admitted = match admit(&state, peer, &Method::GET, &request.headers, &request.query) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            let answer = plain_response(&refusal);
+            let sent = timeout(state.sender.handshake_timeout, async {
+                stream.write_all(&answer).await?;
+                stream.shutdown().await
+            });
+            if let Ok(Err(err)) = sent.await {
+                log::debug!("websocket handshake from {peer}: refusal not sent: {err}");
+            }
+            return;
+        }
     };
+    drop(request);
+    let registration = join(&state, peer, &admitted);
+    let head = switching_protocols(&admitted);
+    match timeout(state.sender.handshake_timeout, stream.write_all(&head)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            return log::debug!("client {} ({peer}): 101 not sent: {err}", registration.id);
+        }
+        Err(_) => return log::debug!("client {} ({peer}): 101 not taken in time", registration.id),
+    }
+    drop(head);
+    // A task of its own, as small as the client's session needs: this one, sized for the
+    // handshake's states too, ends here.
+    state.tasks.spawn(
+        Subscriber {
+            stream: Arc::new(stream),
+            leftover: Bytes::new(),
+            registration,
+            peer,
+            liveness: liveness(&state),
+            metrics: state.metrics.clone(),
+        }
+        .run(),
+    );
+}
+
+/// The 101 of an accepted handshake, as bytes for the socket.
+fn switching_protocols(admitted: &Admitted) -> Vec<u8> {
+    let mut head = Vec::with_capacity(160);
+    head.extend_from_slice(
+        b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-accept: ",
+    );
+    head.extend_from_slice(derive_accept_key(&admitted.key).as_bytes());
+    head.extend_from_slice(b"\r\n");
+    if admitted.offers_v1 {
+        head.extend_from_slice(b"sec-websocket-protocol: ");
+        head.extend_from_slice(V1.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// The same handshake when hyper has read it (a head the accept loop could not classify, such
+/// as one that arrived in pieces after the client stopped sending): validates it, registers
+/// the client, and answers 101, or says what is wrong.
+pub fn upgrade(
+    state: &Arc<AppState>,
+    peer: SocketAddr,
+    mut request: hyper::Request<Incoming>,
+) -> Response {
+    let query = request.uri().query().unwrap_or_default();
+    let admitted = match admit(state, peer, request.method(), request.headers(), query) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let registration = join(state, peer, &admitted);
+    let liveness = liveness(state);
     let metrics = state.metrics.clone();
     let shutdown = state.shutdown.clone();
     state.tasks.spawn(async move {
@@ -107,8 +220,8 @@ pub fn upgrade(
     let h = response.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept_value(&key));
-    if offers_v1 {
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept_value(&admitted.key));
+    if admitted.offers_v1 {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(V1));
     }
     response

@@ -700,3 +700,47 @@ async fn a_thousand_clients_that_leave_release_their_descriptors_at_once() -> Re
     );
     Ok(())
 }
+
+/// A client that stops reading is closed as too slow, and its descriptor is free within a
+/// second of that, with no traffic at all afterwards: its close frame cannot be written into a
+/// full socket, and the server does not wait for a client that does not read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_closed_as_too_slow_releases_its_descriptor_within_a_second() -> Result<()> {
+    const RELEASE_BOUND: Duration = Duration::from_secs(1);
+    let pg = PgCluster::shared().await;
+    let channel = "hostile-kicked";
+    let opts = ServerOpts::with_db(pg, channel)
+        .env("CLIENT_QUEUE", 16)
+        .env("PING_INTERVAL", 3600);
+    let server = Server::spawn(opts).await?;
+    let baseline = server.open_fds()?;
+    let _stuck = RawWs::connect_with_recv_buffer(server.port(), 4096).await?;
+    server.wait_for_clients(1).await?;
+
+    // 20,000 messages of about 1 kB: far more than the socket buffers (the server's may grow to
+    // a few MB) and 16 queued frames hold.
+    let db = pg.client().await?;
+    db.execute(
+        "SELECT pg_notify($1, json_build_object('action', 'fill', 'seq', i, \
+         'pad', repeat('x', 1000))::text) FROM generate_series(1, 20000) i",
+        &[&channel],
+    )
+    .await?;
+    server.wait_slow_disconnects(1).await?;
+    let kicked = Instant::now();
+    let mut open = server.open_fds()?;
+    while open > baseline {
+        ensure!(
+            kicked.elapsed() < RELEASE_BOUND,
+            "{open} descriptors open {RELEASE_BOUND:?} after the slow client was closed \
+             ({baseline} before it connected)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        open = server.open_fds()?;
+    }
+    eprintln!(
+        "slow client's descriptor released within {:?} of its close being counted",
+        kicked.elapsed()
+    );
+    Ok(())
+}

@@ -498,7 +498,7 @@ pub struct TargetsArgs {
     /// broadcast, 19,000 clients on one server.
     #[arg(long)]
     pub connect_19k: Option<PathBuf>,
-    /// broadcast, 20,000 clients on each of five servers.
+    /// broadcast, 100,000 clients over replica servers on one PostgreSQL.
     #[arg(long)]
     pub replicas: Option<PathBuf>,
     /// abuse.
