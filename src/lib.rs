@@ -26,7 +26,8 @@
 //! (`config`, `message`, `metrics`, `error`) import none of these rooms.
 //!
 //! # Flow
-//! A NOTIFY reaches [`source::notify::Receiver`], which hands the payload to
+//! A NOTIFY reaches [`source::notify::Receiver`] (on a thread and a runtime of its own, so that
+//! client tasks cannot delay its reads or its health check), which hands the payload to
 //! [`stream::Stream::accept`]: checked once, given the next position, encoded once per format.
 //! [`stream::Stream::publish`] appends the batch to the history and queues it, under one lock,
 //! for the fan-out's shard threads ([`fanout::Hub::enqueue`]); each writes every client's
