@@ -197,9 +197,10 @@ pub struct ResumeArgs {
     /// Messages every client receives before they all disconnect.
     #[arg(long, default_value_t = 10)]
     pub before: u64,
-    /// Messages published while the clients are away, in statements of --batch.
+    /// Messages published while the clients are away.
     #[arg(long, default_value_t = 1000)]
     pub missed: u64,
+    /// Notifications per statement, before and while away (one statement is one commit).
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
     /// Messages per second published while the clients come back, so that the hand-over from
