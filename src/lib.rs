@@ -126,6 +126,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
             config.sender.max_clients = fits;
         }
     }
+    if config.receiver.sslmode == config::SslMode::Disable && config.receiver.ca.is_some() {
+        log::warn!(
+            "PG_CA_B64 (Receiver.DBCA) is set, but sslmode is disable: the connection to \
+             PostgreSQL is not encrypted and the CA is not used; set PG_SSLMODE to verify-full \
+             to use it"
+        );
+    }
     let tls = source::pg::tls_connector(&config.receiver)?;
     let listener = transport::accept::bind(config.sender.port).await?;
     let local = listener.local_addr().map_err(|source| Error::Bind {

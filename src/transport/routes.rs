@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, StatusCode};
+use hyper::{HeaderMap, Method, Request, StatusCode};
 
+use super::admission::{self, AllowOrigin};
 use super::{AppState, Response, upgrade};
 use crate::stream::ListenerState;
 
@@ -20,9 +21,51 @@ pub fn route(state: &Arc<AppState>, peer: SocketAddr, request: Request<Incoming>
         "status" => status(state),
         "ready" => ready(state),
         "metrics" => metrics(state),
+        _ if rest == state.sender.stream_path && request.method() == Method::OPTIONS => {
+            preflight(state, request.headers())
+        }
         _ if rest == state.sender.stream_path => upgrade::upgrade(state, peer, request),
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// The answer to a CORS preflight of the stream path (Fetch standard §3.2), which a browser
+/// sends before a `fetch` of the event stream that sets `Authorization` or `Last-Event-ID`
+/// itself (an `EventSource` never needs one): 204 with the method and headers the stream
+/// reads, for an allowed origin; without the allow headers otherwise, which the browser takes
+/// as a refusal.
+fn preflight(state: &AppState, headers: &HeaderMap) -> Response {
+    let mut response = Response::new(String::new());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let Some(origin) = admission::allowed_origin(&state.sender, headers) else {
+        return response;
+    };
+    let h = response.headers_mut();
+    match origin {
+        AllowOrigin::Any => {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
+        }
+        AllowOrigin::Echo(origin) => {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        }
+    }
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, last-event-id, accept"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    response
 }
 
 /// A plain-text answer: the status and one line saying why.

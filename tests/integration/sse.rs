@@ -402,6 +402,46 @@ async fn token_and_origin_rules_apply_and_an_allowed_origin_may_read() -> Result
     Ok(())
 }
 
+/// A browser's CORS preflight (before a `fetch` of the stream that sends `Authorization`) is
+/// answered 204, naming what the stream accepts for an allowed origin and nothing for another;
+/// it needs no token, as the Fetch standard sends none with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cors_preflight_of_an_allowed_origin_is_answered() -> Result<()> {
+    let pg = PgCluster::shared().await;
+    let opts = ServerOpts::with_db(pg, "sse-preflight")
+        .env("STREAM_TOKEN", "s3cret")
+        .env("ALLOWED_ORIGINS", "https://ok.example");
+    let server = Server::spawn(opts).await?;
+    let port = server.port();
+    let preflight = |origin: &'static str| async move {
+        let headers = [
+            ("Origin", origin),
+            ("Access-Control-Request-Method", "GET"),
+            ("Access-Control-Request-Headers", "authorization"),
+        ];
+        http_request(port, "OPTIONS", "/stream", &headers).await
+    };
+    let allowed = preflight("https://ok.example").await?;
+    assert_eq!(allowed.status, 204, "{allowed:?}");
+    assert_eq!(
+        allowed.header("access-control-allow-origin"),
+        Some("https://ok.example")
+    );
+    assert_eq!(allowed.header("access-control-allow-methods"), Some("GET"));
+    let headers = allowed
+        .header("access-control-allow-headers")
+        .unwrap_or_default();
+    ensure!(
+        headers.contains("authorization") && headers.contains("last-event-id"),
+        "{allowed:?}"
+    );
+    let other = preflight("https://evil.example").await?;
+    assert_eq!(other.status, 204, "{other:?}");
+    assert_eq!(other.header("access-control-allow-origin"), None);
+    assert_eq!(other.header("access-control-allow-headers"), None);
+    Ok(())
+}
+
 /// SSE clients count against MaxClients with websocket clients, and are refused the same way.
 #[tokio::test(flavor = "multi_thread")]
 async fn max_clients_counts_event_streams_too() -> Result<()> {

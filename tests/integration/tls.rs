@@ -430,6 +430,27 @@ async fn disable_connects_without_tls() -> Result<()> {
     assert_listening(&server, pg, channel, false).await
 }
 
+/// A CA with `disable` is not an error (the original accepted it), but it is not used in
+/// silence either: one warning says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn disable_with_a_ca_connects_without_tls_and_warns_that_the_ca_is_unused() -> Result<()> {
+    let pg = localhost_db().await;
+    let channel = "tls-disable-ca";
+    let opts = tls_opts(pg, channel, "127.0.0.1", "disable").env("PG_CA_B64", b64(&pki().ca));
+    let server = Server::spawn(opts).await?;
+    assert_listening(&server, pg, channel, false).await?;
+    let stderr = server.stderr();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("PG_CA_B64"))
+        .collect();
+    ensure!(
+        warnings.len() == 1 && warnings[0].contains("sslmode is disable"),
+        "one warning about the unused CA: {stderr}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn prefer_allow_and_require_connect_encrypted_without_a_ca() -> Result<()> {
     let pg = localhost_db().await;
