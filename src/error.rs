@@ -29,6 +29,8 @@ pub enum Error {
     Tls(#[source] native_tls::Error),
     #[error(transparent)]
     Schema(#[from] SchemaError),
+    #[error("cannot start the LISTEN receiver's thread")]
+    ReceiverThread(#[source] io::Error),
 }
 
 /// The schema version this build reads and writes (durable mode).

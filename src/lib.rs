@@ -27,7 +27,8 @@
 //! (`config`, `message`, `metrics`, `error`) import none of these rooms.
 //!
 //! # Flow
-//! A NOTIFY reaches [`source::notify::Receiver`], which hands the payload to
+//! A NOTIFY reaches [`source::notify::Receiver`] (on a thread and a runtime of its own, so that
+//! client tasks cannot delay its reads or its health check), which hands the payload to
 //! [`stream::Stream::accept`]: checked once, given the next position, encoded once per format.
 //! In table mode a row reaches [`source::table::TableReader`] with the position the
 //! [`source::table::Sequencer`] gave it in the table, and [`stream::Stream::accept_at`] keeps it.
@@ -72,6 +73,36 @@ use source::notify::Receiver;
 use source::table::{Sequencer, TableArchive, TableReader};
 use stream::Stream;
 use transport::AppState;
+
+/// Starts the source (the LISTEN receiver, or the table's sequencer and reader) on a thread
+/// named `name` and a runtime of its own; returns a future that ends when it does, for the
+/// task tracker.
+///
+/// On the shared runtime the receiver queued behind thousands of client tasks, each flushing a
+/// burst from its outbox: it went unpolled for over a second, its health query was not even
+/// written before its deadline passed, and a live connection was dropped (a new epoch for every
+/// client). Its own thread keeps its reads and its health check on time whatever the clients
+/// do; it shares only the stream's lock and the fan-out's room with them.
+fn spawn_source(
+    name: &str,
+    source: impl Future<Output = ()> + Send + 'static,
+) -> Result<impl Future<Output = ()>, Error> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::ReceiverThread)?;
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            runtime.block_on(source);
+            drop(done);
+        })
+        .map_err(Error::ReceiverThread)?;
+    Ok(async move {
+        let _ = ended.await;
+    })
+}
 
 /// How long clients get to receive their close frames after a stop signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -162,37 +193,33 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
 
     match config.receiver.source {
         SourceKind::Notify => {
-            tasks.spawn(
-                Receiver {
-                    config: config.receiver.clone(),
-                    tls,
-                    stream: stream.clone(),
-                    metrics: metrics.clone(),
-                    shutdown: shutdown.clone(),
-                }
-                .run(),
-            );
+            let receiver = Receiver {
+                config: config.receiver.clone(),
+                tls,
+                stream: stream.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.spawn(spawn_source("receiver", receiver.run())?);
         }
         SourceKind::Table => {
-            tasks.spawn(
-                Sequencer {
-                    config: config.receiver.clone(),
-                    tls: tls.clone(),
-                    metrics: metrics.clone(),
-                    shutdown: shutdown.clone(),
-                }
-                .run(),
-            );
-            tasks.spawn(
-                TableReader {
-                    config: config.receiver.clone(),
-                    tls,
-                    stream: stream.clone(),
-                    metrics: metrics.clone(),
-                    shutdown: shutdown.clone(),
-                }
-                .run(),
-            );
+            let sequencer = Sequencer {
+                config: config.receiver.clone(),
+                tls: tls.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            let reader = TableReader {
+                config: config.receiver.clone(),
+                tls,
+                stream: stream.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            let source = async move {
+                tokio::join!(sequencer.run(), reader.run());
+            };
+            tasks.spawn(spawn_source("table-source", source)?);
         }
     }
     tasks.spawn(

@@ -213,7 +213,13 @@ impl Receiver {
                     let mut deadline = Instant::now() + health_timeout;
                     let mut seen = activity.read.load(Ordering::Relaxed);
                     loop {
+                        // Biased, in this order: a task polled late (its thread kept off
+                        // busy cores) finds its deadline passed and the answer waiting in the
+                        // socket at once. The connection must read it, and the check see it,
+                        // before the deadline is judged; polled in random order, the timer
+                        // could win and a live connection be dropped.
                         tokio::select! {
+                            biased;
                             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
                             ended = &mut connection => return SessionEnd::Lost(ended),
                             result = &mut check => match result {

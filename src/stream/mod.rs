@@ -134,9 +134,10 @@ impl Stream {
         self.lock().head
     }
 
-    /// Bytes the history holds, for `/status`.
-    pub fn history_bytes(&self) -> usize {
-        self.lock().history.bytes()
+    /// Bytes and messages the history holds, read together, for `/status`.
+    pub fn history_size(&self) -> (usize, usize) {
+        let log = self.lock();
+        (log.history.bytes(), log.history.len())
     }
 
     /// Starts a new epoch after the source lost continuity (what was published meanwhile is

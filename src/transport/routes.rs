@@ -92,6 +92,7 @@ pub fn text_owned(status: StatusCode, mut body: String) -> Response {
 /// Liveness: always 200, with what an operator wants to see first.
 fn status(state: &AppState) -> Response {
     let head = state.stream.head();
+    let (history_bytes, history_messages) = state.stream.history_size();
     let body = serde_json::json!({
         "status": "ok",
         "listener": state.listener_state.borrow().as_str(),
@@ -99,7 +100,8 @@ fn status(state: &AppState) -> Response {
         "notifications_forwarded": state.metrics.notifications_forwarded.get(),
         "epoch": head.epoch.to_string(),
         "head": head.to_string(),
-        "history_bytes": state.stream.history_bytes(),
+        "history_bytes": history_bytes,
+        "history_messages": history_messages,
         "version": env!("CARGO_PKG_VERSION"),
     });
     let mut response = Response::new(body.to_string());

@@ -28,6 +28,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub const DB_NAME: &str = "stream";
 /// The server binary under test.
 pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_vulcan-stream");
+/// The load generator's package and binary.
+const BENCH: &str = "vulcan-stream-bench";
 /// The test client binary under test.
 pub const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_vulcan-stream-test-client");
 /// The text frame the server sends every PingInterval.
@@ -1703,4 +1705,56 @@ pub fn established_on_port(port: u16) -> Result<usize> {
 /// Connections waiting in the accept queue of the listener on `port`.
 pub fn accept_queue_on_port(port: u16) -> Result<u64> {
     Ok(sockets_on_port(port, "0A")?.iter().sum())
+}
+
+/// Builds the load generator where this test's server binary was built; returns its
+/// executable. The generator is the workspace's other package, so cargo gives this target no
+/// `CARGO_BIN_EXE_vulcan-stream-bench`: it is built with the cargo that built the test, into
+/// the same target directory and profile (reusing what the test's own build compiled), and
+/// the executable cargo reports is run. Cargo's lock on the target directory serialises tests
+/// that build it at once.
+pub fn build_bench() -> Result<PathBuf> {
+    // Cargo puts binaries in `<target dir>/<profile dir>/`, and the dev profile's dir is
+    // `debug`.
+    let server = Path::new(SERVER_BIN);
+    let profile_dir = server.parent().context("the server binary's directory")?;
+    let target_dir = profile_dir
+        .parent()
+        .context("the target directory above the server binary's")?;
+    let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+        Some("debug") => "dev",
+        Some(name) => name,
+        None => bail!("no profile directory in {}", server.display()),
+    };
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args([
+            "build",
+            "--locked",
+            "--message-format=json-render-diagnostics",
+        ])
+        .args(["--package", BENCH, "--bin", BENCH, "--profile", profile])
+        .arg("--manifest-path")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    let output = cargo
+        .output()
+        .with_context(|| format!("running {cargo:?}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "{cargo:?} failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // One JSON message a line; the binary's `compiler-artifact` names its executable.
+    let executable = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| {
+            message["reason"] == "compiler-artifact" && message["target"]["name"] == BENCH
+        })
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from));
+    executable.with_context(|| format!("{cargo:?} reported no executable for {BENCH}:\n{stdout}"))
 }

@@ -8,6 +8,7 @@ mod harness;
 mod autobahn;
 mod bench_smoke;
 mod browser;
+mod burst;
 mod config_errors;
 mod config_file;
 mod delivery;

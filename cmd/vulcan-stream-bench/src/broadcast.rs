@@ -455,6 +455,7 @@ fn sample_all(servers: &[Server]) -> Vec<Option<ProcSample>> {
 /// `broadcast`: plans, starts the workers, waits for every client, publishes, and reports.
 pub async fn run(args: BroadcastArgs, pg: Handle) -> Result<Report, BenchError> {
     args.clients.check(false)?;
+    args.clients.check_legacy("broadcast")?;
     args.output.check()?;
     options::check_payload_size(args.payload_size)?;
     if !(1..=100_000).contains(&args.messages) {
@@ -843,7 +844,11 @@ async fn work(spec: WorkerSpec) -> Result<(), BenchError> {
         let local = id - spec.first_id;
         per_server[id % targets.len()] += 1;
         shared.progress[local].0.store(0, Ordering::Relaxed);
-        readers.push(tokio::spawn(clients::read(local, ws, shared.clone())));
+        readers.push(tokio::spawn(clients::read(
+            local,
+            clients::Conn::legacy(ws),
+            shared.clone(),
+        )));
     })
     .await;
     say(&WorkerLine::Connected {

@@ -19,11 +19,13 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::BenchError;
-use crate::payload::{self, Clock, Parsed};
+use crate::payload::{self, Clock, Parsed, Stamp};
 use crate::stats::{Arrival, LocalLatency, Percentiles, SeqState, SharedLatency, new_histogram};
 
 pub type Ws = WebSocketStream<TcpStream>;
@@ -32,7 +34,7 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// control and the drain stop waiting for it.
 pub const GONE: u64 = u64::MAX;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The stream to connect to, resolved once.
 #[derive(Debug, Clone)]
@@ -44,7 +46,36 @@ pub struct Target {
     /// The URL's path and query.
     pub path: String,
     pub config: WebSocketConfig,
+    /// What the clients ask for: plain websocket frames, `vulcan-stream.v1` (the subprotocol)
+    /// or Server-Sent Events on the same path.
+    pub format: Format,
 }
+
+/// The wire format a reading client asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The Go original's frames: each payload as a text frame.
+    #[default]
+    Legacy,
+    /// A websocket offering the `vulcan-stream.v1` subprotocol: `{"id":…,"data":…}` frames.
+    V1,
+    /// Server-Sent Events (`Accept: text/event-stream`) over a plain HTTP/1.1 GET.
+    Sse,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Legacy => "legacy",
+            Format::V1 => "v1",
+            Format::Sse => "sse",
+        }
+    }
+}
+
+/// The subprotocol that opts a websocket into positions and resume.
+pub const V1_PROTOCOL: &str = "vulcan-stream.v1";
 
 impl Target {
     /// Resolves the host of a `ws://` URL. `read_buffer` is tungstenite's read buffer per
@@ -88,33 +119,80 @@ impl Target {
             authority: authority.to_owned(),
             path,
             config,
+            format: Format::Legacy,
         })
     }
 
-    /// Opens websocket number `id` as `dial` says.
+    /// The same stream, read in `format`.
+    pub fn with_format(mut self, format: Format) -> Target {
+        self.format = format;
+        self
+    }
+
+    /// The same stream with `name=value` added to the query (a resume's `since`).
+    pub fn with_query(&self, name: &str, value: &str) -> Target {
+        let separator = if self.path.contains('?') { '&' } else { '?' };
+        let mut target = self.clone();
+        target.path = format!("{}{separator}{name}={value}", self.path);
+        target.url = format!("{}{separator}{name}={value}", self.url);
+        target
+    }
+
+    /// A TCP connection to the stream's address as `dial` says, for client `id`.
+    pub async fn dial_tcp(&self, dial: &Dial, id: usize) -> Result<TcpStream, String> {
+        let socket = if self.addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|err| err.to_string())?;
+        if let Some(size) = dial.recv_buffer {
+            socket
+                .set_recv_buffer_size(size)
+                .map_err(|err| err.to_string())?;
+        }
+        if let Some(source) = dial.source(id) {
+            bind_source(&socket, source)?;
+        }
+        let stream = socket
+            .connect(self.addr)
+            .await
+            .map_err(|err| err.to_string())?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Opens reading client number `id` in the target's format.
+    pub async fn open(&self, dial: &Dial, id: usize) -> Result<Conn, String> {
+        match self.format {
+            Format::Sse => crate::sse::SseStream::open(self, dial, id)
+                .await
+                .map(|sse| Conn::Sse(Box::new(sse))),
+            Format::Legacy | Format::V1 => self.connect(dial, id).await.map(|ws| Conn::Ws {
+                ws: Box::new(ws),
+                v1: self.format == Format::V1,
+            }),
+        }
+    }
+
+    /// Opens websocket number `id` as `dial` says; with the v1 format it offers the
+    /// subprotocol (tungstenite then requires the server to accept it).
     pub async fn connect(&self, dial: &Dial, id: usize) -> Result<Ws, String> {
         let attempt = async {
-            let socket = if self.addr.is_ipv4() {
-                TcpSocket::new_v4()
-            } else {
-                TcpSocket::new_v6()
-            }
-            .map_err(|err| err.to_string())?;
-            if let Some(size) = dial.recv_buffer {
-                socket
-                    .set_recv_buffer_size(size)
-                    .map_err(|err| err.to_string())?;
-            }
-            if let Some(source) = dial.source(id) {
-                bind_source(&socket, source)?;
-            }
-            let stream = socket
-                .connect(self.addr)
-                .await
+            let stream = self.dial_tcp(dial, id).await?;
+            let mut request = self
+                .url
+                .as_str()
+                .into_client_request()
                 .map_err(|err| err.to_string())?;
-            let _ = stream.set_nodelay(true);
+            if self.format == Format::V1 {
+                request.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static(V1_PROTOCOL),
+                );
+            }
             let (ws, _) =
-                tokio_tungstenite::client_async_with_config(&self.url, stream, Some(self.config))
+                tokio_tungstenite::client_async_with_config(request, stream, Some(self.config))
                     .await
                     .map_err(|err| err.to_string())?;
             Ok(ws)
@@ -122,6 +200,22 @@ impl Target {
         timeout(CONNECT_TIMEOUT, attempt)
             .await
             .map_err(|_| format!("no websocket within {CONNECT_TIMEOUT:?}"))?
+    }
+}
+
+/// A reading client's connection: a websocket (v1 or not) or an event stream.
+pub enum Conn {
+    Ws { ws: Box<Ws>, v1: bool },
+    Sse(Box<crate::sse::SseStream>),
+}
+
+impl Conn {
+    /// A plain websocket, read as legacy frames.
+    pub fn legacy(ws: Ws) -> Conn {
+        Conn::Ws {
+            ws: Box::new(ws),
+            v1: false,
+        }
     }
 }
 
@@ -192,7 +286,7 @@ pub struct ConnectStats {
     pub concurrency: usize,
 }
 
-/// Connects `count` clients, at most `concurrency` at a time; returns them numbered from
+/// Connects `count` websockets, at most `concurrency` at a time; returns them numbered from
 /// `first_id`.
 pub async fn connect_all(
     target: &Target,
@@ -216,14 +310,70 @@ pub async fn connect_all(
     (clients, stats)
 }
 
-/// Connects the clients numbered `ids`, client `id` to `targets[id % targets.len()]`, at most
-/// `concurrency` at a time, handing each to `connected` as soon as it has its 101.
+/// [`connect_all`] in the target's format: websockets or event streams.
+pub async fn open_all(
+    target: &Target,
+    first_id: usize,
+    count: usize,
+    concurrency: usize,
+    dial: &Dial,
+) -> (Vec<(usize, Conn)>, ConnectStats) {
+    let mut clients = Vec::with_capacity(count);
+    let targets = std::slice::from_ref(target);
+    let stats = open_each(
+        targets,
+        first_id..first_id + count,
+        concurrency,
+        dial,
+        |id, conn| {
+            clients.push((id, conn));
+        },
+    )
+    .await;
+    (clients, stats)
+}
+
+/// Connects the websockets numbered `ids`, client `id` to `targets[id % targets.len()]`, at
+/// most `concurrency` at a time, handing each to `connected` as soon as it has its 101.
 pub async fn connect_each(
     targets: &[Target],
     ids: Range<usize>,
     concurrency: usize,
     dial: &Dial,
     mut connected: impl FnMut(usize, Ws),
+) -> ConnectStats {
+    dial_each(
+        targets,
+        ids,
+        concurrency,
+        dial,
+        true,
+        |id, conn| match conn {
+            Conn::Ws { ws, .. } => connected(id, *ws),
+            Conn::Sse(_) => unreachable!("websockets only were opened"),
+        },
+    )
+    .await
+}
+
+/// [`connect_each`] in each target's format.
+pub async fn open_each(
+    targets: &[Target],
+    ids: Range<usize>,
+    concurrency: usize,
+    dial: &Dial,
+    connected: impl FnMut(usize, Conn),
+) -> ConnectStats {
+    dial_each(targets, ids, concurrency, dial, false, connected).await
+}
+
+async fn dial_each(
+    targets: &[Target],
+    ids: Range<usize>,
+    concurrency: usize,
+    dial: &Dial,
+    websockets_only: bool,
+    mut connected: impl FnMut(usize, Conn),
 ) -> ConnectStats {
     let started = Instant::now();
     let mut times = new_histogram();
@@ -236,15 +386,20 @@ pub async fn connect_each(
         .map(|id| async move {
             let t = Instant::now();
             let target = &targets[id % targets.len()];
-            (id, target.connect(dial, id).await, t.elapsed())
+            let result = if websockets_only {
+                target.connect(dial, id).await.map(Conn::legacy)
+            } else {
+                target.open(dial, id).await
+            };
+            (id, result, t.elapsed())
         })
         .buffer_unordered(concurrency.max(1));
     while let Some((id, result, took)) = attempts.next().await {
         match result {
-            Ok(ws) => {
+            Ok(conn) => {
                 times.saturating_record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
                 stats.connected += 1;
-                connected(id, ws);
+                connected(id, conn);
             }
             Err(err) => {
                 stats.failed += 1;
@@ -381,6 +536,107 @@ pub enum ClientEnd {
     Dropped { error: String },
 }
 
+/// What a client that reads positions (v1, SSE) saw of them. Every message of the stream has
+/// the position after the one before it, so a client that checks them sees what no sequence of
+/// its own could: a message of another run or publisher lost or repeated, and whether a resume
+/// went on exactly where it left off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Positions {
+    /// Messages whose position was read.
+    pub seen: u64,
+    /// Messages more than one past the previous one of their epoch: some were skipped.
+    pub gaps: u64,
+    /// Messages not after the previous one of their epoch: repeated or reordered.
+    pub repeats: u64,
+    /// Messages of an epoch other than the previous message's, without a reset between.
+    pub epoch_changes: u64,
+    /// Reset events received.
+    pub resets: u64,
+}
+
+impl Positions {
+    pub fn add(&mut self, other: &Positions) {
+        self.seen += other.seen;
+        self.gaps += other.gaps;
+        self.repeats += other.repeats;
+        self.epoch_changes += other.epoch_changes;
+        self.resets += other.resets;
+    }
+
+    /// Nothing skipped, repeated or reset.
+    pub fn is_clean(&self) -> bool {
+        self.gaps == 0 && self.repeats == 0 && self.epoch_changes == 0 && self.resets == 0
+    }
+}
+
+/// Follows one client's positions: the last one it saw, and what broke the sequence.
+#[derive(Debug, Clone, Default)]
+pub struct PositionTrack {
+    pub counts: Positions,
+    /// The last position seen (message or reset), as the server wrote it; empty before any.
+    last: String,
+    /// Its epoch (the part before the last `-`) and offset.
+    epoch_len: usize,
+    offset: u64,
+}
+
+impl PositionTrack {
+    /// Starts after `position` (a resume's `since`).
+    pub fn after(position: &str) -> PositionTrack {
+        let mut track = PositionTrack::default();
+        track.set(position);
+        track
+    }
+
+    /// The last position seen, to resume from.
+    pub fn last(&self) -> Option<&str> {
+        (!self.last.is_empty()).then_some(self.last.as_str())
+    }
+
+    /// A message at `position`.
+    pub fn message(&mut self, position: &str) {
+        self.counts.seen += 1;
+        match split_position(position) {
+            Some((epoch, offset)) if !self.last.is_empty() => {
+                if epoch != &self.last[..self.epoch_len] {
+                    self.counts.epoch_changes += 1;
+                } else if offset > self.offset + 1 {
+                    self.counts.gaps += 1;
+                } else if offset <= self.offset {
+                    self.counts.repeats += 1;
+                }
+            }
+            Some(_) => {}
+            None => self.counts.gaps += 1,
+        }
+        self.set(position);
+    }
+
+    /// A reset: the stream goes on after `position`.
+    pub fn reset(&mut self, position: &str) {
+        self.counts.resets += 1;
+        self.set(position);
+    }
+
+    fn set(&mut self, position: &str) {
+        self.last.clear();
+        self.last.push_str(position);
+        if let Some((epoch, offset)) = split_position(position) {
+            self.epoch_len = epoch.len();
+            self.offset = offset;
+        } else {
+            self.epoch_len = 0;
+            self.offset = 0;
+        }
+    }
+}
+
+/// `EPOCH-OFFSET` as its epoch and offset.
+fn split_position(position: &str) -> Option<(&str, u64)> {
+    let (epoch, offset) = position.rsplit_once('-')?;
+    Some((epoch, offset.parse().ok()?))
+}
+
 /// One reading client's outcome.
 #[derive(Debug, Clone)]
 pub struct ClientResult {
@@ -390,18 +646,170 @@ pub struct ClientResult {
     pub other: u64,
     /// Arrival ([`Clock::now_ns`]) of the last frame that was new to this client.
     pub last_new_ns: u64,
+    /// For v1 and SSE clients: the positions they saw.
+    pub positions: Option<PositionTrack>,
     pub end: ClientEnd,
 }
 
+/// What one reading client has counted so far; the websocket and the event-stream readers
+/// feed it alike.
+pub struct Tally<'a> {
+    shared: &'a Shared,
+    pub states: Vec<SeqState>,
+    latency: LocalLatency,
+    phased: Option<[LocalLatency; 3]>,
+    progress: &'a AtomicU64,
+    unique: u64,
+    pub pings: u64,
+    pub other: u64,
+    last_new_ns: u64,
+    pub positions: Option<PositionTrack>,
+}
+
+impl<'a> Tally<'a> {
+    /// A client's tally, `positions` for a client whose frames carry them.
+    pub fn new(id: usize, shared: &'a Shared, positions: Option<PositionTrack>) -> Tally<'a> {
+        Tally {
+            shared,
+            states: vec![SeqState::default(); shared.publishers],
+            latency: shared.latency.local(id),
+            phased: shared.phases.as_ref().map(|p| p.locals(id)),
+            progress: &shared.progress[id].0,
+            unique: 0,
+            pings: 0,
+            other: 0,
+            last_new_ns: 0,
+            positions,
+        }
+    }
+
+    /// Goes on from `states`, what the client had before it reconnected.
+    pub fn resume(mut self, states: Vec<SeqState>) -> Tally<'a> {
+        if states.len() == self.states.len() {
+            self.states = states;
+        }
+        self
+    }
+
+    /// A payload (a legacy frame, a v1 frame, an SSE event's data): counted, its latency
+    /// recorded; returns its stamp when it was new to this client.
+    pub fn payload(&mut self, text: &str) -> Option<Stamp> {
+        match payload::parse(text, self.shared.run) {
+            Parsed::Bench(stamp) => {
+                let Some(state) = self.states.get_mut(stamp.publisher as usize) else {
+                    self.other += 1;
+                    return None;
+                };
+                if state.record(stamp.seq) == Arrival::Duplicate {
+                    return None;
+                }
+                let now = self.shared.clock.now_ns();
+                self.unique += 1;
+                self.last_new_ns = now;
+                self.progress.store(self.unique, Ordering::Relaxed);
+                let ns = now.saturating_sub(stamp.sent_ns);
+                if self.latency.push(ns) {
+                    self.shared.latency.flush(&mut self.latency);
+                }
+                if let (Some(phases), Some(locals)) = (&self.shared.phases, &mut self.phased) {
+                    phases.record(locals, stamp.sent_ns, ns);
+                }
+                Some(stamp)
+            }
+            Parsed::Ping => {
+                self.pings += 1;
+                None
+            }
+            Parsed::Other => {
+                self.other += 1;
+                None
+            }
+        }
+    }
+
+    /// A `vulcan-stream.v1` text frame: its position checked, then its payload counted.
+    pub fn v1_frame(&mut self, text: &str) -> Option<Stamp> {
+        if let Some(positions) = &mut self.positions {
+            if let Some(id) = v1_field(text, r#"{"id":""#) {
+                positions.message(id);
+            } else if text.starts_with(r#"{"event":"reset""#) {
+                match v1_field(text, r#""id":""#) {
+                    Some(id) => positions.reset(id),
+                    None => positions.counts.resets += 1,
+                }
+            }
+        }
+        self.payload(text)
+    }
+
+    /// Ends the tally: flushes the latencies and marks a client that stopped as gone.
+    pub fn finish(mut self, id: usize, end: ClientEnd) -> ClientResult {
+        self.shared.latency.flush(&mut self.latency);
+        if let (Some(phases), Some(locals)) = (&self.shared.phases, &mut self.phased) {
+            phases.flush(locals);
+        }
+        if end != ClientEnd::Open {
+            self.progress.store(GONE, Ordering::Relaxed);
+        }
+        ClientResult {
+            id,
+            states: self.states,
+            pings: self.pings,
+            other: self.other,
+            last_new_ns: self.last_new_ns,
+            positions: self.positions,
+            end,
+        }
+    }
+}
+
+/// The string value that follows `key` (which ends with its opening quote) in a v1 frame.
+fn v1_field<'t>(text: &'t str, key: &str) -> Option<&'t str> {
+    let at = text.find(key)? + key.len();
+    let rest = &text[at..];
+    Some(&rest[..rest.find('"')?])
+}
+
 /// Reads and checks every frame until the run stops or the connection ends.
-pub async fn read(id: usize, mut ws: Ws, shared: Arc<Shared>) -> ClientResult {
-    let mut states = vec![SeqState::default(); shared.publishers];
-    let mut latency = shared.latency.local(id);
-    let mut phased = shared.phases.as_ref().map(|p| p.locals(id));
-    let progress = &shared.progress[id].0;
-    let (mut unique, mut pings, mut other, mut last_new_ns) = (0u64, 0u64, 0u64, 0u64);
+pub async fn read(id: usize, conn: Conn, shared: Arc<Shared>) -> ClientResult {
+    read_from(id, conn, shared, None).await
+}
+
+/// [`read`], going on from what the client had counted before (`states`) and, for a client
+/// that reads positions, from the position it resumed after.
+pub async fn read_from(
+    id: usize,
+    conn: Conn,
+    shared: Arc<Shared>,
+    before: Option<(Vec<SeqState>, Option<PositionTrack>)>,
+) -> ClientResult {
+    let (states, positions) = before.unwrap_or_default();
+    match conn {
+        Conn::Ws { ws, v1 } => {
+            let positions = v1.then(|| positions.unwrap_or_default());
+            let tally = Tally::new(id, &shared, positions).resume(states);
+            let (tally, end) = read_ws(*ws, tally, v1, |_| {}).await;
+            tally.finish(id, end)
+        }
+        Conn::Sse(sse) => {
+            let tally = Tally::new(id, &shared, Some(positions.unwrap_or_default()));
+            let (tally, end) = sse.read(tally.resume(states), &shared.stop).await;
+            tally.finish(id, end)
+        }
+    }
+}
+
+/// Reads a websocket into `tally` until the run stops or the connection ends; `after_frame`
+/// looks at the tally after each text frame.
+pub async fn read_ws<'a>(
+    mut ws: Ws,
+    mut tally: Tally<'a>,
+    v1: bool,
+    mut after_frame: impl FnMut(&Tally<'a>),
+) -> (Tally<'a>, ClientEnd) {
     // One stop future for the whole session: creating one per frame costs a waiter
     // registration each time.
+    let shared: &'a Shared = tally.shared;
     let stopped = shared.stop.cancelled();
     tokio::pin!(stopped);
     let end = loop {
@@ -411,30 +819,14 @@ pub async fn read(id: usize, mut ws: Ws, shared: Arc<Shared>) -> ClientResult {
             message = ws.next() => message,
         };
         match message {
-            Some(Ok(Message::Text(text))) => match payload::parse(text.as_str(), shared.run) {
-                Parsed::Bench(stamp) => {
-                    let Some(state) = states.get_mut(stamp.publisher as usize) else {
-                        other += 1;
-                        continue;
-                    };
-                    if state.record(stamp.seq) == Arrival::Duplicate {
-                        continue;
-                    }
-                    let now = shared.clock.now_ns();
-                    unique += 1;
-                    last_new_ns = now;
-                    progress.store(unique, Ordering::Relaxed);
-                    let ns = now.saturating_sub(stamp.sent_ns);
-                    if latency.push(ns) {
-                        shared.latency.flush(&mut latency);
-                    }
-                    if let (Some(phases), Some(locals)) = (&shared.phases, &mut phased) {
-                        phases.record(locals, stamp.sent_ns, ns);
-                    }
+            Some(Ok(Message::Text(text))) => {
+                if v1 {
+                    tally.v1_frame(text.as_str());
+                } else {
+                    tally.payload(text.as_str());
                 }
-                Parsed::Ping => pings += 1,
-                Parsed::Other => other += 1,
-            },
+                after_frame(&tally);
+            }
             Some(Ok(Message::Close(frame))) => {
                 break ClientEnd::Closed {
                     code: frame.as_ref().map(|f| u16::from(f.code)),
@@ -443,7 +835,7 @@ pub async fn read(id: usize, mut ws: Ws, shared: Arc<Shared>) -> ClientResult {
             }
             // Binary frames are not part of the protocol; websocket pings are answered by
             // tungstenite while we read.
-            Some(Ok(Message::Binary(_))) => other += 1,
+            Some(Ok(Message::Binary(_))) => tally.other += 1,
             Some(Ok(_)) => {}
             Some(Err(err)) => {
                 break ClientEnd::Dropped {
@@ -457,21 +849,7 @@ pub async fn read(id: usize, mut ws: Ws, shared: Arc<Shared>) -> ClientResult {
             }
         }
     };
-    shared.latency.flush(&mut latency);
-    if let (Some(phases), Some(locals)) = (&shared.phases, &mut phased) {
-        phases.flush(locals);
-    }
-    if end != ClientEnd::Open {
-        progress.store(GONE, Ordering::Relaxed);
-    }
-    ClientResult {
-        id,
-        states,
-        pings,
-        other,
-        last_new_ns,
-        end,
-    }
+    (tally, end)
 }
 
 /// Whether the server closed a client that never read; found by finally reading what it
@@ -498,5 +876,57 @@ pub async fn stuck_end(ws: &mut Ws, deadline: Instant) -> ClientEnd {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_follow_one_another_within_an_epoch() {
+        let mut track = PositionTrack::after("00ab-10");
+        for position in ["00ab-11", "00ab-12", "00ab-14", "00ab-14", "00ab-13"] {
+            track.message(position);
+        }
+        assert_eq!(
+            track.counts,
+            Positions {
+                seen: 5,
+                gaps: 1,
+                repeats: 2,
+                ..Positions::default()
+            }
+        );
+        // A reset names where to go on from; the next message follows it.
+        track.reset("00cd-0");
+        track.message("00cd-1");
+        assert_eq!((track.counts.resets, track.counts.epoch_changes), (1, 0));
+        track.message("00ef-2");
+        assert_eq!(track.counts.epoch_changes, 1);
+        assert_eq!(track.last(), Some("00ef-2"));
+        assert!(!track.counts.is_clean());
+        assert!(PositionTrack::default().last().is_none());
+    }
+
+    #[test]
+    fn v1_fields_are_read_without_parsing_json() {
+        let frame = r#"{"id":"00ab-7","data":{"action":"x"}}"#;
+        assert_eq!(v1_field(frame, r#"{"id":""#), Some("00ab-7"));
+        let reset = r#"{"event":"reset","id":"00ab-9","reason":"evicted"}"#;
+        assert_eq!(v1_field(reset, r#""id":""#), Some("00ab-9"));
+        assert_eq!(v1_field(r#"{"action":"ping"}"#, r#"{"id":""#), None);
+    }
+
+    #[tokio::test]
+    async fn a_resume_adds_since_to_the_query() {
+        let target = Target::resolve("ws://127.0.0.1:9/stream", 4096)
+            .await
+            .expect("a ws URL");
+        let resumed = target.with_query("since", "00ab-7");
+        assert_eq!(resumed.path, "/stream?since=00ab-7");
+        assert_eq!(resumed.url, "ws://127.0.0.1:9/stream?since=00ab-7");
+        let again = resumed.with_query("token", "t");
+        assert_eq!(again.path, "/stream?since=00ab-7&token=t");
     }
 }

@@ -5,7 +5,9 @@
 //! # Layout
 //! - [`options`]: the command line (clap) and its checks.
 //! - [`payload`]: the stamped, padded JSON payload, its parser, the shared monotonic clock.
-//! - [`clients`]: connecting many websockets, reading and checking frames, stuck clients.
+//! - [`clients`]: connecting many clients (websockets, legacy or `vulcan-stream.v1`, or event
+//!   streams), reading and checking frames and positions, stuck clients; [`sse`], the
+//!   Server-Sent Events client.
 //! - [`db`], [`publisher`]: PostgreSQL connections; batched, paced, flow-controlled
 //!   `pg_notify`.
 //! - [`listen`]: a bare LISTEN connection, the ceiling the server is compared with.
@@ -19,6 +21,8 @@
 //!   processes and local addresses; [`limits`], the machine's limits it plans against.
 //! - [`abuse`]: the abusers of `abuse`, a soak beside ping floods, slowloris, oversized
 //!   frames, invalid UTF-8 and connect churn; [`rawws`], the hand-made websocket they use.
+//! - [`resume`]: `resume`, every v1 client reconnecting at once with the position it last
+//!   saw, and the time until each has what it missed.
 //! - [`floor`]: `send-floor`, the kernel's cost of bare loopback sends, without a server.
 //! - [`report`]: the result as JSON or a table.
 //! - [`targets`]: the project's targets judged from the reports of the standard scenarios.
@@ -43,7 +47,9 @@ pub mod procstat;
 pub mod publisher;
 pub mod rawws;
 pub mod report;
+pub mod resume;
 pub mod scenario;
+pub mod sse;
 pub mod stats;
 pub mod status;
 pub mod storm;
@@ -95,6 +101,8 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
         Command::AcceptStorm(a) => a.output.clone(),
         Command::Broadcast(a) => a.output.clone(),
         Command::Abuse(a) => a.soak.output.clone(),
+        Command::Resume(a) => a.output.clone(),
+        Command::History(a) => a.fanout.output.clone(),
     };
     let report = run_load(command, output.threads)?;
     finish(report, &output.report)

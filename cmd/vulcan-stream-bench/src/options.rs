@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+use crate::clients::Format;
 use crate::error::BenchError;
 use crate::payload;
 
@@ -44,6 +45,15 @@ pub enum Command {
     /// frames, invalid UTF-8, connect/disconnect churn; RSS, the readers' sequences and how
     /// each abuser was closed.
     Abuse(AbuseArgs),
+    /// Every v1 client disconnects, messages are published while they are away, then all
+    /// reconnect at once with `?since=` the last position each saw: the time until every one
+    /// has every missed message, checked for gaps, duplicates and order through the hand-over
+    /// to live messages.
+    Resume(ResumeArgs),
+    /// Publish enough to fill the server's history past its byte bound (`HISTORY_BYTES`),
+    /// read as fanout does: the server's RSS growth against the bound, and what `/status` says
+    /// the history holds.
+    History(HistoryArgs),
     /// Judges the performance targets from the JSON reports of the standard scenarios.
     Targets(TargetsArgs),
 }
@@ -74,6 +84,17 @@ pub struct ClientArgs {
     /// tungstenite's read buffer per client, in bytes.
     #[arg(long, default_value_t = 4096)]
     pub read_buffer: usize,
+    /// What the clients ask for: legacy websocket frames, `vulcan-stream.v1` websocket frames
+    /// (the subprotocol) or Server-Sent Events. v1 and SSE clients also check that each
+    /// message's position follows the one before.
+    #[arg(long, value_enum, default_value_t = Format::Legacy)]
+    pub format: Format,
+    /// The kernel's receive buffer of each reading client, in bytes [default: the kernel's,
+    /// which grows with the traffic]. A small one keeps a burst to thousands of clients out of
+    /// the kernel's TCP memory: past its limit (`net.ipv4.tcp_mem`) loopback segments are
+    /// dropped and retransmitted after timeouts that back off to minutes.
+    #[arg(long, value_name = "BYTES")]
+    pub recv_buffer: Option<u32>,
 }
 
 /// PostgreSQL.
@@ -162,6 +183,48 @@ pub struct FanoutArgs {
     pub raw_listen: bool,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The v1 websocket clients (--format is v1 whatever is given).
+    #[command(flatten)]
+    pub clients: ClientArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Messages every client receives before they all disconnect.
+    #[arg(long, default_value_t = 10)]
+    pub before: u64,
+    /// Messages published while the clients are away.
+    #[arg(long, default_value_t = 1000)]
+    pub missed: u64,
+    /// Notifications per statement, before and while away (one statement is one commit).
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Messages per second published while the clients come back, so that the hand-over from
+    /// the history to live messages is checked (0: none).
+    #[arg(long, default_value_t = 50.0)]
+    pub live_rate: f64,
+    /// Bytes per payload.
+    #[arg(long, default_value_t = 200)]
+    pub payload_size: usize,
+    /// Give up on clients that have not caught up this long after the reconnect.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub resume_timeout: Duration,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HistoryArgs {
+    #[command(flatten)]
+    pub fanout: FanoutArgs,
+    /// The server's HISTORY_BYTES. Without --messages, enough messages are published to fill
+    /// it twice over, counting three encodings of each payload.
+    #[arg(long, value_name = "BYTES")]
+    pub history_bytes: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -442,6 +505,19 @@ pub struct TargetsArgs {
     /// abuse.
     #[arg(long)]
     pub abuse: Option<PathBuf>,
+    /// fanout at the maximum rate with --format legacy, v1 or sse; repeat it, one per run,
+    /// rounds alternating: each format's server CPU per frame against legacy's.
+    #[arg(long = "format-run", value_name = "FILE")]
+    pub format_runs: Vec<PathBuf>,
+    /// resume, 1,000 v1 clients.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// history, one per bound (repeat it).
+    #[arg(long = "history", value_name = "FILE")]
+    pub histories: Vec<PathBuf>,
+    /// fanout, the 8,000-client burst with 1-second health checks.
+    #[arg(long)]
+    pub burst: Option<PathBuf>,
     /// send-floor, 1,000 sockets at 50/s: shown beside the server's CPU per frame at 50 msg/s
     /// (it does not change the verdict).
     #[arg(long)]
@@ -481,6 +557,23 @@ impl ClientArgs {
         }
         if !(256..=16 << 20).contains(&self.read_buffer) {
             return usage("--read-buffer must be between 256 and 16777216 bytes");
+        }
+        if self
+            .recv_buffer
+            .is_some_and(|b| !(1024..=64 << 20).contains(&b))
+        {
+            return usage("--recv-buffer must be between 1024 and 67108864 bytes");
+        }
+        Ok(())
+    }
+
+    /// For the modes whose clients are plain websockets only.
+    pub fn check_legacy(&self, mode: &str) -> Result<(), BenchError> {
+        if self.format != Format::Legacy {
+            return usage(&format!(
+                "{mode} reads legacy websocket frames only: no --format {}",
+                self.format.as_str()
+            ));
         }
         Ok(())
     }

@@ -86,6 +86,22 @@ pub async fn run(
     flow: Option<Arc<Flow>>,
     counters: Arc<Counters>,
 ) -> Result<Published, BenchError> {
+    run_as(db, clients, plan, clock, run, 0, flow, counters).await
+}
+
+/// [`run`], the publishers numbered from `first_id`: a mode that publishes in phases gives
+/// each phase its own publisher numbers, so that each keeps a sequence of its own.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_as(
+    db: &Db,
+    clients: Vec<Client>,
+    plan: Plan,
+    clock: Clock,
+    run: u32,
+    first_id: u32,
+    flow: Option<Arc<Flow>>,
+    counters: Arc<Counters>,
+) -> Result<Published, BenchError> {
     counters.first_send_ns.store(u64::MAX, Ordering::Relaxed);
     let k = clients.len() as u64;
     let started = Instant::now();
@@ -93,7 +109,7 @@ pub async fn run(
     for (i, client) in clients.into_iter().enumerate() {
         let quota = plan.messages.map(|m| m / k + u64::from((i as u64) < m % k));
         let task = PublisherTask {
-            id: i as u32,
+            id: first_id + i as u32,
             client,
             channel: db.channel.clone(),
             plan,

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::abuse::Abuse;
 use crate::broadcast::Broadcast;
-use crate::clients::ConnectStats;
+use crate::clients::{ConnectStats, Format, Positions};
 use crate::options::ClientArgs;
 use crate::procstat::ProcSample;
 use crate::publisher::Published;
@@ -41,6 +41,13 @@ pub struct Report {
     pub broadcast: Option<Broadcast>,
     #[serde(default)]
     pub abuse: Option<Abuse>,
+    /// The server's LISTEN connection across the run, when its `/status` tells.
+    #[serde(default)]
+    pub listener: Option<ListenerCheck>,
+    #[serde(default)]
+    pub resume: Option<Resume>,
+    #[serde(default)]
+    pub history: Option<HistoryFill>,
     pub generator: GeneratorUse,
     /// Share of all CPUs busy during the measured window (server, generator, PostgreSQL and
     /// anything else).
@@ -75,6 +82,12 @@ pub struct Settings {
     pub threads: usize,
     pub read_buffer: usize,
     pub connect_concurrency: usize,
+    /// What the reading clients asked for (legacy websocket frames when absent).
+    #[serde(default)]
+    pub format: Format,
+    /// The reading clients' kernel receive buffer, when set.
+    #[serde(default)]
+    pub recv_buffer: Option<u32>,
 }
 
 impl Settings {
@@ -86,6 +99,8 @@ impl Settings {
             threads,
             read_buffer: clients.read_buffer,
             connect_concurrency: clients.connect_concurrency,
+            format: clients.format,
+            recv_buffer: clients.recv_buffer,
             ..Settings::default()
         }
     }
@@ -114,6 +129,182 @@ pub struct Delivery {
     pub frames_per_s: f64,
     /// The drain gave up before everything arrived.
     pub drain_timed_out: bool,
+    /// v1 and SSE clients: what their positions showed, summed over the clients.
+    #[serde(default)]
+    pub positions: Option<Positions>,
+}
+
+/// The server's LISTEN connection before and after a run, from `/status` and `/metrics`: a
+/// new epoch or a reconnect means the server lost (or thought it lost) its connection, and
+/// with it whatever was committed in the gap.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ListenerCheck {
+    pub epoch_before: String,
+    pub epoch_after: String,
+    /// `vulcan_stream_listener_reconnects_total` after, less before.
+    pub reconnects: Option<f64>,
+}
+
+impl ListenerCheck {
+    /// The same epoch, and no reconnect counted.
+    pub fn held(&self) -> bool {
+        self.epoch_before == self.epoch_after && self.reconnects.is_none_or(|n| n == 0.0)
+    }
+
+    pub fn text(&self) -> String {
+        format!(
+            "epoch {} → {}{}, reconnects {}",
+            self.epoch_before,
+            self.epoch_after,
+            if self.epoch_before == self.epoch_after {
+                " (unchanged)"
+            } else {
+                " (CHANGED)"
+            },
+            self.reconnects
+                .map_or("n/a".to_owned(), |n| format!("{n:.0}"))
+        )
+    }
+}
+
+/// What `resume` measured: every client away while messages were published, then back with
+/// the position it last saw.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Resume {
+    pub clients: usize,
+    /// Messages each client had before it disconnected.
+    pub before: u64,
+    /// Messages published while every client was away.
+    pub missed: u64,
+    /// Messages published live while the clients came back.
+    pub live: u64,
+    pub reconnect: ConnectStats,
+    /// Clients that had every missed message.
+    pub caught_up: usize,
+    /// From the reconnect until the last client had every missed message; `None` when some
+    /// never did.
+    pub caught_up_all_ms: Option<f64>,
+    /// Per client, reconnect → last missed message (microseconds).
+    pub caught_up_after: Percentiles,
+    /// Over every client and both sessions.
+    pub counts: Counts,
+    pub positions: Positions,
+    /// Clients whose first frame after the reconnect was not the message after its `since`.
+    pub bad_handovers: usize,
+    pub closes: Vec<String>,
+    /// The server's `resumes_served` and resets (every cause) during the reconnect.
+    pub resumes_served: Option<f64>,
+    pub resets: Option<f64>,
+}
+
+impl Resume {
+    pub fn rows(&self, rows: &mut Vec<(&'static str, String)>) {
+        rows.push((
+            "resume",
+            format!(
+                "{} clients, {} messages each before, {} while away, {} live after; reconnected {} \
+                 in {:.2} s ({} failed); {} of {} caught up, the last after {}",
+                fmt_int(self.clients as u64),
+                fmt_int(self.before),
+                fmt_int(self.missed),
+                fmt_int(self.live),
+                fmt_int(self.reconnect.connected as u64),
+                self.reconnect.total_s,
+                self.reconnect.failed,
+                fmt_int(self.caught_up as u64),
+                fmt_int(self.clients as u64),
+                self.caught_up_all_ms
+                    .map_or("never".to_owned(), |ms| fmt_us(ms * 1e3)),
+            ),
+        ));
+        let p = &self.caught_up_after;
+        rows.push((
+            "caught up",
+            format!(
+                "reconnect → last missed message: p50 {}  p99 {}  max {}",
+                fmt_us(p.p50_us),
+                fmt_us(p.p99_us),
+                fmt_us(p.max_us)
+            ),
+        ));
+        rows.push((
+            "checked",
+            format!(
+                "{}; positions: {} gaps, {} repeats, {} resets, {} epoch changes; {} bad \
+                 hand-overs; closed: {}",
+                fmt_counts(&self.counts),
+                self.positions.gaps,
+                self.positions.repeats,
+                self.positions.resets,
+                self.positions.epoch_changes,
+                self.bad_handovers,
+                if self.closes.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.closes.join(", ")
+                }
+            ),
+        ));
+        rows.push((
+            "server",
+            format!(
+                "resumes served {}, resets {}",
+                self.resumes_served
+                    .map_or("n/a".to_owned(), |n| format!("{n:.0}")),
+                self.resets.map_or("n/a".to_owned(), |n| format!("{n:.0}"))
+            ),
+        ));
+    }
+}
+
+/// What `history` measured: the server's RSS once its history is full to the byte bound and
+/// evicting, against the bound.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HistoryFill {
+    /// The server's `HISTORY_BYTES`.
+    pub bound_bytes: u64,
+    /// Messages published: enough to fill the bound more than once.
+    pub published: u64,
+    /// What `/status` says the history holds, before and after.
+    pub history_bytes_before: Option<u64>,
+    pub history_bytes_after: Option<u64>,
+    pub history_messages_after: Option<u64>,
+    pub rss_before_kib: Option<u64>,
+    pub rss_after_kib: Option<u64>,
+    /// (RSS after − RSS before) / bound.
+    pub rss_growth_per_bound: Option<f64>,
+}
+
+impl HistoryFill {
+    /// An upper bound on what one message of `payload_size` bytes counts against the history's
+    /// bound: its three encodings, each a little longer than the payload, and a fixed part.
+    pub fn largest_message(payload_size: usize) -> u64 {
+        4 * payload_size as u64 + 512
+    }
+
+    /// The history is at its bound: fuller than the bound less the largest message (a message
+    /// evicts only as much as it needs).
+    pub fn at_bound(&self, largest_message: u64) -> bool {
+        self.history_bytes_after
+            .is_some_and(|b| b <= self.bound_bytes && b + largest_message > self.bound_bytes)
+    }
+
+    pub fn text(&self) -> String {
+        let kib = |v: Option<u64>| v.map_or("n/a".to_owned(), fmt_int);
+        format!(
+            "bound {} bytes; {} published; history {} → {} bytes ({} messages); RSS {} → {} KiB: \
+             growth {} of the bound",
+            fmt_int(self.bound_bytes),
+            fmt_int(self.published),
+            kib(self.history_bytes_before),
+            kib(self.history_bytes_after),
+            kib(self.history_messages_after),
+            kib(self.rss_before_kib),
+            kib(self.rss_after_kib),
+            self.rss_growth_per_bound
+                .map_or("n/a".to_owned(), |r| format!("{r:.2}×"))
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -354,6 +545,9 @@ impl Report {
         let mut head = format!("vulcan-stream-bench {}", self.mode);
         if s.clients > 0 {
             let _ = write!(head, ": {} clients", fmt_int(s.clients as u64));
+            if s.format != Format::Legacy {
+                let _ = write!(head, " ({})", s.format.as_str());
+            }
         }
         if s.stuck > 0 {
             let _ = write!(head, " + {} stuck", s.stuck);
@@ -446,8 +640,30 @@ impl Report {
                 ),
             ));
         }
+        if let Some(p) = self.delivery.as_ref().and_then(|d| d.positions.as_ref()) {
+            rows.push((
+                "positions",
+                format!(
+                    "{} read: {} gaps, {} repeats, {} resets, {} epoch changes",
+                    fmt_int(p.seen),
+                    p.gaps,
+                    p.repeats,
+                    p.resets,
+                    p.epoch_changes
+                ),
+            ));
+        }
         if let Some(l) = &self.latency {
             rows.push(("latency", fmt_latency(l)));
+        }
+        if let Some(l) = &self.listener {
+            rows.push(("LISTEN", l.text()));
+        }
+        if let Some(r) = &self.resume {
+            r.rows(&mut rows);
+        }
+        if let Some(h) = &self.history {
+            rows.push(("history", h.text()));
         }
         if let Some(r) = &self.raw_listen {
             rows.push((

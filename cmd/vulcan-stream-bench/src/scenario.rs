@@ -20,27 +20,28 @@ use tokio_util::sync::CancellationToken;
 
 use crate::abuse::{Abuse, AbuseSide};
 use crate::broadcast;
-use crate::clients::{self, ClientEnd, Dial, GONE, Shared, Target};
+use crate::clients::{self, ClientEnd, Dial, Format, GONE, Positions, Shared, Target};
 use crate::db::Db;
 use crate::error::BenchError;
 use crate::listen::RawListener;
 use crate::options::{
-    AbuseArgs, AcceptStormArgs, ClientArgs, Command, DbArgs, FanoutArgs, IdleArgs, LoadArgs,
-    OutputArgs, RawListenArgs, ServerArgs, SoakArgs, StuckArgs,
+    AbuseArgs, AcceptStormArgs, ClientArgs, Command, DbArgs, FanoutArgs, HistoryArgs, IdleArgs,
+    LoadArgs, OutputArgs, RawListenArgs, ServerArgs, SoakArgs, StuckArgs,
 };
 use crate::payload::Clock;
 use crate::procstat::{self, ProcSample};
 use crate::publisher::{self, Counters, Flow, Plan};
 use crate::report::{
-    ClientRow, Delivery, GeneratorUse, Idle, KeepUp, RawListen, Report, ServerUse, Settings, Soak,
-    Stuck,
+    ClientRow, Delivery, GeneratorUse, HistoryFill, Idle, KeepUp, ListenerCheck, RawListen, Report,
+    ServerUse, Settings, Soak, Stuck,
 };
+use crate::resume;
 use crate::stats::{Counts, Percentiles};
 use crate::status::StatusUrl;
 use crate::storm::{self, AcceptStorm, AcceptStormSide, PhaseLatency, side_runtime};
 
 /// How long to wait for the server to report every client registered.
-const REGISTER_LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const REGISTER_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs one mode with websocket clients (not `targets` or `send-floor`); the publishers run on
 /// `publishers`, a runtime apart from the readers'.
@@ -54,6 +55,8 @@ pub async fn run(command: Command, publishers: Handle) -> Result<Report, BenchEr
         Command::Abuse(a) => load(LoadSpec::abuse(a)?, publishers).await,
         Command::Idle(a) => idle(a).await,
         Command::ReconnectStorm(a) => storm::reconnect(a, publishers).await,
+        Command::Resume(a) => resume::run(a, publishers).await,
+        Command::History(a) => load(LoadSpec::history(a)?, publishers).await,
         Command::Broadcast(a) => broadcast::run(a, publishers).await,
         Command::Targets(_) | Command::SendFloor(_) | Command::BroadcastWorker(_) => {
             Err(BenchError::Usage(
@@ -79,6 +82,8 @@ struct LoadSpec {
     soak: Option<(Duration, Duration)>,
     /// What runs beside the readers.
     side: Option<SideSpec>,
+    /// The server's history byte bound, for `history`.
+    history_bound: Option<u64>,
     output: OutputArgs,
 }
 
@@ -240,6 +245,7 @@ impl LoadSpec {
             stuck_wait: Duration::ZERO,
             soak: None,
             side: None,
+            history_bound: None,
             output,
         })
     }
@@ -258,11 +264,31 @@ impl LoadSpec {
         Ok(spec)
     }
 
+    /// A fanout that publishes enough to fill the history twice over, unless told how much.
+    fn history(a: HistoryArgs) -> Result<LoadSpec, BenchError> {
+        if a.history_bytes == 0 {
+            return Err(BenchError::Usage(
+                "--history-bytes must be positive".to_owned(),
+            ));
+        }
+        let mut fanout = a.fanout;
+        if fanout.load.messages.is_none() && fanout.load.duration.is_none() {
+            let per_message = 3 * fanout.load.payload_size as u64;
+            fanout.load.messages = Some((2 * a.history_bytes).div_ceil(per_message));
+        }
+        let mut spec = LoadSpec::fanout(fanout)?;
+        spec.mode = "history";
+        spec.history_bound = Some(a.history_bytes);
+        Ok(spec)
+    }
+
     fn raw_listen(a: RawListenArgs) -> Result<LoadSpec, BenchError> {
         let clients = ClientArgs {
             clients: 0,
             connect_concurrency: 1,
             read_buffer: 4096,
+            format: Format::Legacy,
+            recv_buffer: None,
         };
         let mut spec = LoadSpec::new(
             "raw-listen",
@@ -375,6 +401,8 @@ impl LoadSpec {
             threads: self.output.threads,
             read_buffer: self.clients.read_buffer,
             connect_concurrency: self.clients.connect_concurrency,
+            format: self.clients.format,
+            recv_buffer: self.clients.recv_buffer,
         }
     }
 }
@@ -465,7 +493,12 @@ async fn watch_forwarded(
 
 /// Waits until every live client (and the raw listener) has `total` messages; true when it
 /// gave up after `limit` without progress.
-async fn drain(shared: &Shared, raw: Option<&AtomicU64>, total: u64, limit: Duration) -> bool {
+pub(crate) async fn drain(
+    shared: &Shared,
+    raw: Option<&AtomicU64>,
+    total: u64,
+    limit: Duration,
+) -> bool {
     let mut last_sum = None;
     let mut last_change = Instant::now();
     loop {
@@ -483,6 +516,16 @@ async fn drain(shared: &Shared, raw: Option<&AtomicU64>, total: u64, limit: Dura
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// The server's epoch and its count of LISTEN reconnects, when its `/status` has an epoch.
+async fn listener_state(status: &StatusUrl) -> Option<(String, Option<f64>)> {
+    let epoch = status.epoch().await.ok()?;
+    let reconnects = status
+        .metric("vulcan_stream_listener_reconnects_total")
+        .await
+        .ok();
+    Some((epoch, reconnects))
 }
 
 /// Reads the server's RSS every `interval` until stopped: (seconds since start, KiB).
@@ -574,14 +617,18 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
     let mut status = None;
     let mut target = None;
     if let Some(server) = &spec.server {
-        let target = target.insert(Target::resolve(&server.url, spec.clients.read_buffer).await?);
+        let target = target.insert(
+            Target::resolve(&server.url, spec.clients.read_buffer)
+                .await?
+                .with_format(spec.clients.format),
+        );
         status = status_url(server)?;
-        let (connected, stats) = clients::connect_all(
+        let (connected, stats) = clients::open_all(
             target,
             0,
             n,
             spec.clients.connect_concurrency,
-            &Dial::default(),
+            &Dial::recv_buffer(spec.clients.recv_buffer),
         )
         .await;
         if connected.is_empty() {
@@ -593,9 +640,9 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
         for p in &shared.progress {
             p.0.store(GONE, Ordering::Relaxed);
         }
-        for (id, ws) in connected {
+        for (id, conn) in connected {
             shared.progress[id].0.store(0, Ordering::Relaxed);
-            readers.push(tokio::spawn(clients::read(id, ws, shared.clone())));
+            readers.push(tokio::spawn(clients::read(id, conn, shared.clone())));
         }
         if stats.failed > 0 {
             report
@@ -659,6 +706,15 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
         _ => None,
     };
 
+    let listener_before = match &status {
+        Some(status) => listener_state(status).await,
+        None => None,
+    };
+    let history_bytes_before = match (&status, spec.history_bound) {
+        (Some(status), Some(_)) => status.document().await.ok(),
+        _ => None,
+    }
+    .and_then(|doc| doc["history_bytes"].as_u64());
     let server_before = sample_server(pid)?;
     let own_before = procstat::own();
     let machine_before = procstat::machine();
@@ -729,6 +785,49 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
     let machine_after = procstat::machine();
     let wall_s = wall.elapsed().as_secs_f64();
     sampler_stop.cancel();
+    if let (Some(status), Some((epoch_before, reconnects_before))) = (&status, listener_before) {
+        if let Some((epoch_after, reconnects_after)) = listener_state(status).await {
+            let check = ListenerCheck {
+                epoch_before,
+                epoch_after,
+                reconnects: reconnects_before
+                    .zip(reconnects_after)
+                    .map(|(before, after)| after - before),
+            };
+            if !check.held() {
+                report.problems.push(format!(
+                    "the server's LISTEN connection did not hold: {}",
+                    check.text()
+                ));
+            }
+            report.listener = Some(check);
+        }
+    }
+    if let (Some(status), Some(bound)) = (&status, spec.history_bound) {
+        let doc = status.document().await.ok();
+        let field = |name: &str| doc.as_ref().and_then(|d| d[name].as_u64());
+        let rss = |s: Option<ProcSample>| s.map(|s| s.rss_kib);
+        let fill = HistoryFill {
+            bound_bytes: bound,
+            published: published.total,
+            history_bytes_before,
+            history_bytes_after: field("history_bytes"),
+            history_messages_after: field("history_messages"),
+            rss_before_kib: rss(server_before),
+            rss_after_kib: rss(server_after),
+            rss_growth_per_bound: server_before
+                .zip(server_after)
+                .map(|(b, a)| (a.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / bound as f64),
+        };
+        if !fill.at_bound(HistoryFill::largest_message(spec.load.payload_size)) {
+            report.problems.push(format!(
+                "the history did not fill to its bound: {} of {bound} bytes",
+                fill.history_bytes_after
+                    .map_or("not reported".to_owned(), |b| b.to_string())
+            ));
+        }
+        report.history = Some(fill);
+    }
     if let (Some(sampler), Some((interval, warmup))) = (sampler, spec.soak) {
         let samples = sampler.await.unwrap_or_default();
         report.soak = Some(soak_summary(samples, interval, warmup));
@@ -793,7 +892,13 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
     let (mut first_done, mut last_done, mut last_arrival) = (u64::MAX, 0u64, 0u64);
     let (mut min_d, mut max_d) = (u64::MAX, 0u64);
     let mut closes = Vec::new();
+    let mut positions: Option<Positions> = None;
     for r in &results {
+        if let Some(track) = &r.positions {
+            positions
+                .get_or_insert_with(Positions::default)
+                .add(&track.counts);
+        }
         let c = Counts::from_states(&r.states, &per_pub);
         total.add(&c);
         pings += r.pings;
@@ -844,8 +949,15 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
                 0.0
             },
             drain_timed_out,
+            positions: positions.clone(),
         });
         report.latency = Some(Percentiles::of(&shared.latency.merged()));
+        if let Some(p) = positions.filter(|p| !p.is_clean()) {
+            report.problems.push(format!(
+                "positions: {} gaps, {} repeats, {} resets, {} epoch changes",
+                p.gaps, p.repeats, p.resets, p.epoch_changes
+            ));
+        }
         if !total.is_clean() {
             report.problems.push(format!(
                 "clients: {} lost, {} duplicated, {} out of order",
@@ -941,14 +1053,16 @@ async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
         cpus: cpus(),
         ..Report::default()
     };
-    let target = Target::resolve(&args.server.url, args.clients.read_buffer).await?;
+    let target = Target::resolve(&args.server.url, args.clients.read_buffer)
+        .await?
+        .with_format(args.clients.format);
     let status = status_url(&args.server)?;
     let server_before = sample_server(pid)?;
     let own_before = procstat::own();
     let machine_before = procstat::machine();
     let wall = Instant::now();
 
-    let (connected, stats) = clients::connect_all(
+    let (connected, stats) = clients::open_all(
         &target,
         0,
         n,
@@ -972,7 +1086,7 @@ async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
     let shared = Arc::new(Shared::new(run, clock, 1, n));
     let readers: Vec<_> = connected
         .into_iter()
-        .map(|(id, ws)| tokio::spawn(clients::read(id, ws, shared.clone())))
+        .map(|(id, conn)| tokio::spawn(clients::read(id, conn, shared.clone())))
         .collect();
     let mut registered = None;
     if let Some(status) = &status {

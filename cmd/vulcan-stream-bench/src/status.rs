@@ -69,14 +69,26 @@ impl StatusUrl {
 
     /// A numeric field of the status JSON.
     async fn counter(&self, field: &str) -> Result<u64, String> {
+        self.document().await?[field]
+            .as_u64()
+            .ok_or_else(|| format!("no numeric {field:?} field"))
+    }
+
+    /// The whole status JSON.
+    pub async fn document(&self) -> Result<serde_json::Value, String> {
         let body = timeout(ANSWER_LIMIT, self.get())
             .await
             .map_err(|_| NO_ANSWER.to_owned())??;
-        let value: serde_json::Value =
-            serde_json::from_str(&body).map_err(|err| format!("not JSON: {err}"))?;
-        value[field]
-            .as_u64()
-            .ok_or_else(|| format!("no numeric {field:?} field"))
+        serde_json::from_str(&body).map_err(|err| format!("not JSON: {err}"))
+    }
+
+    /// The server's `epoch` field: a new one starts whenever its LISTEN connection is
+    /// re-established.
+    pub async fn epoch(&self) -> Result<String, String> {
+        self.document().await?["epoch"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| "no \"epoch\" field".to_owned())
     }
 
     async fn get(&self) -> Result<String, String> {
@@ -107,6 +119,29 @@ impl StatusUrl {
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|value| value.split_whitespace().next()?.parse().ok())
             .ok_or_else(|| format!("/metrics has no {name}"))
+    }
+
+    /// The sum of a counter of `/metrics` over all its labels (`name{…} value` lines), 0 when
+    /// no labelled line exists yet (a family is empty until first counted).
+    pub async fn metric_sum(&self, name: &str) -> Result<f64, String> {
+        let (status, _, body) = timeout(ANSWER_LIMIT, self.request("/metrics"))
+            .await
+            .map_err(|_| NO_ANSWER.to_owned())??;
+        if status != 200 {
+            return Err(format!("/metrics answered {status}"));
+        }
+        Ok(body
+            .lines()
+            .filter_map(|line| line.strip_prefix(name)?.strip_prefix('{'))
+            .filter_map(|rest| {
+                rest.split_once("} ")?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .sum())
     }
 
     /// GETs `path` on this server, as a health probe does (a new connection each time); returns
@@ -143,6 +178,33 @@ impl StatusUrl {
             .and_then(|code| code.parse().ok())
             .ok_or_else(|| format!("no status code in {head:?}"))?;
         Ok((status, head.to_owned(), body.to_owned()))
+    }
+
+    /// Polls until at most `want` clients are registered (the others' connections have been
+    /// seen to close); returns the last count seen.
+    pub async fn wait_for_clients_at_most(
+        &self,
+        want: u64,
+        limit: Duration,
+    ) -> Result<u64, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let seen = self.clients().await;
+            match &seen {
+                Ok(seen) if *seen <= want => return Ok(*seen),
+                Err(why) if why != NO_ANSWER => return Err(why.clone()),
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(match seen {
+                    Ok(seen) => {
+                        format!("{seen} clients still registered after {limit:?}, {want} wanted")
+                    }
+                    Err(why) => format!("{why}, still after {limit:?}"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Polls until at least `want` clients are registered; returns the last count seen. A

@@ -170,6 +170,7 @@ async fn serve_one(
 /// a NOTIFY goes out every `--notify-every`, and time until each has one.
 pub async fn reconnect(args: ReconnectStormArgs, pg: Handle) -> Result<Report, BenchError> {
     args.clients.check(false)?;
+    args.clients.check_legacy("reconnect-storm")?;
     args.output.check()?;
     options::check_payload_size(args.payload_size)?;
     if args.notify_every.is_zero() || args.storm_timeout.is_zero() {
