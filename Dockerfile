@@ -30,6 +30,8 @@ RUN mkdir -p src cmd/vulcan-stream cmd/vulcan-stream-test-client \
 # COPY keeps their modification times, which may be older than the stubs',
 # so touch them for cargo to notice the change.
 COPY src ./src
+# The durable mode's schema, which `vulcan-stream migrate` embeds.
+COPY _resources/sql ./_resources/sql
 COPY cmd/vulcan-stream ./cmd/vulcan-stream
 COPY cmd/vulcan-stream-test-client ./cmd/vulcan-stream-test-client
 RUN find src cmd/vulcan-stream cmd/vulcan-stream-test-client -name '*.rs' -exec touch {} + \
