@@ -118,16 +118,17 @@ impl TableReader {
 
     async fn session(&self, cursor: &mut Cursor, backoff: &mut Backoff) -> SessionEnd {
         let target = schema::target(&self.config);
-        let connect = pg::connect(&self.config, &self.tls, "vulcan-stream");
-        let (client, connection) = tokio::select! {
-            _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-            result = connect => match result {
-                Ok(pair) => pair,
-                Err(err) => {
-                    let failure = pg::describe_connect_error(&err, &self.config);
-                    return SessionEnd::Failed(format!("cannot connect to {target}: {}", failure.text));
-                }
-            },
+        let (client, connection) = match connect(
+            &self.config,
+            &self.tls,
+            "vulcan-stream",
+            &self.shutdown,
+            &target,
+        )
+        .await
+        {
+            Ok(pair) => pair,
+            Err(end) => return end,
         };
         let wake = Notify::new();
         let mut connection = std::pin::pin!(drive(connection, &wake));
@@ -268,6 +269,24 @@ fn parse_epoch(text: &str) -> Result<Epoch, String> {
 
 /// Drives a connection until it ends, turning the sequencer's NOTIFYs into wake-ups. Returns
 /// why it ended.
+/// Connects as `application`, unless shutdown comes first; either way a failure is the
+/// session's end.
+async fn connect(
+    config: &ReceiverConfig,
+    tls: &MakeTlsConnector,
+    application: &str,
+    shutdown: &CancellationToken,
+    target: &str,
+) -> Result<(Client, PgConnection), SessionEnd> {
+    tokio::select! {
+        _ = shutdown.cancelled() => Err(SessionEnd::Shutdown),
+        result = pg::connect(config, tls, application) => result.map_err(|err| {
+            let failure = pg::describe_connect_error(&err, config);
+            SessionEnd::Failed(format!("cannot connect to {target}: {}", failure.text))
+        }),
+    }
+}
+
 async fn drive(mut connection: PgConnection, wake: &Notify) -> String {
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     while let Some(message) = messages.next().await {
@@ -318,16 +337,17 @@ impl Sequencer {
 
     async fn session(&self, backoff: &mut Backoff) -> SessionEnd {
         let target = schema::target(&self.config);
-        let connect = pg::connect(&self.config, &self.tls, "vulcan-stream sequencer");
-        let (client, connection) = tokio::select! {
-            _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
-            result = connect => match result {
-                Ok(pair) => pair,
-                Err(err) => {
-                    let failure = pg::describe_connect_error(&err, &self.config);
-                    return SessionEnd::Failed(format!("cannot connect to {target}: {}", failure.text));
-                }
-            },
+        let (client, connection) = match connect(
+            &self.config,
+            &self.tls,
+            "vulcan-stream sequencer",
+            &self.shutdown,
+            &target,
+        )
+        .await
+        {
+            Ok(pair) => pair,
+            Err(end) => return end,
         };
         let ignored = Notify::new();
         let mut connection = std::pin::pin!(drive(connection, &ignored));
