@@ -182,11 +182,18 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         max_bytes: config.sender.history_bytes,
         max_age: config.sender.history_age,
     };
+    let channels = config.receiver.channels();
     let stream = Arc::new(match config.receiver.source {
-        SourceKind::Notify => Stream::new(hub.clone(), metrics.clone(), limits),
+        SourceKind::Notify => Stream::with_channels(hub.clone(), metrics.clone(), limits, channels),
         SourceKind::Table => {
             let archive = TableArchive::new(config.receiver.clone(), tls.clone());
-            Stream::new_durable(hub.clone(), metrics.clone(), limits, Arc::new(archive))
+            Stream::new_durable(
+                hub.clone(),
+                metrics.clone(),
+                limits,
+                channels,
+                Arc::new(archive),
+            )
         }
     });
     let tasks = TaskTracker::new();
@@ -232,7 +239,6 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         metrics,
         listener_state: stream.listener_state(),
         stream: stream.clone(),
-        channel: config.receiver.channel.clone(),
         sender: config.sender.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
