@@ -23,6 +23,8 @@
 //!   frames, invalid UTF-8 and connect churn; [`rawws`], the hand-made websocket they use.
 //! - [`resume`]: `resume`, every v1 client reconnecting at once with the position it last
 //!   saw, and the time until each has what it missed.
+//! - [`filtered`]: `isolation`, a flood on one channel beside a quiet one; `targeted`, messages
+//!   each for one of thousands of filtered clients, beside broadcasts to all.
 //! - [`floor`]: `send-floor`, the kernel's cost of bare loopback sends, without a server.
 //! - [`report`]: the result as JSON or a table.
 //! - [`targets`]: the project's targets judged from the reports of the standard scenarios.
@@ -38,6 +40,7 @@ pub mod broadcast;
 pub mod clients;
 pub mod db;
 pub mod error;
+pub mod filtered;
 pub mod floor;
 pub mod limits;
 pub mod listen;
@@ -103,6 +106,8 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
         Command::Abuse(a) => a.soak.output.clone(),
         Command::Resume(a) => a.output.clone(),
         Command::History(a) => a.fanout.output.clone(),
+        Command::Isolation(a) => a.output.clone(),
+        Command::Targeted(a) => a.output.clone(),
     };
     let report = run_load(command, output.threads)?;
     finish(report, &output.report)

@@ -54,6 +54,13 @@ pub enum Command {
     /// read as fanout does: the server's RSS growth against the bound, and what `/status` says
     /// the history holds.
     History(HistoryArgs),
+    /// Clients on two channels; a steady modest rate on one throughout, and a flood on the
+    /// other in the middle: the quiet channel's latency during the flood against before it.
+    Isolation(crate::filtered::IsolationArgs),
+    /// Clients each filtered on an agent_id of its own, messages each for one random agent at a
+    /// steady rate, then broadcasts beside them: the server's CPU per targeted message, their
+    /// latency, and the broadcasts' time to all against unfiltered clients'.
+    Targeted(crate::filtered::TargetedArgs),
     /// Judges the performance targets from the JSON reports of the standard scenarios.
     Targets(TargetsArgs),
 }
@@ -522,6 +529,12 @@ pub struct TargetsArgs {
     /// (it does not change the verdict).
     #[arg(long)]
     pub send_floor: Option<PathBuf>,
+    /// isolation: a flood on one channel beside a quiet one.
+    #[arg(long)]
+    pub isolation: Option<PathBuf>,
+    /// targeted, 10,000 agents each filtered on its own agent_id.
+    #[arg(long)]
+    pub targeted: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -95,6 +95,13 @@ pub enum Parsed {
 ///
 /// `size` must be at least [`MIN_SIZE`]; the options check that.
 pub fn encode(stamp: Stamp, size: usize, out: &mut String) {
+    encode_addressed(stamp, None, size, out);
+}
+
+/// [`encode`], with a string field after the stamp (`("agent_id", "agent-17")`), which the
+/// server's filters match; the stamp stays first, so [`parse`] reads it as before. `size`
+/// must leave room for the field.
+pub fn encode_addressed(stamp: Stamp, field: Option<(&str, &str)>, size: usize, out: &mut String) {
     use std::fmt::Write as _;
     let start = out.len();
     let _ = write!(
@@ -102,6 +109,9 @@ pub fn encode(stamp: Stamp, size: usize, out: &mut String) {
         r#"{BENCH_PREFIX}{},"pub":{},"seq":{},"t":{}"#,
         stamp.run, stamp.publisher, stamp.seq, stamp.sent_ns
     );
+    if let Some((name, value)) = field {
+        let _ = write!(out, r#","{name}":"{value}""#);
+    }
     const PAD_OPEN: &str = r#","pad":""#;
     const PAD_CLOSE: &str = r#""}"#;
     let used = out.len() - start + PAD_OPEN.len() + PAD_CLOSE.len();
@@ -209,6 +219,16 @@ mod tests {
             assert_eq!(value["seq"], 123_456);
             assert_eq!(parse(&out, 7), Parsed::Bench(stamp()));
         }
+    }
+
+    #[test]
+    fn an_addressed_payload_carries_its_field_and_parses_back() {
+        let mut out = String::new();
+        encode_addressed(stamp(), Some(("agent_id", "agent-17")), 200, &mut out);
+        assert_eq!(out.len(), 200, "{out}");
+        let value: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(value["agent_id"], "agent-17");
+        assert_eq!(parse(&out, 7), Parsed::Bench(stamp()));
     }
 
     #[test]

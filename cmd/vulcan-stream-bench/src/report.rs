@@ -48,6 +48,10 @@ pub struct Report {
     pub resume: Option<Resume>,
     #[serde(default)]
     pub history: Option<HistoryFill>,
+    #[serde(default)]
+    pub isolation: Option<crate::filtered::Isolation>,
+    #[serde(default)]
+    pub targeted: Option<crate::filtered::Targeted>,
     pub generator: GeneratorUse,
     /// Share of all CPUs busy during the measured window (server, generator, PostgreSQL and
     /// anything else).
@@ -746,6 +750,7 @@ impl Report {
                 ),
             ));
         }
+        crate::filtered::table_rows(self, &mut rows);
         if let Some(sv) = &self.server {
             rows.push((
                 "server",

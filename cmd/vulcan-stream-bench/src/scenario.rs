@@ -58,6 +58,8 @@ pub async fn run(command: Command, publishers: Handle) -> Result<Report, BenchEr
         Command::Resume(a) => resume::run(a, publishers).await,
         Command::History(a) => load(LoadSpec::history(a)?, publishers).await,
         Command::Broadcast(a) => broadcast::run(a, publishers).await,
+        Command::Isolation(a) => crate::filtered::isolation(a, publishers).await,
+        Command::Targeted(a) => crate::filtered::targeted(a, publishers).await,
         Command::Targets(_) | Command::SendFloor(_) | Command::BroadcastWorker(_) => {
             Err(BenchError::Usage(
                 "targets, send-floor and broadcast-worker are not load modes".to_owned(),

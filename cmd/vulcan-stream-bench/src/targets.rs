@@ -99,6 +99,8 @@ pub struct Reports {
     /// `history`, one per byte bound.
     pub histories: Vec<Report>,
     pub burst: Option<Report>,
+    pub isolation: Option<Report>,
+    pub targeted: Option<Report>,
 }
 
 fn loss_text(r: &Report) -> Option<(String, bool)> {
@@ -288,6 +290,10 @@ pub fn evaluate(r: &Reports) -> Vec<Row> {
     abuse_rows(r, &mut rows);
     format_rows(r, &mut rows);
     resume_rows(r, &mut rows);
+    let filtered = crate::filtered::target_rows(r.isolation.as_ref(), r.targeted.as_ref());
+    for (target, threshold, judged) in filtered {
+        rows.push(row(target, &threshold, judged));
+    }
     rows
 }
 
@@ -819,6 +825,8 @@ pub fn run(args: &TargetsArgs) -> Result<(String, bool), BenchError> {
             .map(|path| read_report(path))
             .collect::<Result<_, _>>()?,
         burst: read(&args.burst)?,
+        isolation: read(&args.isolation)?,
+        targeted: read(&args.targeted)?,
     };
     let rows = evaluate(&reports);
     let all_passed = rows.iter().all(|r| r.verdict != Verdict::Fail);
