@@ -40,6 +40,7 @@ use crate::report::{Report, ServerUse, Settings, fmt_int, fmt_us};
 use crate::scenario::{self, OwnUse, REGISTER_LIMIT, cpus};
 use crate::stats::{Counts, Percentiles, new_histogram};
 use crate::status::StatusUrl;
+use crate::storm;
 
 /// `isolation`'s publishers: each has a sequence of its own.
 const FLOOD: usize = 0;
@@ -253,17 +254,29 @@ pub async fn isolation(args: IsolationArgs, pg: Handle) -> Result<Report, BenchE
     let dial = Dial::recv_buffer(args.clients.recv_buffer);
     let flooded = Arc::new(Shared::new(run, clock, 2, n));
     let quiet = Arc::new(Shared::with_phases(run, clock, 2, n));
+    // The quiet channel's clients connect and read on a runtime of their own: on the flooded
+    // clients' workers, their frames would wait behind the flood's in the generator itself.
+    let side = Side(Some(storm::side_runtime("quiet").map_err(BenchError::Run)?));
     let mut readers = Vec::with_capacity(2);
-    for (target, shared) in [(&flood_target, &flooded), (&quiet_target, &quiet)] {
-        let (connected, stats) =
-            clients::open_all(target, 0, n, args.clients.connect_concurrency, &dial).await;
-        all_connected(&target.url, n, &stats)?;
-        readers.push(
-            connected
-                .into_iter()
-                .map(|(id, conn)| tokio::spawn(clients::read(id, conn, shared.clone())))
-                .collect::<Vec<_>>(),
-        );
+    for (target, shared, runtime) in [
+        (&flood_target, &flooded, Handle::current()),
+        (&quiet_target, &quiet, side.handle()),
+    ] {
+        let (target, shared, dial) = (target.clone(), shared.clone(), dial.clone());
+        let concurrency = args.clients.connect_concurrency;
+        let (set, stats) = runtime
+            .spawn(async move {
+                let (connected, stats) = clients::open_all(&target, 0, n, concurrency, &dial).await;
+                let set: Vec<_> = connected
+                    .into_iter()
+                    .map(|(id, conn)| tokio::spawn(clients::read(id, conn, shared.clone())))
+                    .collect();
+                (set, stats)
+            })
+            .await
+            .map_err(|err| BenchError::Run(format!("connecting failed: {err}")))?;
+        all_connected(&args.server.url, n, &stats)?;
+        readers.push(set);
     }
     status
         .wait_for_clients(2 * n as u64, REGISTER_LIMIT)
@@ -352,6 +365,7 @@ pub async fn isolation(args: IsolationArgs, pg: Handle) -> Result<Report, BenchE
     for set in readers {
         sets.push(scenario::collect(set).await);
     }
+    drop(side);
 
     let mut closes = Vec::new();
     let mut counted = [Counts::default(), Counts::default()];
@@ -426,6 +440,28 @@ pub async fn isolation(args: IsolationArgs, pg: Handle) -> Result<Report, BenchE
     }
     .record(&mut report, args.output.threads, None);
     Ok(report)
+}
+
+/// A runtime beside the main one, shut down without waiting when dropped (what an async
+/// context allows), on every way out of the run.
+struct Side(Option<tokio::runtime::Runtime>);
+
+impl Side {
+    fn handle(&self) -> Handle {
+        self.0
+            .as_ref()
+            .expect("present until dropped")
+            .handle()
+            .clone()
+    }
+}
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 fn isolation_problems(i: &Isolation, problems: &mut Vec<String>) {
