@@ -194,14 +194,23 @@ impl Metrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        // Every cause is exported from the start, at zero: a dashboard's query finds the
+        // series before the first reset.
+        for reason in ResetReason::ALL {
+            m.count_reset_by(reason, 0);
+        }
         Metrics { registry, ..m }
     }
 
     /// Counts one reset event of `reason`.
     pub fn count_reset(&self, reason: ResetReason) {
+        self.count_reset_by(reason, 1);
+    }
+
+    fn count_reset_by(&self, reason: ResetReason, count: u64) {
         self.resets
             .get_or_create(&vec![("cause", reason.as_str())])
-            .inc();
+            .inc_by(count);
     }
 
     /// Creates the metrics of each channel (by name, the default first) and transport, so
@@ -241,12 +250,27 @@ impl Metrics {
         self.fanout_delay.observe(delay.as_secs_f64());
     }
 
+    /// Fan-out delays observed so far.
+    #[cfg(test)]
+    pub fn fanout_delay_count(&self) -> u64 {
+        metric_value(&self.render(), "vulcan_stream_fanout_delay_seconds_count")
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// The value of an unlabelled sample in `text`, for tests.
+#[cfg(test)]
+fn metric_value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

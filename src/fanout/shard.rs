@@ -367,14 +367,6 @@ impl Worker {
     /// Counts the frames of one channel's part of a pass by transport, and the fan-out delay of
     /// each of its messages: now is when the last of its clients in this shard was written.
     fn count(&self, channel_id: ChannelId, queued: &[Queued], sent_by_format: [u64; 3]) {
-        for format in Format::ALL {
-            let sent = sent_by_format[format.index()];
-            if sent > 0 {
-                if let Some(labelled) = self.metrics.channel(channel_id, format) {
-                    labelled.frames_sent.inc_by(sent);
-                }
-            }
-        }
         let done = Instant::now();
         let received = queued
             .iter()
@@ -384,6 +376,14 @@ impl Worker {
         for at in received {
             self.metrics
                 .observe_fanout_delay(done.saturating_duration_since(at));
+        }
+        for format in Format::ALL {
+            let sent = sent_by_format[format.index()];
+            if sent > 0 {
+                if let Some(labelled) = self.metrics.channel(channel_id, format) {
+                    labelled.frames_sent.inc_by(sent);
+                }
+            }
         }
     }
 
@@ -569,6 +569,17 @@ mod tests {
         v1_peer.read_exact(&mut v1).await.expect("v1");
         assert_eq!(&v1[..], &expected[..]);
         assert_eq!(worker.metrics.frames_sent.get(), 4);
+        let members = shard
+            .lock()
+            .members
+            .values()
+            .map(|m| m.client.clone())
+            .collect::<Vec<_>>();
+        let mut counts: Vec<u64> = members.iter().map(|c| c.frames_sent()).collect();
+        counts.sort_unstable();
+        assert_eq!(counts, [1, 1, 2]);
+        // One delay per message in the pass: both went to clients of the default channel.
+        assert_eq!(worker.metrics.fanout_delay_count(), 2);
     }
 
     fn filter(pairs: &[(Field, &str)]) -> Filter {

@@ -32,7 +32,8 @@ impl Ticket {
     /// `peer`, connected now.
     pub fn info(&self, peer: SocketAddr) -> ClientInfo {
         ClientInfo {
-            peer,
+            // An IPv4 client of the dual-stack socket is shown as IPv4, as it connected.
+            peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
             subject: self.subject.as_deref().map(Box::from),
             since: SystemTime::now(),
         }
