@@ -35,7 +35,9 @@ impl Ticket {
             // An IPv4 client of the dual-stack socket is shown as IPv4, as it connected.
             peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
             subject: self.subject.as_deref().map(Box::from),
-            since: SystemTime::now(),
+            since: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs()),
         }
     }
 }

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -161,9 +160,7 @@ fn clients(state: &AppState, headers: &HeaderMap) -> Response {
                 "subject": info.and_then(|i| i.subject.as_deref()),
                 "queue_depth": client.out.queued(),
                 "frames_sent": client.frames_sent(),
-                "connected_since": info.and_then(|i| {
-                    i.since.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
-                }),
+                "connected_since": info.map(|i| i.since),
             })
         })
         .collect();
