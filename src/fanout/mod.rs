@@ -137,7 +137,7 @@ impl Hub {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Queues a batch, in order, for every client. Waits only while the fan-out threads are
+    /// Queues a batch, in order, for the clients it is for. Waits only while the fan-out threads are
     /// a full read-ahead behind; cancelling the wait publishes nothing.
     pub async fn publish_batch(&self, batch: Batch) {
         let rooms = self.reserve(batch.len()).await;
