@@ -26,7 +26,7 @@ pub async fn route(
         "status" => status(state),
         "ready" => ready(state),
         "metrics" => metrics(state),
-        "clients" => clients(state, request.headers()),
+        "clients" => clients(state, peer, request.headers()),
         _ if rest == state.sender.stream_path && request.method() == Method::OPTIONS => {
             preflight(state, request.headers())
         }
@@ -128,13 +128,13 @@ fn ready(state: &AppState) -> Response {
 /// The connected clients, for an operator who presents the admin token: what this node
 /// serves, to whom, and how each keeps up. Only while `AdminToken` is set (else 404, as any
 /// unknown path); a missing or wrong token is 401, compared in constant time and never logged.
-fn clients(state: &AppState, headers: &HeaderMap) -> Response {
+fn clients(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Response {
     let Some(expected) = &state.sender.admin_token else {
         return text(StatusCode::NOT_FOUND, "not found");
     };
     let presented = auth::bearer_token(headers).unwrap_or_default();
     if !auth::constant_time_eq(presented.as_bytes(), expected.0.as_bytes()) {
-        log::info!("/clients refused: missing or wrong admin token");
+        log::info!("/clients request from {peer} refused: missing or wrong admin token");
         let mut response = text(
             StatusCode::UNAUTHORIZED,
             "unauthorized: admin token required",
