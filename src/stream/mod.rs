@@ -1,8 +1,8 @@
 //! The ordered stream between a source and the fan-out: every payload a source delivers is
-//! checked here once, given its position, kept in the history, and published to every client,
-//! in the source's order.
+//! checked here once, given its position on its channel, kept in the channel's history, and
+//! published to the clients that want it, in the source's order.
 //!
-//! A source (LISTEN today) only hands payloads over and reports whether it is live; it knows
+//! A source (LISTEN, or the durable table) only hands payloads over and reports whether it is live; it knows
 //! nothing of clients. The fan-out only writes what it is given; it knows nothing of
 //! PostgreSQL. The stream is the one place that sees every message in order, so positions and
 //! history live here, and so does the hand-over of a resuming client: under one lock, the
@@ -135,6 +135,8 @@ impl Stream {
                 history: History::new(limits),
             })
             .collect();
+        // Before any client joins: the fan-out counts clients and frames by channel name.
+        metrics.set_channels(&channels);
         Stream {
             hub,
             metrics,
@@ -345,7 +347,8 @@ impl Stream {
         }
     }
 
-    /// Publishes accepted messages, in order, to every client and keeps them in the history;
+    /// Publishes accepted messages, in order, to the clients of their channels that want them,
+    /// and keeps them in their channels' histories;
     /// empties `batch`. Waits only while the fan-out is a full read-ahead behind; cancelling
     /// the wait publishes nothing.
     pub async fn publish(&self, batch: &mut Vec<Arc<Outgoing>>) {

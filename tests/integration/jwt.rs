@@ -34,6 +34,14 @@ fn hs256(claims: &Value, secret: &str) -> String {
     .expect("encode")
 }
 
+/// A token that says it needs no signature (`alg: none`), which must never be accepted.
+fn unsigned(claims: &Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    format!("{header}.{}.", b64.encode(claims.to_string()))
+}
+
 /// The status of a websocket upgrade of `path` with `extra` headers.
 async fn status(server: &Server, path: &str, extra: &[(&str, &str)]) -> Result<(u16, String)> {
     let resp = upgrade(server.port(), path, extra).await?;
@@ -105,6 +113,11 @@ async fn hs256_tokens_are_accepted_where_clients_can_send_them_and_bad_ones_are_
             "bad signature",
         ),
         ("not a token", "garbage".to_owned(), "not a signed token"),
+        (
+            "alg none",
+            unsigned(&json!({"exp": exp, "aud": AUDIENCE})),
+            "not a signed token",
+        ),
     ];
     for (what, token, why) in refused.drain(..) {
         let path = if token.is_empty() {
