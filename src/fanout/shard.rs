@@ -326,21 +326,13 @@ impl Worker {
     fn pass(&self, view: &mut View, queued: &[Queued]) {
         let mut sent = 0u64;
         let mut leaving = Vec::new();
-        // The channels of this pass, the fewest frames first: a quiet channel's clients then
-        // wait for this pass's writes to a flooded channel's clients only when it is their
-        // turn, not before. Each client is on one channel, so its own order is unchanged.
-        let mut on: Vec<(ChannelId, usize)> = Vec::new();
+        let mut on = Vec::new();
         for item in queued.iter().flat_map(|q| q.frames.iter()) {
-            match on
-                .iter_mut()
-                .find(|(channel, _)| *channel == item.channel())
-            {
-                Some((_, frames)) => *frames += 1,
-                None => on.push((item.channel(), 1)),
+            if !on.contains(&item.channel()) {
+                on.push(item.channel());
             }
         }
-        on.sort_by_key(|&(_, frames)| frames);
-        for (channel_id, _) in on {
+        for channel_id in on {
             let Some(channel) = view.channels.get_mut(channel_id.index()) else {
                 continue;
             };
