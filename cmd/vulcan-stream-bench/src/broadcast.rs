@@ -481,7 +481,7 @@ pub async fn run(args: BroadcastArgs, pg: Handle) -> Result<Report, BenchError> 
             open_files: pid.and_then(limits::process_open_files),
         });
     }
-    let db = Db::new(args.db.db.as_deref(), args.db.channel.as_deref())?;
+    let db = Db::from_args(&args.db)?;
     let host = HostLimits::read();
     let capacity = servers
         .iter()
@@ -626,6 +626,7 @@ pub async fn run(args: BroadcastArgs, pg: Handle) -> Result<Report, BenchError> 
         rate: None,
         batch: args.messages as usize,
         payload_size: args.payload_size,
+        survive: false,
     };
     let published = {
         let db = db.clone();

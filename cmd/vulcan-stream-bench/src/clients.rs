@@ -788,7 +788,7 @@ pub async fn read_from(
         Conn::Ws { ws, v1 } => {
             let positions = v1.then(|| positions.unwrap_or_default());
             let tally = Tally::new(id, &shared, positions).resume(states);
-            let (tally, end) = read_ws(*ws, tally, v1, |_| {}).await;
+            let (tally, end) = read_ws(*ws, tally, v1, |_, _| {}).await;
             tally.finish(id, end)
         }
         Conn::Sse(sse) => {
@@ -800,12 +800,12 @@ pub async fn read_from(
 }
 
 /// Reads a websocket into `tally` until the run stops or the connection ends; `after_frame`
-/// looks at the tally after each text frame.
+/// looks at the tally after each text frame, with the frame's stamp when it was new.
 pub async fn read_ws<'a>(
     mut ws: Ws,
     mut tally: Tally<'a>,
     v1: bool,
-    mut after_frame: impl FnMut(&Tally<'a>),
+    mut after_frame: impl FnMut(&Tally<'a>, Option<Stamp>),
 ) -> (Tally<'a>, ClientEnd) {
     // One stop future for the whole session: creating one per frame costs a waiter
     // registration each time.
@@ -820,12 +820,12 @@ pub async fn read_ws<'a>(
         };
         match message {
             Some(Ok(Message::Text(text))) => {
-                if v1 {
-                    tally.v1_frame(text.as_str());
+                let stamp = if v1 {
+                    tally.v1_frame(text.as_str())
                 } else {
-                    tally.payload(text.as_str());
-                }
-                after_frame(&tally);
+                    tally.payload(text.as_str())
+                };
+                after_frame(&tally, stamp);
             }
             Some(Ok(Message::Close(frame))) => {
                 break ClientEnd::Closed {

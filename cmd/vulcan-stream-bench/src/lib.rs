@@ -9,7 +9,7 @@
 //!   streams), reading and checking frames and positions, stuck clients; [`sse`], the
 //!   Server-Sent Events client.
 //! - [`db`], [`publisher`]: PostgreSQL connections; batched, paced, flow-controlled
-//!   `pg_notify`.
+//!   `pg_notify`, or `vulcan_stream.publish` for a server in table mode (`--source table`).
 //! - [`listen`]: a bare LISTEN connection, the ceiling the server is compared with.
 //! - [`stats`]: lost / duplicated / out-of-order bookkeeping and latency histograms.
 //! - [`procstat`]: RSS and CPU time from `/proc` and `getrusage`; the kernel's socket counts.
@@ -23,6 +23,8 @@
 //!   frames, invalid UTF-8 and connect churn; [`rawws`], the hand-made websocket they use.
 //! - [`resume`]: `resume`, every v1 client reconnecting at once with the position it last
 //!   saw, and the time until each has what it missed.
+//! - [`chaos`]: `chaos`, publishers and resuming clients on replicas it starts itself, while
+//!   database connections are terminated, PostgreSQL restarts and replicas are killed.
 //! - [`floor`]: `send-floor`, the kernel's cost of bare loopback sends, without a server.
 //! - [`report`]: the result as JSON or a table.
 //! - [`targets`]: the project's targets judged from the reports of the standard scenarios.
@@ -35,6 +37,7 @@
 
 pub mod abuse;
 pub mod broadcast;
+pub mod chaos;
 pub mod clients;
 pub mod db;
 pub mod error;
@@ -94,7 +97,7 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
         }
         Command::Fanout(a) => a.output.clone(),
         Command::Idle(a) => a.output.clone(),
-        Command::RawListen(a) => a.output.clone(),
+        Command::RawListen(a) | Command::Publish(a) => a.output.clone(),
         Command::Stuck(a) => a.output.clone(),
         Command::Soak(a) => a.output.clone(),
         Command::ReconnectStorm(a) => a.output.clone(),
@@ -103,6 +106,7 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
         Command::Abuse(a) => a.soak.output.clone(),
         Command::Resume(a) => a.output.clone(),
         Command::History(a) => a.fanout.output.clone(),
+        Command::Chaos(a) => a.output.clone(),
     };
     let report = run_load(command, output.threads)?;
     finish(report, &output.report)

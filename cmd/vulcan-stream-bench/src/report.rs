@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::abuse::Abuse;
 use crate::broadcast::Broadcast;
+use crate::chaos::Chaos;
 use crate::clients::{ConnectStats, Format, Positions};
+use crate::db::Source;
 use crate::options::ClientArgs;
 use crate::procstat::ProcSample;
 use crate::publisher::Published;
@@ -48,6 +50,8 @@ pub struct Report {
     pub resume: Option<Resume>,
     #[serde(default)]
     pub history: Option<HistoryFill>,
+    #[serde(default)]
+    pub chaos: Option<Chaos>,
     pub generator: GeneratorUse,
     /// Share of all CPUs busy during the measured window (server, generator, PostgreSQL and
     /// anything else).
@@ -88,6 +92,9 @@ pub struct Settings {
     /// The reading clients' kernel receive buffer, when set.
     #[serde(default)]
     pub recv_buffer: Option<u32>,
+    /// How the publishers published (notify when absent: reports from before table mode).
+    #[serde(default)]
+    pub source: Source,
 }
 
 impl Settings {
@@ -552,6 +559,9 @@ impl Report {
         if s.stuck > 0 {
             let _ = write!(head, " + {} stuck", s.stuck);
         }
+        if s.source != Source::Notify {
+            let _ = write!(head, ", publishing to the {} source", s.source.as_str());
+        }
         if let Some(p) = &self.published {
             let _ = write!(
                 head,
@@ -661,6 +671,9 @@ impl Report {
         }
         if let Some(r) = &self.resume {
             r.rows(&mut rows);
+        }
+        if let Some(c) = &self.chaos {
+            c.rows(&mut rows);
         }
         if let Some(h) = &self.history {
             rows.push(("history", h.text()));
