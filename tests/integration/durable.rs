@@ -937,7 +937,7 @@ async fn a_network_partition_loses_and_doubles_nothing() -> Result<()> {
         publish(&db, channel, &seq_payload(i)).await?;
     }
     server
-        .wait_log(|line| line.contains("table reader:") && line.contains("retrying"))
+        .wait_log(|line| line.contains("table reader's connection") && line.contains("lost"))
         .await?;
     proxy.heal();
     publish(&db, channel, &seq_payload(40)).await?;
