@@ -337,9 +337,10 @@ fn chaos_rows(r: &Reports, rows: &mut Vec<Row>) {
             Source::Notify,
             |c| {
                 format!(
-                    "{} lost of {} committed × {} clients; {} of {} clients that lost told by \
-                     a reset",
+                    "{} lost, {} duplicated of {} committed × {} clients; {} of {} clients \
+                     whose stream broke told by a reset",
                     fmt_int(c.counts.lost),
+                    fmt_int(c.counts.duplicated),
                     fmt_int(c.published),
                     c.clients,
                     c.clients_with_loss_signalled,
