@@ -83,6 +83,8 @@ pub(super) struct ReceiverSection {
     pub db_ssl_key: Option<Value>,
     #[serde(rename = "streamchannel")]
     pub stream_channel: Option<Value>,
+    #[serde(rename = "channels")]
+    pub channels: Option<Value>,
     #[serde(rename = "healthcheckinterval")]
     pub health_check_interval: Option<Value>,
     #[serde(rename = "healthchecktimeout")]
@@ -127,6 +129,8 @@ pub(super) struct SenderSection {
     pub history_age: Option<Value>,
     #[serde(rename = "streamtoken")]
     pub stream_token: Option<Value>,
+    #[serde(rename = "admintoken")]
+    pub admin_token: Option<Value>,
     #[serde(rename = "allowedorigins")]
     pub allowed_origins: Option<Value>,
     #[serde(rename = "jwtsecret")]

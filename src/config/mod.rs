@@ -72,8 +72,12 @@ pub struct ReceiverConfig {
     /// The certificate and key presented to the server (libpq's `sslcert` and `sslkey`); set
     /// only with an sslmode other than `disable`.
     pub client_identity: Option<ClientIdentity>,
-    /// The LISTEN channel, used as a quoted identifier (case-sensitive).
+    /// The LISTEN channel, used as a quoted identifier (case-sensitive): the default channel,
+    /// which clients get when they name none.
     pub channel: String,
+    /// The other channels (`Receiver.Channels`), LISTENed on the same connection (in table
+    /// mode, read from the same table); none repeats the default.
+    pub extra_channels: Vec<String>,
     /// How often the LISTEN connection is checked with a query.
     pub health_interval: Duration,
     /// How long that query may take before the connection counts as lost.
@@ -107,6 +111,15 @@ impl SourceKind {
     }
 }
 
+impl ReceiverConfig {
+    /// Every channel the stream carries, the default first.
+    pub fn channels(&self) -> Vec<String> {
+        std::iter::once(self.channel.clone())
+            .chain(self.extra_channels.iter().cloned())
+            .collect()
+    }
+}
+
 /// Hand-written so that the password can never reach a log line or an error message.
 impl fmt::Debug for ReceiverConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -120,6 +133,7 @@ impl fmt::Debug for ReceiverConfig {
             .field("ca", &self.ca)
             .field("client_identity", &self.client_identity)
             .field("channel", &self.channel)
+            .field("extra_channels", &self.extra_channels)
             .field("health_interval", &self.health_interval)
             .field("health_timeout", &self.health_timeout)
             .field("source", &self.source)
@@ -158,6 +172,9 @@ pub struct SenderConfig {
     pub history_age: Duration,
     /// When set, `/<stream>` requires it as a bearer token or `?token=`.
     pub stream_token: Option<Secret>,
+    /// When set, `/clients` lists the connected clients to a request bearing it; without it
+    /// the route does not exist (404), so a node never shows its clients by default.
+    pub admin_token: Option<Secret>,
     /// When non-empty, a browser's `Origin` must be one of these (requests without `Origin`,
     /// as agents send them, are not affected).
     pub allowed_origins: Vec<String>,
@@ -342,6 +359,27 @@ mod tests {
     }
 
     #[test]
+    fn channels_come_from_the_file_or_the_environment() {
+        let file = "[Receiver]\nStreamChannel = \"main\"\nChannels = [\"jobs\", \"main\", \"audit\", \"jobs\"]\n";
+        let c = load(Some(file), &[]).expect("loads").config;
+        assert_eq!(c.receiver.channels(), ["main", "jobs", "audit"]);
+        let c = load(Some(file), &[("PG_CHANNELS", " a, b ,,")])
+            .expect("loads")
+            .config;
+        assert_eq!(c.receiver.channels(), ["main", "a", "b"]);
+        let c = load(None, &[]).expect("loads").config;
+        assert_eq!(c.receiver.channels(), ["events"]);
+        assert_eq!(
+            error(None, &[("PG_CHANNELS", &format!("ok,{}", "x".repeat(64)))]),
+            format!(
+                "PG_CHANNELS={:?}: a channel name is at most 63 bytes",
+                "x".repeat(64)
+            )
+        );
+        assert!(error(Some("[Receiver]\nChannels = 3\n"), &[]).starts_with("Receiver.Channels=3"));
+    }
+
+    #[test]
     fn syntax_error_is_one_line_with_its_position() {
         let message = error(Some("[Sender]\nHTTPPort = = 3\n"), &[]);
         assert!(message.contains("line 2"), "{message}");
@@ -368,6 +406,16 @@ mod tests {
         assert_eq!(c.sender.max_clients, 5);
         assert_eq!(c.sender.stream_token, Some(Secret("t0k".to_owned())));
         assert!(!format!("{c:?}").contains("t0k"));
+        assert_eq!(c.sender.admin_token, None);
+        let c = load(Some("[Sender]\nAdminToken = \"adm1n\"\n"), &[])
+            .expect("loads")
+            .config;
+        assert_eq!(c.sender.admin_token, Some(Secret("adm1n".to_owned())));
+        assert!(!format!("{c:?}").contains("adm1n"));
+        let c = load(None, &[("ADMIN_TOKEN", "env-admin")])
+            .expect("loads")
+            .config;
+        assert_eq!(c.sender.admin_token, Some(Secret("env-admin".to_owned())));
         let c = load(
             None,
             &[("ALLOWED_ORIGINS", "https://a.example, https://c.example")],

@@ -22,9 +22,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::Format;
 use crate::metrics::Metrics;
-pub use client::{Client, ClientControl, CloseReason};
+pub use client::{Client, ClientControl, ClientInfo, CloseReason, Subscription};
 pub use outbox::{ClientOut, Delivery};
 pub use shard::Batch;
 use shard::{Room, Shards};
@@ -56,6 +55,10 @@ impl Drop for Registration {
         self.hub.shards.shard_of(self.id).leave(self.id);
         self.hub.live.fetch_sub(1, Ordering::Relaxed);
         self.hub.metrics.clients_connected.dec();
+        let client = &self.client;
+        if let Some(labelled) = self.hub.metrics.channel(client.channel, client.format) {
+            labelled.clients.dec();
+        }
     }
 }
 
@@ -85,24 +88,31 @@ impl Hub {
         }
     }
 
-    /// Adds a client that wants `format`. Every batch queued from this moment reaches it.
-    pub fn register(self: &Arc<Self>, format: Format) -> Registration {
-        self.register_after(format, Vec::new())
+    /// Adds a client that wants `subscription`. Every batch queued from this moment reaches it.
+    pub fn register(self: &Arc<Self>, subscription: Subscription) -> Registration {
+        self.register_after(subscription, Vec::new())
     }
 
     /// Adds a client whose first frames are `backlog` (what it missed), then every batch queued
     /// from this moment. The backlog does not count against the client's queue capacity.
-    pub fn register_after(self: &Arc<Self>, format: Format, backlog: Vec<Bytes>) -> Registration {
+    pub fn register_after(
+        self: &Arc<Self>,
+        subscription: Subscription,
+        backlog: Vec<Bytes>,
+    ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let out = ClientOut::new(self.queue_capacity);
         out.preload(backlog);
-        let client = Arc::new(Client {
+        let client = Arc::new(Client::new(
             out,
-            control: ClientControl::new(self.shutdown.child_token()),
-            format,
-        });
+            ClientControl::new(self.shutdown.child_token()),
+            subscription,
+        ));
         self.live.fetch_add(1, Ordering::Relaxed);
         self.metrics.clients_connected.inc();
+        if let Some(labelled) = self.metrics.channel(client.channel, client.format) {
+            labelled.clients.inc();
+        }
         self.shards.shard_of(id).join(id, client.clone());
         Registration {
             id,
@@ -111,12 +121,23 @@ impl Hub {
         }
     }
 
+    /// The clients connected now (those kicked and still closing included), by id, for the
+    /// operator's list. Each shard's lock is held only to copy its members' handles.
+    pub fn clients(&self) -> Vec<(u64, Arc<Client>)> {
+        let mut clients = Vec::with_capacity(self.client_count());
+        for shard in self.shards.shards() {
+            shard.members_into(&mut clients);
+        }
+        clients.sort_unstable_by_key(|(id, _)| *id);
+        clients
+    }
+
     /// Connected clients, for `/status`.
     pub fn client_count(&self) -> usize {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Queues a batch, in order, for every client. Waits only while the fan-out threads are
+    /// Queues a batch, in order, for the clients it is for. Waits only while the fan-out threads are
     /// a full read-ahead behind; cancelling the wait publishes nothing.
     pub async fn publish_batch(&self, batch: Batch) {
         let rooms = self.reserve(batch.len()).await;
@@ -152,7 +173,7 @@ pub struct Rooms<'a>(Vec<Room<'a>>);
 mod tests {
     use super::outbox::test_support::{read_until_closed, socket_pair};
     use super::*;
-    use crate::message::{Outgoing, Position};
+    use crate::message::{ChannelId, Format, Outgoing, Position};
     use tokio::io::AsyncReadExt;
 
     fn one(item: Outgoing) -> Batch {
@@ -160,7 +181,7 @@ mod tests {
     }
 
     fn ping() -> Outgoing {
-        Outgoing::ping("1-0".parse().expect("position"))
+        Outgoing::ping(ChannelId::DEFAULT, "1-0".parse().expect("position"))
     }
 
     fn ping_bytes() -> Bytes {
@@ -177,7 +198,7 @@ mod tests {
     }
 
     async fn attached(hub: &Arc<Hub>) -> (Registration, tokio::net::TcpStream) {
-        let reg = hub.register(Format::Legacy);
+        let reg = hub.register(Subscription::everything(Format::Legacy));
         let (server, peer) = socket_pair().await;
         reg.client.out.attach(server);
         (reg, peer)
@@ -221,7 +242,7 @@ mod tests {
         let hub = hub(2);
         let (_reader, mut peer) = attached(&hub).await;
         // Never upgraded, so nothing drains its outbox.
-        let stuck = hub.register(Format::Legacy);
+        let stuck = hub.register(Subscription::everything(Format::Legacy));
         for _ in 0..3 {
             hub.publish_batch(one(ping())).await;
         }
@@ -256,7 +277,7 @@ mod tests {
             CancellationToken::new(),
             Arc::new(Metrics::new()),
         ));
-        let reg = hub.register(Format::Legacy);
+        let reg = hub.register(Subscription::everything(Format::Legacy));
         // Holding the shard's room stands in for a pass that has not finished.
         let shard = hub.shards.shard_of(reg.id);
         let held = shard.reserve(4).await;
@@ -271,7 +292,7 @@ mod tests {
     async fn shutdown_stops_clients_as_going_away() {
         let root = CancellationToken::new();
         let hub = Arc::new(Hub::new(4, root.clone(), Arc::new(Metrics::new())));
-        let reg = hub.register(Format::Legacy);
+        let reg = hub.register(Subscription::everything(Format::Legacy));
         root.cancel();
         reg.client.control.stopped().await;
         assert_eq!(reg.client.control.reason(), CloseReason::GoingAway);
