@@ -1280,6 +1280,82 @@ mod tests {
         );
     }
 
+    #[test]
+    fn table_mode_is_judged_against_notify_mode_in_the_same_run() {
+        use crate::publisher::Published;
+        let publish = |source: Source, commits: u64| Report {
+            mode: "publish".to_owned(),
+            settings: Settings {
+                publishers: 8,
+                source,
+                ..Settings::default()
+            },
+            published: Some(Published {
+                statements: commits,
+                first_send_ns: 0,
+                last_commit_ns: 1_000_000_000,
+                ..Published::default()
+            }),
+            ..Report::default()
+        };
+        let fanout = |source: Source, clients: usize, published: u64, elapsed_s: f64| Report {
+            mode: "fanout".to_owned(),
+            settings: Settings {
+                clients,
+                source,
+                ..Settings::default()
+            },
+            delivery: Some(Delivery {
+                published,
+                expected: published * clients as u64,
+                counts: Counts {
+                    delivered: published * clients as u64,
+                    ..Counts::default()
+                },
+                clients_complete: clients,
+                elapsed_s,
+                ..Delivery::default()
+            }),
+            ..Report::default()
+        };
+        let rows = evaluate(&Reports {
+            table_runs: vec![
+                publish(Source::Notify, 8000),
+                publish(Source::Table, 6000),
+                publish(Source::Notify, 6000),
+                publish(Source::Table, 8000),
+                fanout(Source::Notify, 1000, 20_000, 4.0),
+                fanout(Source::Table, 1000, 20_000, 5.0),
+                fanout(Source::Table, 1, 100_000, 2.0),
+            ],
+            ..Reports::default()
+        });
+        let commits = find(&rows, "18. 8 publishers");
+        assert_eq!(commits.verdict, Verdict::Pass, "{}", commits.measured);
+        assert!(
+            commits.measured.starts_with("1.00× "),
+            "{}",
+            commits.measured
+        );
+        let many = find(&rows, "16. table mode, 1,000 client(s)");
+        assert_eq!(many.verdict, Verdict::Fail);
+        assert!(
+            many.measured
+                .starts_with("4,000 (runs 4,000; notify mode 5,000)"),
+            "{}",
+            many.measured
+        );
+        assert_eq!(
+            find(&rows, "16. table mode, 1 client(s)").verdict,
+            Verdict::Pass
+        );
+        assert_eq!(find(&rows, "17. table mode").verdict, Verdict::NotRun);
+        assert_eq!(
+            find(&rows, "19. chaos, table mode").verdict,
+            Verdict::NotRun
+        );
+    }
+
     fn find<'a>(rows: &'a [Row], target: &str) -> &'a Row {
         rows.iter()
             .find(|r| r.target.starts_with(target))
