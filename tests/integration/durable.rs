@@ -345,8 +345,8 @@ fn nested(depth: usize) -> String {
 }
 
 /// What the table's check accepts, the server forwards: a payload as deep as agents decode
-/// reaches the client, and one a level deeper is refused at publish (so nothing the check let
-/// through is dropped by the server).
+/// reaches the client, and one a level deeper is refused at publish, and dropped by the server
+/// when it skips the check.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_check_and_the_server_agree_on_nesting() -> Result<()> {
     let pg = shared().await?;
@@ -357,6 +357,17 @@ async fn the_check_and_the_server_agree_on_nesting() -> Result<()> {
     let db = pg.client().await?;
     let refused = publish(&db, channel, &nested(10_001)).await;
     ensure!(refused.is_err(), "10,001 levels accepted");
+    // Past the check (a session in replica mode fires no trigger), the server drops it too.
+    let unchecked = pg.client().await?;
+    unchecked
+        .batch_execute("SET session_replication_role = replica")
+        .await?;
+    unchecked
+        .execute(
+            "INSERT INTO vulcan_stream.messages (channel, payload) VALUES ($1, $2)",
+            &[&channel, &nested(10_001)],
+        )
+        .await?;
     let deepest = nested(10_000);
     publish(&db, channel, &deepest).await?;
     publish(&db, channel, r#"{"action":"after"}"#).await?;
@@ -366,8 +377,8 @@ async fn the_check_and_the_server_agree_on_nesting() -> Result<()> {
         .metric("vulcan_stream_notifications_invalid_total")
         .await?;
     assert_eq!(
-        invalid, 0.0,
-        "the server dropped a payload the check accepted"
+        invalid, 1.0,
+        "only the row that skipped the check is dropped"
     );
     Ok(())
 }
