@@ -12,6 +12,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
 use crate::config::{JwtKeys, Secret};
+use crate::message::{Field, Filter};
 
 /// The prefix of a token carried as a websocket subprotocol entry.
 pub const PROTOCOL_TOKEN_PREFIX: &str = "token.";
@@ -26,8 +27,10 @@ pub struct Grant {
     pub expires: Option<SystemTime>,
     /// The channels it may read (`channels`); `None` when the claim is absent (any).
     pub channels: Option<Vec<String>>,
-    /// Whether the token imposes a `filter` (a non-empty object).
-    pub filtered: bool,
+    /// The filter imposed on it (`filter`); `None` when the claim is absent or empty.
+    pub filter: Option<Filter>,
+    /// Who it is (`sub`), for the operator's list of clients.
+    pub subject: Option<String>,
 }
 
 /// Why a request is not admitted: 401 for the first two, 403 for the last.
@@ -47,6 +50,7 @@ struct Claims {
     exp: Option<u64>,
     channels: Option<Vec<String>>,
     filter: Option<serde_json::Map<String, serde_json::Value>>,
+    sub: Option<String>,
 }
 
 /// Decides who the request is: `Ok(None)` when no token is needed or the shared token was
@@ -119,8 +123,43 @@ fn verify(keys: &JwtKeys, token: &str) -> Result<Grant, Denied> {
     Ok(Grant {
         expires: claims.exp.map(|exp| UNIX_EPOCH + Duration::from_secs(exp)),
         channels: claims.channels,
-        filtered: claims.filter.is_some_and(|filter| !filter.is_empty()),
+        filter: claims.filter.map(filter_claim).transpose()?,
+        subject: claims.sub,
     })
+}
+
+/// The `filter` claim: `{"agent_id": "A"}`, or several values of a field as an array
+/// (`{"agent_id": ["A", "B"]}`). A field the server cannot filter on, or a value that is not a
+/// string, refuses the token: ignoring it would deliver more than the issuer allowed.
+fn filter_claim(claim: serde_json::Map<String, serde_json::Value>) -> Result<Filter, Denied> {
+    use serde_json::Value;
+    let mut filter = Filter::default();
+    for (name, value) in &claim {
+        let field = Field::named(name).ok_or_else(|| {
+            Denied::Forbidden(format!(
+                "its filter claim names {name:?}, which is not one of agent_id, check_id, \
+                 scan_id and action"
+            ))
+        })?;
+        let values: Vec<&Value> = match value {
+            Value::Array(values) => values.iter().collect(),
+            value => vec![value],
+        };
+        if values.is_empty() {
+            return Err(Denied::Forbidden(format!(
+                "its filter claim gives {field} no value"
+            )));
+        }
+        for value in values {
+            let Value::String(value) = value else {
+                return Err(Denied::Forbidden(format!(
+                    "its filter claim's {field} is not a string or an array of strings"
+                )));
+            };
+            filter.allow(field, value);
+        }
+    }
+    Ok(filter)
 }
 
 /// `Sec-WebSocket-Protocol: token.<jwt>`, the one way a browser's websocket can carry a token

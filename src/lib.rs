@@ -1,24 +1,26 @@
-//! vulcan-stream: every PostgreSQL NOTIFY on one channel, broadcast to every websocket (and
-//! Server-Sent Events) client, with positions so that a client that reconnects misses nothing
-//! in silence.
+//! vulcan-stream: every PostgreSQL NOTIFY on its channels (or every row of its durable table),
+//! delivered to the websocket and Server-Sent Events clients that want it, with positions so
+//! that a client that reconnects misses nothing in silence.
 //!
 //! # Layout
 //! One room per job; data flows one way, **source → stream → fan-out → transport**, and no
 //! import points back up.
 //! - [`config`]: the Go original's TOML file plus environment, validated into [`Config`].
 //! - [`message`]: one accepted payload and its encodings (legacy and `vulcan-stream.v1`
-//!   websocket frames, Server-Sent Events), each made once and shared; positions.
+//!   websocket frames, Server-Sent Events), each made once and shared; positions; the channel
+//!   it came on and the agents' fields it names, which clients filter on.
 //! - [`source`]: where messages come from: the `LISTEN` connection ([`source::notify`]) or the
 //!   durable table ([`source::table`], its schema in [`source::schema`]), and their PostgreSQL
 //!   connection options ([`source::pg`]).
 //! - [`stream`]: the one path from a source to the clients: each payload checked once, given
-//!   its position, kept in the bounded history and published in order; resumes; epochs and
-//!   resets; the heartbeat; whether the source is live.
+//!   its position on its channel, kept in that channel's bounded history and published in
+//!   order; resumes; epochs and resets; the heartbeat; whether the source is live.
 //! - [`fanout`]: delivery: the connected clients ([`fanout::Hub`]), the shard threads that
-//!   write into their sockets ([`fanout::shard`]), each client's outbox ([`fanout::outbox`]).
+//!   write into their sockets, each indexing its clients by channel and filter
+//!   ([`fanout::shard`]), each client's outbox ([`fanout::outbox`]).
 //! - [`transport`]: HTTP routes, the accept loop, the websocket handshake, Server-Sent Events,
 //!   admission, and each client's task.
-//! - [`auth`]: the shared token.
+//! - [`auth`]: the shared token, and signed tokens (JWT) with their claims.
 //! - Shared leaves: [`metrics`], [`error`], [`logging`], [`shutdown`], [`limits`].
 //! - [`test_client`]: the end-to-end probe behind `vulcan-stream-test-client`.
 //!
@@ -182,11 +184,18 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         max_bytes: config.sender.history_bytes,
         max_age: config.sender.history_age,
     };
+    let channels = config.receiver.channels();
     let stream = Arc::new(match config.receiver.source {
-        SourceKind::Notify => Stream::new(hub.clone(), metrics.clone(), limits),
+        SourceKind::Notify => Stream::with_channels(hub.clone(), metrics.clone(), limits, channels),
         SourceKind::Table => {
             let archive = TableArchive::new(config.receiver.clone(), tls.clone());
-            Stream::new_durable(hub.clone(), metrics.clone(), limits, Arc::new(archive))
+            Stream::new_durable(
+                hub.clone(),
+                metrics.clone(),
+                limits,
+                channels,
+                Arc::new(archive),
+            )
         }
     });
     let tasks = TaskTracker::new();
@@ -232,7 +241,6 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         metrics,
         listener_state: stream.listener_state(),
         stream: stream.clone(),
-        channel: config.receiver.channel.clone(),
         sender: config.sender.clone(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),

@@ -31,6 +31,7 @@ pub(super) struct EnvSettings {
     pub pg_sslcert_b64: Option<String>,
     pub pg_sslkey_b64: Option<String>,
     pub pg_channel: Option<String>,
+    pub pg_channels: Option<String>,
     pub pg_health_interval: Option<String>,
     pub pg_health_timeout: Option<String>,
     pub pg_source: Option<String>,

@@ -83,6 +83,8 @@ pub(super) struct ReceiverSection {
     pub db_ssl_key: Option<Value>,
     #[serde(rename = "streamchannel")]
     pub stream_channel: Option<Value>,
+    #[serde(rename = "channels")]
+    pub channels: Option<Value>,
     #[serde(rename = "healthcheckinterval")]
     pub health_check_interval: Option<Value>,
     #[serde(rename = "healthchecktimeout")]

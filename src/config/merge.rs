@@ -31,6 +31,7 @@ pub(super) struct Settings {
     pub db_ssl_cert: Option<Raw>,
     pub db_ssl_key: Option<Raw>,
     pub stream_channel: Option<Raw>,
+    pub channels: Option<Raw>,
     pub health_check_interval: Option<Raw>,
     pub health_check_timeout: Option<Raw>,
     pub source: Option<Raw>,
@@ -89,6 +90,8 @@ impl Settings {
                 .or(from_file("Receiver.DBSSLKey", receiver.db_ssl_key)),
             stream_channel: from_env("PG_CHANNEL", env.pg_channel)
                 .or(from_file("Receiver.StreamChannel", receiver.stream_channel)),
+            channels: from_env("PG_CHANNELS", env.pg_channels)
+                .or(from_file("Receiver.Channels", receiver.channels)),
             health_check_interval: from_env("PG_HEALTH_INTERVAL", env.pg_health_interval).or(
                 from_file(
                     "Receiver.HealthCheckInterval",

@@ -72,8 +72,12 @@ pub struct ReceiverConfig {
     /// The certificate and key presented to the server (libpq's `sslcert` and `sslkey`); set
     /// only with an sslmode other than `disable`.
     pub client_identity: Option<ClientIdentity>,
-    /// The LISTEN channel, used as a quoted identifier (case-sensitive).
+    /// The LISTEN channel, used as a quoted identifier (case-sensitive): the default channel,
+    /// which clients get when they name none.
     pub channel: String,
+    /// The other channels (`Receiver.Channels`), LISTENed on the same connection (in table
+    /// mode, read from the same table); none repeats the default.
+    pub extra_channels: Vec<String>,
     /// How often the LISTEN connection is checked with a query.
     pub health_interval: Duration,
     /// How long that query may take before the connection counts as lost.
@@ -107,6 +111,15 @@ impl SourceKind {
     }
 }
 
+impl ReceiverConfig {
+    /// Every channel the stream carries, the default first.
+    pub fn channels(&self) -> Vec<String> {
+        std::iter::once(self.channel.clone())
+            .chain(self.extra_channels.iter().cloned())
+            .collect()
+    }
+}
+
 /// Hand-written so that the password can never reach a log line or an error message.
 impl fmt::Debug for ReceiverConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -120,6 +133,7 @@ impl fmt::Debug for ReceiverConfig {
             .field("ca", &self.ca)
             .field("client_identity", &self.client_identity)
             .field("channel", &self.channel)
+            .field("extra_channels", &self.extra_channels)
             .field("health_interval", &self.health_interval)
             .field("health_timeout", &self.health_timeout)
             .field("source", &self.source)
@@ -339,6 +353,27 @@ mod tests {
         assert!(error(Some("[Receiver]\nStreamChannel = \"\"\n"), &[]).contains("empty"));
         assert!(error(None, &[("PG_CA_B64", "!!!")]).contains("not base64"));
         assert!(error(None, &[("PG_CA_B64", "aGVsbG8=")]).contains("certificate"));
+    }
+
+    #[test]
+    fn channels_come_from_the_file_or_the_environment() {
+        let file = "[Receiver]\nStreamChannel = \"main\"\nChannels = [\"jobs\", \"main\", \"audit\", \"jobs\"]\n";
+        let c = load(Some(file), &[]).expect("loads").config;
+        assert_eq!(c.receiver.channels(), ["main", "jobs", "audit"]);
+        let c = load(Some(file), &[("PG_CHANNELS", " a, b ,,")])
+            .expect("loads")
+            .config;
+        assert_eq!(c.receiver.channels(), ["main", "a", "b"]);
+        let c = load(None, &[]).expect("loads").config;
+        assert_eq!(c.receiver.channels(), ["events"]);
+        assert_eq!(
+            error(None, &[("PG_CHANNELS", &format!("ok,{}", "x".repeat(64)))]),
+            format!(
+                "PG_CHANNELS={:?}: a channel name is at most 63 bytes",
+                "x".repeat(64)
+            )
+        );
+        assert!(error(Some("[Receiver]\nChannels = 3\n"), &[]).starts_with("Receiver.Channels=3"));
     }
 
     #[test]

@@ -32,6 +32,9 @@ impl Settings {
             level: parsed(self.log_level, parse_level)?.unwrap_or(LevelFilter::Info),
         };
         let sslmode_setting = self.db_ssl_mode.as_ref().map(Raw::describe);
+        let channel =
+            parsed(self.stream_channel, parse_channel)?.unwrap_or_else(|| "events".to_owned());
+        let extra_channels = channels(self.channels, &channel)?;
         let sslmode = ssl_mode(self.db_ssl_mode)?;
         let receiver = ReceiverConfig {
             host: text(self.db_host)?.unwrap_or_else(|| "localhost".to_owned()),
@@ -46,8 +49,8 @@ impl Settings {
                 self.db_ssl_key,
                 (sslmode, sslmode_setting),
             )?,
-            channel: parsed(self.stream_channel, parse_channel)?
-                .unwrap_or_else(|| "events".to_owned()),
+            channel,
+            extra_channels,
             health_interval: parsed(self.health_check_interval, parse_seconds)?
                 .unwrap_or(Duration::from_secs(30)),
             health_timeout: parsed(self.health_check_timeout, parse_seconds)?
@@ -165,6 +168,34 @@ fn secret(raw: Option<Raw>) -> Result<Option<String>, ConfigError> {
 
 /// A TOML array of strings, or one comma-separated string (the environment's form). Items are
 /// trimmed and blank ones dropped.
+/// The channels beyond the default one, each an identifier, in order, without repeats (the
+/// default channel listed again is the default channel).
+fn channels(raw: Option<Raw>, default: &str) -> Result<Vec<String>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    let origin = raw.origin();
+    let mut channels: Vec<String> = Vec::new();
+    for name in list(Some(raw))? {
+        let name = parse_channel(&name).map_err(|reason| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            value: format!("{name:?}"),
+            reason,
+        })?;
+        if name != default && !channels.contains(&name) {
+            channels.push(name);
+        }
+    }
+    if channels.len() >= usize::from(u16::MAX) {
+        return Err(ConfigError::Invalid {
+            origin: origin.to_owned(),
+            value: format!("{} channels", channels.len()),
+            reason: "at most 65,534 channels besides the default one".to_owned(),
+        });
+    }
+    Ok(channels)
+}
+
 fn list(raw: Option<Raw>) -> Result<Vec<String>, ConfigError> {
     let Some(raw) = raw else {
         return Ok(Vec::new());

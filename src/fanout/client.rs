@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 use tokio_util::sync::CancellationToken;
 
 use super::outbox::ClientOut;
-use crate::message::Format;
 use crate::message::websocket::close_code;
+use crate::message::{ChannelId, Filter, Format};
 
 /// Why the server ends a client's connection, and the close frame that says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +74,26 @@ impl ClientControl {
     }
 }
 
+/// What a client receives: one channel, in one format, filtered or not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscription {
+    pub channel: ChannelId,
+    pub format: Format,
+    /// `None`: every message of the channel.
+    pub filter: Option<Filter>,
+}
+
+impl Subscription {
+    /// Every message of the default channel, in `format`.
+    pub fn everything(format: Format) -> Subscription {
+        Subscription {
+            channel: ChannelId::DEFAULT,
+            format,
+            filter: None,
+        }
+    }
+}
+
 /// What the hub and a client's task share.
 #[derive(Debug)]
 pub struct Client {
@@ -81,4 +101,8 @@ pub struct Client {
     pub control: ClientControl,
     /// Which encoding of each message this client is sent.
     pub format: Format,
+    /// The channel whose messages it is sent.
+    pub channel: ChannelId,
+    /// Which of them (`None`: all).
+    pub filter: Option<Filter>,
 }

@@ -22,9 +22,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::Format;
 use crate::metrics::Metrics;
-pub use client::{Client, ClientControl, CloseReason};
+pub use client::{Client, ClientControl, CloseReason, Subscription};
 pub use outbox::{ClientOut, Delivery};
 pub use shard::Batch;
 use shard::{Room, Shards};
@@ -85,21 +84,32 @@ impl Hub {
         }
     }
 
-    /// Adds a client that wants `format`. Every batch queued from this moment reaches it.
-    pub fn register(self: &Arc<Self>, format: Format) -> Registration {
-        self.register_after(format, Vec::new())
+    /// Adds a client that wants `subscription`. Every batch queued from this moment reaches it.
+    pub fn register(self: &Arc<Self>, subscription: Subscription) -> Registration {
+        self.register_after(subscription, Vec::new())
     }
 
     /// Adds a client whose first frames are `backlog` (what it missed), then every batch queued
     /// from this moment. The backlog does not count against the client's queue capacity.
-    pub fn register_after(self: &Arc<Self>, format: Format, backlog: Vec<Bytes>) -> Registration {
+    pub fn register_after(
+        self: &Arc<Self>,
+        subscription: Subscription,
+        backlog: Vec<Bytes>,
+    ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let out = ClientOut::new(self.queue_capacity);
         out.preload(backlog);
+        let Subscription {
+            channel,
+            format,
+            filter,
+        } = subscription;
         let client = Arc::new(Client {
             out,
             control: ClientControl::new(self.shutdown.child_token()),
             format,
+            channel,
+            filter,
         });
         self.live.fetch_add(1, Ordering::Relaxed);
         self.metrics.clients_connected.inc();
@@ -116,7 +126,7 @@ impl Hub {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Queues a batch, in order, for every client. Waits only while the fan-out threads are
+    /// Queues a batch, in order, for the clients it is for. Waits only while the fan-out threads are
     /// a full read-ahead behind; cancelling the wait publishes nothing.
     pub async fn publish_batch(&self, batch: Batch) {
         let rooms = self.reserve(batch.len()).await;
@@ -152,7 +162,7 @@ pub struct Rooms<'a>(Vec<Room<'a>>);
 mod tests {
     use super::outbox::test_support::{read_until_closed, socket_pair};
     use super::*;
-    use crate::message::{Outgoing, Position};
+    use crate::message::{ChannelId, Format, Outgoing, Position};
     use tokio::io::AsyncReadExt;
 
     fn one(item: Outgoing) -> Batch {
@@ -160,7 +170,7 @@ mod tests {
     }
 
     fn ping() -> Outgoing {
-        Outgoing::ping("1-0".parse().expect("position"))
+        Outgoing::ping(ChannelId::DEFAULT, "1-0".parse().expect("position"))
     }
 
     fn ping_bytes() -> Bytes {
@@ -177,7 +187,7 @@ mod tests {
     }
 
     async fn attached(hub: &Arc<Hub>) -> (Registration, tokio::net::TcpStream) {
-        let reg = hub.register(Format::Legacy);
+        let reg = hub.register(Subscription::everything(Format::Legacy));
         let (server, peer) = socket_pair().await;
         reg.client.out.attach(server);
         (reg, peer)
@@ -221,7 +231,7 @@ mod tests {
         let hub = hub(2);
         let (_reader, mut peer) = attached(&hub).await;
         // Never upgraded, so nothing drains its outbox.
-        let stuck = hub.register(Format::Legacy);
+        let stuck = hub.register(Subscription::everything(Format::Legacy));
         for _ in 0..3 {
             hub.publish_batch(one(ping())).await;
         }
@@ -256,7 +266,7 @@ mod tests {
             CancellationToken::new(),
             Arc::new(Metrics::new()),
         ));
-        let reg = hub.register(Format::Legacy);
+        let reg = hub.register(Subscription::everything(Format::Legacy));
         // Holding the shard's room stands in for a pass that has not finished.
         let shard = hub.shards.shard_of(reg.id);
         let held = shard.reserve(4).await;
@@ -271,7 +281,7 @@ mod tests {
     async fn shutdown_stops_clients_as_going_away() {
         let root = CancellationToken::new();
         let hub = Arc::new(Hub::new(4, root.clone(), Arc::new(Metrics::new())));
-        let reg = hub.register(Format::Legacy);
+        let reg = hub.register(Subscription::everything(Format::Legacy));
         root.cancel();
         reg.client.control.stopped().await;
         assert_eq!(reg.client.control.reason(), CloseReason::GoingAway);

@@ -25,7 +25,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::client::{Client, CloseReason};
 use super::outbox::Delivery;
-use crate::message::{Format, Outgoing};
+use crate::message::{ChannelId, Field, Filter, Format, Outgoing};
 use crate::metrics::Metrics;
 
 /// What is published together, shared by every shard; each client gets its format's frames.
@@ -186,9 +186,95 @@ struct Worker {
     capacity: usize,
 }
 
+/// A member as the shard's thread lists it: id, client, and the first batch it gets.
+type Entry = (u64, Arc<Client>, u64);
+
+/// The shard's thread's index of its members, by channel and by the values they filter on,
+/// rebuilt only when membership changes. It makes a message's cost follow the clients it is
+/// for: a pass visits only the channels its batches are on, and a message that names an agent
+/// reaches that agent's filtered clients by one lookup rather than a look at every client.
+#[derive(Default)]
+struct View {
+    channels: Vec<ChannelView>,
+}
+
+impl View {
+    fn build(members: &HashMap<u64, Member>) -> View {
+        let mut view = View::default();
+        for (id, member) in members {
+            let client = &member.client;
+            let index = client.channel.index();
+            if view.channels.len() <= index {
+                view.channels.resize_with(index + 1, ChannelView::default);
+            }
+            let channel = &mut view.channels[index];
+            let entry = (*id, client.clone(), member.first_seq);
+            match client.filter.as_ref().and_then(Filter::key) {
+                None => channel.everything.push(entry),
+                Some((field, values)) => {
+                    let at = channel.filtered.len();
+                    let key = &mut channel.index.0[field.index()];
+                    key.all.push(at);
+                    for value in values {
+                        key.by_value.entry(value.clone()).or_default().push(at);
+                    }
+                    channel.filtered.push(entry);
+                    channel.pending.push(Vec::new());
+                }
+            }
+        }
+        view
+    }
+}
+
+/// One channel's members of the shard.
+#[derive(Default)]
+struct ChannelView {
+    /// Unfiltered: every message of the channel.
+    everything: Vec<Entry>,
+    /// Filtered, each indexed under the first field its filter names ([`Filter::key`]).
+    filtered: Vec<Entry>,
+    index: FilterIndex,
+    /// Per filtered member, the frames of the current pass that are for it; reused.
+    pending: Vec<Vec<Bytes>>,
+    /// The filtered members with pending frames, in the order they got their first.
+    touched: Vec<usize>,
+}
+
+/// The filtered members, by field ([`Field::index`]).
+#[derive(Default)]
+struct FilterIndex([KeyIndex; 4]);
+
+/// The filtered members indexed under one field: by each value they accept, and all of them
+/// (what a message without that field reaches).
+#[derive(Default)]
+struct KeyIndex {
+    by_value: HashMap<Box<str>, Vec<usize>>,
+    all: Vec<usize>,
+}
+
+impl FilterIndex {
+    /// Calls `visit` with each filtered member a message may be for: those indexed under a
+    /// field by the message's value of it, or under a field the message lacks; each at most
+    /// once. A message that names none of the fields (or an event) is for all `members`.
+    fn for_each_candidate(&self, item: &Outgoing, members: usize, mut visit: impl FnMut(usize)) {
+        let Some(fields) = item.fields() else {
+            return (0..members).for_each(visit);
+        };
+        for field in Field::ALL {
+            let key = &self.0[field.index()];
+            let listed = match fields.get(field) {
+                Some(value) => key.by_value.get(value).map_or(&[][..], Vec::as_slice),
+                None => key.all.as_slice(),
+            };
+            listed.iter().for_each(|at| visit(*at));
+        }
+    }
+}
+
 impl Worker {
     fn run(self) {
-        let mut members: Vec<(u64, Arc<Client>, u64)> = Vec::new();
+        let mut view = View::default();
         let mut seen = None;
         loop {
             // Batches and members are taken under one lock, so every member that joined before
@@ -206,52 +292,71 @@ impl Worker {
                     return;
                 }
                 if seen != Some(state.generation) {
-                    members.clear();
-                    members.extend(
-                        state
-                            .members
-                            .iter()
-                            .map(|(id, m)| (*id, m.client.clone(), m.first_seq)),
-                    );
+                    view = View::build(&state.members);
                     seen = Some(state.generation);
                 }
                 std::mem::take(&mut state.queue)
             };
             let room: usize = queued.iter().map(|q| q.room).sum();
-            let outcome = catch_unwind(AssertUnwindSafe(|| self.pass(&members, &queued)));
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.pass(&mut view, &queued)));
             if outcome.is_err() {
                 log::error!("fan-out pass panicked; its frames may be lost for some clients");
+                // Its pending frames must not reach a client after later ones.
+                view = View::default();
+                seen = None;
             }
             self.shard.room.add_permits(room);
         }
     }
 
-    /// Writes the queued batches, in order, to every member, in its format, each from the
-    /// first batch queued after it joined.
-    fn pass(&self, members: &[(u64, Arc<Client>, u64)], queued: &[Queued]) {
-        let mut by_format: [Option<FormatFrames>; 3] = Default::default();
+    /// Writes the queued batches, in order, to every member they are for, in its format, each
+    /// from the first batch queued after it joined.
+    fn pass(&self, view: &mut View, queued: &[Queued]) {
         let mut sent = 0u64;
         let mut leaving = Vec::new();
-        for (id, client, joined) in members {
-            let frames = by_format[client.format.index()]
-                .get_or_insert_with(|| FormatFrames::new(queued, client.format))
-                .queued_since(queued, *joined);
-            if frames.is_empty() {
+        let mut on = Vec::new();
+        for item in queued.iter().flat_map(|q| q.frames.iter()) {
+            if !on.contains(&item.channel()) {
+                on.push(item.channel());
+            }
+        }
+        for channel_id in on {
+            let Some(channel) = view.channels.get_mut(channel_id.index()) else {
+                continue;
+            };
+            let mut by_format: [Option<FormatFrames>; 3] = Default::default();
+            for (id, client, joined) in &channel.everything {
+                let frames = by_format[client.format.index()]
+                    .get_or_insert_with(|| FormatFrames::new(queued, channel_id, client.format))
+                    .queued_since(queued, *joined);
+                self.deliver(*id, client, frames, &mut sent, &mut leaving);
+            }
+            if channel.filtered.is_empty() {
                 continue;
             }
-            match client.out.send(frames) {
-                Delivery::Accepted => sent += frames.len() as u64,
-                Delivery::Overflow => {
-                    self.metrics.clients_disconnected_slow.inc();
-                    log::warn!(
-                        "client {id}: disconnected, more than {} frames waiting (client too slow)",
-                        self.capacity
-                    );
-                    client.control.kick(CloseReason::TooSlow);
-                    leaving.push(*id);
+            for q in queued {
+                for item in q.frames.iter().filter(|item| item.channel() == channel_id) {
+                    let members = channel.filtered.len();
+                    channel.index.for_each_candidate(item, members, |at| {
+                        let (_, client, joined) = &channel.filtered[at];
+                        if q.seq < *joined || !item.is_for(client.filter.as_ref()) {
+                            return;
+                        }
+                        let Some(frame) = item.frame(client.format) else {
+                            return;
+                        };
+                        let pending = &mut channel.pending[at];
+                        if pending.is_empty() {
+                            channel.touched.push(at);
+                        }
+                        pending.push(frame.clone());
+                    });
                 }
-                // The client's task ends on its own; its registration leaves the shard too.
-                Delivery::Closed => leaving.push(*id),
+            }
+            for at in std::mem::take(&mut channel.touched) {
+                let (id, client, _) = &channel.filtered[at];
+                let frames = std::mem::take(&mut channel.pending[at]);
+                self.deliver(*id, client, &frames, &mut sent, &mut leaving);
             }
         }
         self.metrics.frames_sent.inc_by(sent);
@@ -259,10 +364,39 @@ impl Worker {
             self.shard.leave(id);
         }
     }
+
+    /// Hands one member its frames of this pass; a member that overflows is kicked as too slow.
+    fn deliver(
+        &self,
+        id: u64,
+        client: &Client,
+        frames: &[Bytes],
+        sent: &mut u64,
+        leaving: &mut Vec<u64>,
+    ) {
+        if frames.is_empty() {
+            return;
+        }
+        match client.out.send(frames) {
+            Delivery::Accepted => *sent += frames.len() as u64,
+            Delivery::Overflow => {
+                self.metrics.clients_disconnected_slow.inc();
+                log::warn!(
+                    "client {id}: disconnected, more than {} frames waiting (client too slow)",
+                    self.capacity
+                );
+                client.control.kick(CloseReason::TooSlow);
+                leaving.push(id);
+            }
+            // The client's task ends on its own; its registration leaves the shard too.
+            Delivery::Closed => leaving.push(id),
+        }
+    }
 }
 
-/// The frames of one pass in one format: each batch's encoding for that format, in order,
-/// built once per pass and format (a reference count per frame), never per client.
+/// The frames of one pass for one channel in one format: each batch's encoding for that format,
+/// in order, built once per pass, channel and format (a reference count per frame), never per
+/// client.
 #[derive(Default)]
 struct FormatFrames {
     frames: Vec<Bytes>,
@@ -271,12 +405,18 @@ struct FormatFrames {
 }
 
 impl FormatFrames {
-    fn new(queued: &[Queued], format: Format) -> FormatFrames {
+    fn new(queued: &[Queued], channel: ChannelId, format: Format) -> FormatFrames {
         let mut frames = Vec::new();
         let mut starts = Vec::with_capacity(queued.len());
         for q in queued {
             starts.push(frames.len());
-            frames.extend(q.frames.iter().filter_map(|o| o.frame(format)).cloned());
+            frames.extend(
+                q.frames
+                    .iter()
+                    .filter(|o| o.channel() == channel)
+                    .filter_map(|o| o.frame(format))
+                    .cloned(),
+            );
         }
         FormatFrames { frames, starts }
     }
@@ -310,26 +450,34 @@ mod tests {
             .collect()
     }
 
-    /// A batch queued before a client joined, but not yet written when it did, is not sent
-    /// to it: its first frame is the first one published after it joined.
-    #[tokio::test]
-    async fn a_client_gets_only_batches_queued_after_it_joined() {
+    /// A shard of `capacity` frames of read-ahead, and its worker, which the test drives.
+    fn shard_with_worker(capacity: u32) -> (Arc<Shard>, Worker) {
         let shard = Arc::new(Shard {
             state: Mutex::default(),
             wake: Condvar::new(),
-            room: Semaphore::new(16),
-            read_ahead: 16,
+            room: Semaphore::new(capacity as usize),
+            read_ahead: capacity,
         });
         let worker = Worker {
             shard: shard.clone(),
             metrics: Arc::new(Metrics::new()),
-            capacity: 16,
+            capacity: capacity as usize,
         };
+        (shard, worker)
+    }
+
+    /// A batch queued before a client joined, but not yet written when it did, is not sent
+    /// to it: its first frame is the first one published after it joined.
+    #[tokio::test]
+    async fn a_client_gets_only_batches_queued_after_it_joined() {
+        let (shard, worker) = shard_with_worker(16);
         let client = |server, format| {
             let client = Arc::new(Client {
                 out: ClientOut::new(16),
                 control: ClientControl::new(CancellationToken::new()),
                 format,
+                channel: ChannelId::DEFAULT,
+                filter: None,
             });
             client.out.attach(server);
             client
@@ -344,16 +492,12 @@ mod tests {
         shard.join(3, client(v1_socket, Format::V1));
         shard.enqueue(Arc::from(vec![new.clone()]), shard.reserve(1).await);
 
-        let (queued, members) = {
+        let (queued, mut view) = {
             let mut state = shard.lock();
-            let members: Vec<_> = state
-                .members
-                .iter()
-                .map(|(id, m)| (*id, m.client.clone(), m.first_seq))
-                .collect();
-            (std::mem::take(&mut state.queue), members)
+            let view = View::build(&state.members);
+            (std::mem::take(&mut state.queue), view)
         };
-        worker.pass(&members, &queued);
+        worker.pass(&mut view, &queued);
 
         let expected = legacy(&[&old, &new]);
         let mut early = vec![0u8; expected.len()];
@@ -368,5 +512,106 @@ mod tests {
         v1_peer.read_exact(&mut v1).await.expect("v1");
         assert_eq!(&v1[..], &expected[..]);
         assert_eq!(worker.metrics.frames_sent.get(), 4);
+    }
+
+    fn filter(pairs: &[(Field, &str)]) -> Filter {
+        let mut filter = Filter::default();
+        for (field, value) in pairs {
+            filter.allow(*field, value);
+        }
+        filter
+    }
+
+    /// Each client gets, in order, exactly the messages of its channel that its filter keeps
+    /// (and every message that names none of the fields), whatever field it is indexed by.
+    #[tokio::test]
+    async fn a_pass_delivers_by_channel_and_filter() {
+        let (shard, worker) = shard_with_worker(64);
+        let other = ChannelId(1);
+        let subscriptions = [
+            (ChannelId::DEFAULT, None),
+            (ChannelId::DEFAULT, Some(filter(&[(Field::AgentId, "A")]))),
+            (
+                ChannelId::DEFAULT,
+                Some(filter(&[(Field::AgentId, "B"), (Field::AgentId, "C")])),
+            ),
+            (
+                ChannelId::DEFAULT,
+                Some(filter(&[(Field::CheckId, "k"), (Field::Action, "abort")])),
+            ),
+            (other, None),
+            (other, Some(filter(&[(Field::AgentId, "A")]))),
+        ];
+        let mut peers = Vec::new();
+        for (id, (channel, filter)) in subscriptions.iter().enumerate() {
+            let (socket, peer) = socket_pair().await;
+            let client = Arc::new(Client {
+                out: ClientOut::new(64),
+                control: ClientControl::new(CancellationToken::new()),
+                format: Format::Legacy,
+                channel: *channel,
+                filter: filter.clone(),
+            });
+            client.out.attach(socket);
+            shard.join(id as u64, client);
+            peers.push(peer);
+        }
+        let on = |channel, offset, payload: &str| {
+            let position = format!("1-{offset}").parse().expect("position");
+            let fields = crate::message::check(payload).expect("valid");
+            Arc::new(Outgoing::accepted(channel, position, payload, fields))
+        };
+        let items = [
+            on(ChannelId::DEFAULT, 1, r#"{"agent_id":"A"}"#),
+            on(ChannelId::DEFAULT, 2, r#"{"agent_id":"C","check_id":"k"}"#),
+            on(ChannelId::DEFAULT, 3, r#"{"action":"ping"}"#),
+            on(other, 1, r#"{"agent_id":"A"}"#),
+            on(
+                ChannelId::DEFAULT,
+                4,
+                r#"{"check_id":"k","action":"abort"}"#,
+            ),
+            on(ChannelId::DEFAULT, 5, r#"{"agent_id":null,"n":1}"#),
+            on(other, 2, r#"{"agent_id":"B"}"#),
+        ];
+        for item in &items {
+            shard.enqueue(Arc::from(vec![item.clone()]), shard.reserve(1).await);
+        }
+        let (queued, mut view) = {
+            let mut state = shard.lock();
+            let view = View::build(&state.members);
+            (std::mem::take(&mut state.queue), view)
+        };
+        worker.pass(&mut view, &queued);
+        let expected: [&[usize]; 6] = [
+            &[0, 1, 2, 4, 5],
+            &[0, 2, 4, 5],
+            &[1, 2, 4, 5],
+            &[0, 1, 4, 5],
+            &[3, 6],
+            &[3],
+        ];
+        for (peer, wanted) in peers.iter_mut().zip(expected) {
+            let frames: Vec<&Arc<Outgoing>> = wanted.iter().map(|i| &items[*i]).collect();
+            let expected = legacy(&frames);
+            let mut got = vec![0u8; expected.len()];
+            peer.read_exact(&mut got).await.expect("frames");
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&expected)
+            );
+        }
+        // Nothing more was written to anyone: a ping now is each one's next frame.
+        let ping = |channel| Arc::new(Outgoing::ping(channel, "1-9".parse().expect("position")));
+        let pings = [ping(ChannelId::DEFAULT), ping(other)];
+        shard.enqueue(Arc::from(pings.to_vec()), shard.reserve(2).await);
+        let queued = std::mem::take(&mut shard.lock().queue);
+        worker.pass(&mut view, &queued);
+        for (peer, (channel, _)) in peers.iter_mut().zip(&subscriptions) {
+            let expected = legacy(&[&pings[channel.index()]]);
+            let mut got = vec![0u8; expected.len()];
+            peer.read_exact(&mut got).await.expect("ping");
+            assert_eq!(got, expected);
+        }
     }
 }

@@ -10,6 +10,8 @@ use std::fmt;
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 
+use super::filter::{AgentFields, Field};
+
 /// Why a payload is not forwarded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
@@ -21,12 +23,18 @@ pub enum Rejected {
 
 /// Checks a payload without copying it.
 pub fn validate(payload: &str) -> Result<(), Rejected> {
+    check(payload).map(drop)
+}
+
+/// Checks a payload and reads the agents' fields from it, for the clients' filters: the one
+/// parse a payload gets.
+pub fn check(payload: &str) -> Result<AgentFields, Rejected> {
     if payload.trim().is_empty() {
         return Err(Rejected::Empty);
     }
     let mut de = serde_json::Deserializer::from_str(payload);
     de.deserialize_any(AgentMessage)
-        .and_then(|()| de.end())
+        .and_then(|fields| de.end().map(|()| fields))
         .map_err(|err| Rejected::Invalid(err.to_string()))
 }
 
@@ -42,13 +50,11 @@ pub fn preview(payload: &str) -> String {
     }
 }
 
-/// The fields agents decode as strings.
-const AGENT_FIELDS: [&str; 4] = ["action", "check_id", "agent_id", "scan_id"];
-
 /// Go's `encoding/json` matches a key to a field with Unicode case folding; besides ASCII case,
 /// the only letters that fold onto these field names are the Kelvin sign (k) and long s (s).
-fn is_agent_field(key: &str) -> bool {
-    AGENT_FIELDS.iter().any(|field| {
+fn agent_field(key: &str) -> Option<Field> {
+    Field::ALL.into_iter().find(|field| {
+        let field = field.as_str();
         key.chars().count() == field.len()
             && key.chars().zip(field.chars()).all(|(k, f)| {
                 let k = match k {
@@ -61,31 +67,39 @@ fn is_agent_field(key: &str) -> bool {
     })
 }
 
-/// Accepts exactly one JSON object whose agent fields are strings or null.
+/// Accepts exactly one JSON object whose agent fields are strings or null, and keeps their
+/// values (the last of a repeated key, as agents decode it).
 struct AgentMessage;
 
 impl<'de> Visitor<'de> for AgentMessage {
-    type Value = ();
+    type Value = AgentFields;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AgentFields, A::Error> {
+        let mut fields = AgentFields::default();
         while let Some(key) = map.next_key::<KeyName<'de>>()? {
-            if key.is_agent_field {
-                map.next_value::<StringOrNull>()?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
+            match key.field {
+                // Go leaves a string field as it was on `null`: an earlier value stays.
+                Some(field) => {
+                    if let Some(value) = map.next_value::<StringOrNull>()?.0 {
+                        fields.set(field, Some(value));
+                    }
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        Ok(())
+        Ok(fields)
     }
 }
 
-/// A key, borrowed when it has no escapes; only whether it names an agent field is kept.
+/// A key, borrowed when it has no escapes; only which agent field it names is kept.
 struct KeyName<'de> {
-    is_agent_field: bool,
+    field: Option<Field>,
     _borrowed: std::marker::PhantomData<&'de ()>,
 }
 
@@ -99,7 +113,7 @@ impl<'de> de::Deserialize<'de> for KeyName<'de> {
             }
             fn visit_str<E: de::Error>(self, key: &str) -> Result<KeyName<'de>, E> {
                 Ok(KeyName {
-                    is_agent_field: is_agent_field(key),
+                    field: agent_field(key),
                     _borrowed: std::marker::PhantomData,
                 })
             }
@@ -109,7 +123,7 @@ impl<'de> de::Deserialize<'de> for KeyName<'de> {
 }
 
 /// An agent field's value: a string or null, nothing else.
-struct StringOrNull;
+struct StringOrNull(Option<Box<str>>);
 
 impl<'de> de::Deserialize<'de> for StringOrNull {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -119,11 +133,11 @@ impl<'de> de::Deserialize<'de> for StringOrNull {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a string or null for action, check_id, agent_id and scan_id")
             }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<StringOrNull, E> {
-                Ok(StringOrNull)
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<StringOrNull, E> {
+                Ok(StringOrNull(Some(value.into())))
             }
             fn visit_unit<E: de::Error>(self) -> Result<StringOrNull, E> {
-                Ok(StringOrNull)
+                Ok(StringOrNull(None))
             }
         }
         deserializer.deserialize_any(ValueVisitor)
@@ -171,6 +185,17 @@ mod tests {
         ] {
             assert!(validate(payload).is_err(), "accepted {payload:?}");
         }
+    }
+
+    #[test]
+    fn reads_the_agent_fields_as_agents_decode_them() {
+        let fields = check(r#"{"Agent_ID":"a\u0041","action":null,"x":{"agent_id":"no"},"scan_id":"s","scan_id":"t","check_id":"c","check_id":null}"#)
+            .expect("valid");
+        assert_eq!(fields.get(Field::AgentId), Some("aA"));
+        assert_eq!(fields.get(Field::Action), None);
+        assert_eq!(fields.get(Field::CheckId), Some("c"));
+        assert_eq!(fields.get(Field::ScanId), Some("t"));
+        assert!(check("{}").expect("valid").is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! the fan-out only copies references, and a message's size (for the history's bound) is exact.
 
 pub mod check;
+pub mod filter;
 pub mod position;
 pub mod websocket;
 
@@ -18,13 +19,15 @@ use std::fmt;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-pub use check::{Rejected, preview, validate};
+pub use check::{Rejected, check, preview, validate};
+pub use filter::{AgentFields, Field, Filter};
 pub use position::{Epoch, Position, PositionError};
 
 /// How a client wants its frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Format {
     /// The Go original's frames, unchanged: payloads and `{"action":"ping"}`.
+    #[default]
     Legacy,
     /// Websocket `vulcan-stream.v1`: `{"id":…,"data":…}` and `{"event":…}` objects.
     V1,
@@ -47,6 +50,20 @@ impl Format {
             Format::V1 => "v1",
             Format::Sse => "sse",
         }
+    }
+}
+
+/// One of the channels the stream carries: an index into the configured channels, the
+/// default one first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelId(pub u16);
+
+impl ChannelId {
+    /// The default channel (`Receiver.StreamChannel`).
+    pub const DEFAULT: ChannelId = ChannelId(0);
+
+    pub fn index(self) -> usize {
+        usize::from(self.0)
     }
 }
 
@@ -88,6 +105,11 @@ impl ResetReason {
 pub struct Outgoing {
     /// The position of a message, the head for a ping, where to resume for a reset.
     position: Position,
+    /// The channel it was published on: only that channel's clients get it.
+    channel: ChannelId,
+    /// A message's values of the agents' fields, for filtered clients (`None`: none of them,
+    /// or not a message); every client gets the stream's own events.
+    fields: Option<Box<AgentFields>>,
     /// For a message: its payload, within the legacy frame.
     payload_at: Option<usize>,
     frames: [Option<Bytes>; 3],
@@ -105,8 +127,24 @@ const PING_FRAMES: &[u8] = b"\x81\x11{\"action\":\"ping\"}\x89\x04ping";
 pub const SSE_PREAMBLE: &[u8] = b"retry: 2000\n\n";
 
 impl Outgoing {
-    /// A message: `payload` (already checked) at `position`.
+    /// A message: `payload` (already checked) at `position` of the default channel, as if it
+    /// named none of the agents' fields.
     pub fn message(position: Position, payload: &str) -> Outgoing {
+        Outgoing::accepted(
+            ChannelId::DEFAULT,
+            position,
+            payload,
+            AgentFields::default(),
+        )
+    }
+
+    /// A message on `channel`: `payload`, checked, whose agents' fields are `fields`.
+    pub fn accepted(
+        channel: ChannelId,
+        position: Position,
+        payload: &str,
+        fields: AgentFields,
+    ) -> Outgoing {
         let legacy = websocket::text(payload.as_bytes());
         let v1 = format!(r#"{{"id":"{position}","data":{payload}}}"#);
         let mut sse = BytesMut::with_capacity(payload.len() + 48);
@@ -114,6 +152,8 @@ impl Outgoing {
         sse_data(&mut sse, payload);
         Outgoing {
             position,
+            channel,
+            fields: (!fields.is_empty()).then(|| Box::new(fields)),
             payload_at: Some(websocket::header_len(payload.len())),
             frames: [
                 Some(legacy),
@@ -127,12 +167,14 @@ impl Outgoing {
     /// heartbeat message and a websocket Ping together, written once per client by the fan-out
     /// rather than the Ping by each client's own task: the Pong it answers is how a vanished
     /// client is found.
-    pub fn ping(head: Position) -> Outgoing {
+    pub fn ping(channel: ChannelId, head: Position) -> Outgoing {
         let v1 = format!(r#"{{"event":"ping","id":"{head}"}}"#);
         let mut v1_frames = BytesMut::from(&websocket::text(v1.as_bytes())[..]);
         v1_frames.extend_from_slice(websocket::PING);
         Outgoing {
             position: head,
+            channel,
+            fields: None,
             payload_at: None,
             frames: [
                 Some(Bytes::from_static(PING_FRAMES)),
@@ -143,12 +185,14 @@ impl Outgoing {
     }
 
     /// Tells opted-in clients to continue from `position` and why; legacy clients get nothing.
-    pub fn reset(position: Position, reason: ResetReason) -> Outgoing {
+    pub fn reset(channel: ChannelId, position: Position, reason: ResetReason) -> Outgoing {
         let reason = reason.as_str();
         let v1 = format!(r#"{{"event":"reset","id":"{position}","reason":"{reason}"}}"#);
         let sse = format!("event: reset\nid: {position}\ndata: {{\"reason\":\"{reason}\"}}\n\n");
         Outgoing {
             position,
+            channel,
+            fields: None,
             payload_at: None,
             frames: [
                 None,
@@ -160,6 +204,25 @@ impl Outgoing {
 
     pub fn position(&self) -> Position {
         self.position
+    }
+
+    pub fn channel(&self) -> ChannelId {
+        self.channel
+    }
+
+    /// A message's values of the agents' fields; `None` when it names none (a broadcast to
+    /// every filter) or is one of the stream's own events.
+    pub fn fields(&self) -> Option<&AgentFields> {
+        self.fields.as_deref()
+    }
+
+    /// Whether a client with `filter` gets this: the stream's own events and messages that name
+    /// none of the fields reach every client.
+    pub fn is_for(&self, filter: Option<&Filter>) -> bool {
+        match (filter, self.fields()) {
+            (Some(filter), Some(fields)) => filter.matches(fields),
+            _ => true,
+        }
     }
 
     /// The frame for clients of `format`, if they get one.
@@ -179,6 +242,9 @@ impl Outgoing {
     pub fn size(&self) -> usize {
         std::mem::size_of::<Outgoing>()
             + self.frames.iter().flatten().map(Bytes::len).sum::<usize>()
+            + self.fields.as_ref().map_or(0, |fields| {
+                std::mem::size_of::<AgentFields>() + fields.heap_size()
+            })
     }
 }
 
@@ -263,7 +329,7 @@ mod tests {
     #[test]
     fn events_carry_positions_and_legacy_clients_keep_the_original_ping() {
         let head: Position = "2-5".parse().expect("position");
-        let ping = Outgoing::ping(head);
+        let ping = Outgoing::ping(ChannelId::DEFAULT, head);
         // The original's heartbeat text frame, then a websocket Ping in the same write.
         let legacy = ping.frame(Format::Legacy).expect("legacy");
         let (text, control) = legacy.split_at(legacy.len() - websocket::PING.len());
@@ -279,7 +345,7 @@ mod tests {
         assert_eq!(control, websocket::PING);
         assert!(ping.frame(Format::Sse).expect("sse").starts_with(b":"));
         assert_eq!(ping.payload(), None);
-        let reset = Outgoing::reset(head, ResetReason::Evicted);
+        let reset = Outgoing::reset(ChannelId::DEFAULT, head, ResetReason::Evicted);
         assert_eq!(reset.frame(Format::Legacy), None);
         assert_eq!(
             text_of(reset.frame(Format::V1).expect("v1")),

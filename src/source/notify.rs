@@ -170,7 +170,13 @@ impl Receiver {
         };
         let activity = Activity::default();
         let mut connection = std::pin::pin!(self.forward_notifications(connection, &activity));
-        let listen = format!("LISTEN {}", pg::quote_ident(&self.config.channel));
+        let listen = self
+            .config
+            .channels()
+            .iter()
+            .map(|channel| format!("LISTEN {}", pg::quote_ident(channel)))
+            .collect::<Vec<_>>()
+            .join("; ");
         tokio::select! {
             _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
             ended = &mut connection => return SessionEnd::ConnectFailed(ConnectFailure::new(ended)),
@@ -189,14 +195,14 @@ impl Receiver {
             }
             self.metrics.listener_reconnects.inc();
             log::info!(
-                "LISTEN {:?} active again on {} after {attempts} attempt(s)",
-                self.config.channel,
+                "LISTEN {} active again on {} after {attempts} attempt(s)",
+                self.listed_channels(),
                 self.target()
             );
         } else {
             log::info!(
-                "LISTEN {:?} active on {}",
-                self.config.channel,
+                "LISTEN {} active on {}",
+                self.listed_channels(),
                 self.target()
             );
         }
@@ -248,6 +254,17 @@ impl Receiver {
         }
     }
 
+    /// The channels as log lines name them: `"events"`, or `"events", "jobs"`.
+    fn listed_channels(&self) -> String {
+        let quoted: Vec<String> = self
+            .config
+            .channels()
+            .iter()
+            .map(|channel| format!("{channel:?}"))
+            .collect();
+        quoted.join(", ")
+    }
+
     /// Drives the connection until it ends, broadcasting each notification on our channel.
     /// Notifications that arrived together (one read from the server) are published as one
     /// batch, so that each client gets one write for all of them. Returns why it ended.
@@ -265,7 +282,8 @@ impl Receiver {
             loop {
                 activity.read.fetch_add(1, Ordering::Relaxed);
                 match message {
-                    Ok(AsyncMessage::Notification(n)) if n.channel() == self.config.channel => {
+                    // The stream drops what is on a channel it does not carry.
+                    Ok(AsyncMessage::Notification(n)) => {
                         if let Some(frame) = self.stream.accept(n.channel(), n.payload()) {
                             batch.push(frame);
                         }

@@ -132,6 +132,7 @@ impl TableReader {
         };
         let wake = Notify::new();
         let mut connection = std::pin::pin!(drive(connection, &wake));
+        let channels = self.config.channels();
         let setup = async {
             let listen = format!("LISTEN {}", pg::quote_ident(WAKE_CHANNEL));
             client
@@ -142,14 +143,20 @@ impl TableReader {
                 .await
                 .map_err(|err| err.to_string())?;
             let epoch = parse_epoch(&epoch)?;
+            // One channel reads by the (channel, pos) index; several, by the position index.
+            let on_channels = if channels.len() == 1 {
+                "channel = ($1::text[])[1]"
+            } else {
+                "channel = ANY($1::text[])"
+            };
             let statement = client
-                .prepare(
+                .prepare(&format!(
                     "WITH h AS (SELECT head FROM vulcan_stream.lineage) \
-                     SELECT h.head, m.pos, m.payload FROM h LEFT JOIN LATERAL \
-                     (SELECT pos, payload FROM vulcan_stream.messages \
-                      WHERE channel = $1 AND pos > $2 AND pos <= h.head ORDER BY pos LIMIT $3) m \
+                     SELECT h.head, m.pos, m.payload, m.channel FROM h LEFT JOIN LATERAL \
+                     (SELECT pos, payload, channel FROM vulcan_stream.messages \
+                      WHERE {on_channels} AND pos > $2 AND pos <= h.head ORDER BY pos LIMIT $3) m \
                      ON true",
-                )
+                ))
                 .await
                 .map_err(|err| pg::describe_error(&err))?;
             Ok::<_, String>((epoch, head, statement))
@@ -178,15 +185,13 @@ impl TableReader {
             self.metrics.listener_reconnects.inc();
         }
         log::info!(
-            "reading channel {:?} from table vulcan_stream.messages on {target} after position \
-             {}",
-            self.config.channel,
+            "reading channels {channels:?} from table vulcan_stream.messages on {target} after \
+             position {}",
             Position {
                 epoch,
                 offset: start
             }
         );
-        let channel = self.config.channel.as_str();
         let timeout = self.config.health_timeout;
         loop {
             // Everything there is, page by page.
@@ -194,7 +199,7 @@ impl TableReader {
                 let offset = cursor.map_or(0, |(_, offset)| offset);
                 let after = i64::try_from(offset).unwrap_or(i64::MAX);
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                    [&channel, &after, &READ_PAGE];
+                    [&channels, &after, &READ_PAGE];
                 let query = client.query(&statement, &params);
                 let rows = tokio::select! {
                     _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -219,6 +224,7 @@ impl TableReader {
                     let pos = u64::try_from(pos).unwrap_or(0);
                     last = pos;
                     let payload: &str = row.get(2);
+                    let channel: &str = row.get(3);
                     let position = Position { epoch, offset: pos };
                     if payload.len() > self.config.max_payload {
                         self.metrics.notifications_received.inc();
@@ -503,13 +509,18 @@ impl TableArchive {
 }
 
 impl Archive for TableArchive {
-    fn after(&self, offset: u64, limit: usize) -> BoxFuture<'_, Result<Page, String>> {
+    fn after<'a>(
+        &'a self,
+        channel: &'a str,
+        offset: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, String>> {
         Box::pin(async move {
             let client = self.client().await?;
             let after = i64::try_from(offset).unwrap_or(i64::MAX);
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-                [&self.config.channel, &after, &limit];
+                [&channel, &after, &limit];
             let query = client.query(
                 "SELECT pos, payload, (SELECT min(pos) FROM vulcan_stream.messages) \
                  FROM (SELECT 1) one LEFT JOIN LATERAL \

@@ -13,14 +13,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use super::{Joined, Start, Stream};
-use crate::fanout::Registration;
-use crate::message::{self, Epoch, Format, Outgoing, Position, ResetReason};
+use super::{Joined, Start, Stream, frames_for};
+use crate::fanout::{Registration, Subscription};
+use crate::message::{self, ChannelId, Epoch, Outgoing, Position, ResetReason};
 
 /// Rows read from the table per query.
 pub const PAGE: usize = 1000;
@@ -51,9 +50,14 @@ pub struct Page {
 
 /// The table, as the stream reads it for resumes.
 pub trait Archive: Send + Sync + 'static {
-    /// The stream's messages after `offset`, at most `limit`; the error says why the table
+    /// The messages of `channel` after `offset`, at most `limit`; the error says why the table
     /// could not be read.
-    fn after(&self, offset: u64, limit: usize) -> BoxFuture<'_, Result<Page, String>>;
+    fn after<'a>(
+        &'a self,
+        channel: &'a str,
+        offset: u64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Page, String>>;
 }
 
 /// A resume could not be answered now (the table is unreachable, or its lineage not yet
@@ -86,7 +90,10 @@ impl Durable {
 
 /// What a resume read from the table, before the history takes over.
 struct Fetched {
+    /// The messages for the client.
     messages: Vec<Arc<Outgoing>>,
+    /// Rows read, and their size, for the resume's bound.
+    rows: usize,
     bytes: usize,
 }
 
@@ -96,35 +103,38 @@ impl Stream {
     /// [`Stream::join`].
     pub async fn join_resuming(
         &self,
-        format: Format,
+        subscription: Subscription,
         start: Start,
     ) -> Result<(Registration, Joined), Unavailable> {
         let (Some(durable), Start::After(since)) = (&self.durable, start) else {
-            return Ok(self.join(format, start));
+            return Ok(self.join(subscription, start));
         };
         let epoch = self.lineage(durable).await?;
         if since.epoch != epoch {
-            return Ok(self.join(format, start));
+            return Ok(self.join(subscription, start));
         }
-        self.wait_for_head(durable, since.offset).await;
+        let channel = subscription.channel;
+        self.wait_for_head(durable, channel, since.offset).await;
         let mut cursor = since;
         let mut fetched = Fetched {
             messages: Vec::new(),
+            rows: 0,
             bytes: 0,
         };
         loop {
             {
-                let mut log = self.lock();
+                let mut guard = self.lock();
+                let log = guard.of(channel);
                 let head = log.head;
                 if head.epoch != epoch {
                     // The lineage changed under us: the client gets that reset.
-                    drop(log);
-                    return Ok(self.join(format, start));
+                    drop(guard);
+                    return Ok(self.join(subscription, start));
                 }
                 if cursor == since && since.offset > head.offset {
                     // Still ahead after the wait: the history's answer (a reset) is the right one.
-                    drop(log);
-                    return Ok(self.join(format, start));
+                    drop(guard);
+                    return Ok(self.join(subscription, start));
                 }
                 let from_history = if cursor.offset >= head.offset {
                     // The table was read up to (or past) what the stream has published: what it
@@ -138,61 +148,61 @@ impl Stream {
                 };
                 match from_history {
                     Ok(missed) => {
-                        let count = fetched.messages.len() + missed.len();
-                        let frames: Vec<Bytes> = fetched
-                            .messages
-                            .iter()
-                            .chain(missed.iter())
-                            .filter_map(|m| m.frame(format))
-                            .cloned()
-                            .collect();
+                        fetched.messages.extend(missed);
+                        let frames = frames_for(&subscription, &fetched.messages);
+                        let count = frames.len();
                         self.metrics.resumes_served.inc();
-                        let registration = self.hub.register_after(format, frames);
+                        let registration = self.hub.register_after(subscription, frames);
                         return Ok((registration, Joined::Resumed(count)));
                     }
                     Err(ResetReason::Evicted) => {}
                     Err(_) => {
-                        drop(log);
-                        return Ok(self.join(format, Start::After(cursor)));
+                        drop(guard);
+                        return Ok(self.join(subscription, Start::After(cursor)));
                     }
                 }
             }
+            let name = &self.channel_names()[channel.index()];
             let page = durable
                 .archive
-                .after(cursor.offset, super::durable::PAGE)
+                .after(name, cursor.offset, super::durable::PAGE)
                 .await
                 .map_err(Unavailable)?;
             if page.oldest.is_some_and(|oldest| oldest > cursor.offset + 1) {
                 // Retention deletes a prefix of the positions: rows after the cursor are gone.
-                return Ok(self.reset_join(format, ResetReason::Evicted));
+                return Ok(self.reset_join(subscription, ResetReason::Evicted));
             }
             let Some(last) = page.rows.last().map(|row| row.offset) else {
                 // Nothing of this channel after the cursor (retention keeps the newest row, so
                 // an empty table means nothing was deleted): the stream's next message follows.
-                return Ok(self.join_with(format, &fetched.messages, epoch));
+                return Ok(self.join_with(subscription, &fetched.messages, epoch));
             };
             for row in page.rows {
                 let position = Position {
                     epoch,
                     offset: row.offset,
                 };
-                if message::validate(&row.payload).is_ok() {
-                    let message = Arc::new(Outgoing::message(position, &row.payload));
+                fetched.rows += 1;
+                if let Ok(fields) = message::check(&row.payload) {
+                    let message = Outgoing::accepted(channel, position, &row.payload, fields);
+                    // Only what the client's filter wants is kept; every row read counts.
                     fetched.bytes += message.size();
-                    fetched.messages.push(message);
+                    if message.is_for(subscription.filter.as_ref()) {
+                        fetched.messages.push(Arc::new(message));
+                    }
                 }
             }
             cursor = Position {
                 epoch,
                 offset: last,
             };
-            if fetched.messages.len() > RESUME_MAX_MESSAGES || fetched.bytes > durable.max_bytes {
+            if fetched.rows > RESUME_MAX_MESSAGES || fetched.bytes > durable.max_bytes {
                 log::info!(
                     "a resume from {since} is more than {RESUME_MAX_MESSAGES} messages or {} \
                      bytes behind: reset",
                     durable.max_bytes
                 );
-                return Ok(self.reset_join(format, ResetReason::Evicted));
+                return Ok(self.reset_join(subscription, ResetReason::Evicted));
             }
         }
     }
@@ -202,36 +212,48 @@ impl Stream {
     /// reaches the head; what the stream publishes next follows.
     fn join_with(
         &self,
-        format: Format,
+        subscription: Subscription,
         fetched: &[Arc<Outgoing>],
         epoch: Epoch,
     ) -> (Registration, Joined) {
         let log = self.lock();
-        if log.head.epoch != epoch {
+        let head = log.at(subscription.channel).head;
+        if head.epoch != epoch {
             drop(log);
-            return self.reset_join(format, ResetReason::OtherEpoch);
+            return self.reset_join(subscription, ResetReason::OtherEpoch);
         }
-        let head = log.head.offset;
-        let kept: Vec<Bytes> = fetched
+        let kept: Vec<Arc<Outgoing>> = fetched
             .iter()
-            .filter(|m| m.position().offset <= head)
-            .filter_map(|m| m.frame(format))
+            .filter(|m| m.position().offset <= head.offset)
             .cloned()
             .collect();
-        let count = kept.len();
+        let frames = frames_for(&subscription, &kept);
+        let count = frames.len();
         self.metrics.resumes_served.inc();
-        let registration = self.hub.register_after(format, kept);
+        let registration = self.hub.register_after(subscription, frames);
         drop(log);
         (registration, Joined::Resumed(count))
     }
 
     /// Joins with a reset naming the head.
-    fn reset_join(&self, format: Format, reason: ResetReason) -> (Registration, Joined) {
+    fn reset_join(
+        &self,
+        subscription: Subscription,
+        reason: ResetReason,
+    ) -> (Registration, Joined) {
         let log = self.lock();
         self.metrics.count_reset(reason);
-        let reset = Outgoing::reset(log.head, reason);
-        let frames = reset.frame(format).cloned().into_iter().collect();
-        let registration = self.hub.register_after(format, frames);
+        let reset = Outgoing::reset(
+            subscription.channel,
+            log.at(subscription.channel).head,
+            reason,
+        );
+        let frames = reset
+            .frame(subscription.format)
+            .cloned()
+            .into_iter()
+            .collect();
+        let registration = self.hub.register_after(subscription, frames);
         drop(log);
         (registration, Joined::Reset(reason))
     }
@@ -251,13 +273,13 @@ impl Stream {
     /// Waits, at most [`RESUME_WAIT`], until the stream has published up to `offset`: a client
     /// that comes from a replica a little ahead of this one is then served as it expects,
     /// rather than reset as `ahead`.
-    async fn wait_for_head(&self, durable: &Durable, offset: u64) {
+    async fn wait_for_head(&self, durable: &Durable, channel: ChannelId, offset: u64) {
         let deadline = Instant::now() + RESUME_WAIT;
         loop {
             let published = durable.published.notified();
             let mut published = std::pin::pin!(published);
             published.as_mut().enable();
-            if self.lock().head.offset >= offset {
+            if self.lock().at(channel).head.offset >= offset {
                 return;
             }
             if tokio::time::timeout_at(deadline, published).await.is_err() {
@@ -272,6 +294,7 @@ mod tests {
     use super::*;
     use crate::fanout::Hub;
     use crate::fanout::outbox::test_support::socket_pair;
+    use crate::message::Format;
     use crate::metrics::Metrics;
     use crate::stream::HistoryLimits;
     use tokio::io::AsyncReadExt;
@@ -284,7 +307,12 @@ mod tests {
     }
 
     impl Archive for FakeTable {
-        fn after(&self, offset: u64, limit: usize) -> BoxFuture<'_, Result<Page, String>> {
+        fn after<'a>(
+            &'a self,
+            _channel: &'a str,
+            offset: u64,
+            limit: usize,
+        ) -> BoxFuture<'a, Result<Page, String>> {
             let rows = self
                 .rows
                 .iter()
@@ -321,7 +349,11 @@ mod tests {
             max_messages: history,
             ..HistoryLimits::default()
         };
-        (Stream::new_durable(hub, metrics, limits, archive), root)
+        let channels = vec!["events".to_owned()];
+        (
+            Stream::new_durable(hub, metrics, limits, channels, archive),
+            root,
+        )
     }
 
     /// Publishes the messages at `offsets`, as the table reader would.
@@ -329,7 +361,7 @@ mod tests {
         let mut batch: Vec<_> = offsets
             .into_iter()
             .filter_map(|offset| {
-                stream.accept_at("c", &payload(offset), Position { epoch, offset })
+                stream.accept_at("events", &payload(offset), Position { epoch, offset })
             })
             .collect();
         stream.publish(&mut batch).await;
@@ -367,7 +399,7 @@ mod tests {
         publish(&stream, epoch, 1..=10).await;
         let since = Position { epoch, offset: 2 };
         let (registration, joined) = stream
-            .join_resuming(Format::V1, Start::After(since))
+            .join_resuming(Subscription::everything(Format::V1), Start::After(since))
             .await
             .expect("served");
         assert_eq!(joined, Joined::Resumed(8));
@@ -385,7 +417,7 @@ mod tests {
         stream.advance_to(50);
         let since = Position { epoch, offset: 5 };
         let (_, joined) = stream
-            .join_resuming(Format::V1, Start::After(since))
+            .join_resuming(Subscription::everything(Format::V1), Start::After(since))
             .await
             .expect("served");
         assert_eq!(joined, Joined::Resumed(0));
@@ -393,7 +425,7 @@ mod tests {
         let (restarted, _root) = self::stream(table([5], Some(1)), 3);
         restarted.continue_at(Position { epoch, offset: 50 }).await;
         let (_, joined) = restarted
-            .join_resuming(Format::V1, Start::After(since))
+            .join_resuming(Subscription::everything(Format::V1), Start::After(since))
             .await
             .expect("served");
         assert_eq!(joined, Joined::Resumed(0));
@@ -407,14 +439,14 @@ mod tests {
         publish(&stream, epoch, 20..=30).await;
         let since = Position { epoch, offset: 5 };
         let (registration, joined) = stream
-            .join_resuming(Format::V1, Start::After(since))
+            .join_resuming(Subscription::everything(Format::V1), Start::After(since))
             .await
             .expect("answered");
         assert_eq!(joined, Joined::Reset(ResetReason::Evicted));
         assert_eq!(backlog(&registration, 1).await, ["reset"]);
         let other = Epoch::new_after(Some(epoch)).start();
         let (_, joined) = stream
-            .join_resuming(Format::V1, Start::After(other))
+            .join_resuming(Subscription::everything(Format::V1), Start::After(other))
             .await
             .expect("answered");
         assert_eq!(joined, Joined::Reset(ResetReason::OtherEpoch));
@@ -427,10 +459,12 @@ mod tests {
             epoch: Epoch::new_after(None),
             offset: 1,
         };
-        let refused = stream.join_resuming(Format::V1, Start::After(since)).await;
+        let refused = stream
+            .join_resuming(Subscription::everything(Format::V1), Start::After(since))
+            .await;
         assert!(refused.is_err());
         let (_, joined) = stream
-            .join_resuming(Format::V1, Start::Live)
+            .join_resuming(Subscription::everything(Format::V1), Start::Live)
             .await
             .expect("live needs nothing");
         assert_eq!(joined, Joined::Live);

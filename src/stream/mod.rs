@@ -1,8 +1,8 @@
 //! The ordered stream between a source and the fan-out: every payload a source delivers is
-//! checked here once, given its position, kept in the history, and published to every client,
-//! in the source's order.
+//! checked here once, given its position on its channel, kept in the channel's history, and
+//! published to the clients that want it, in the source's order.
 //!
-//! A source (LISTEN today) only hands payloads over and reports whether it is live; it knows
+//! A source (LISTEN, or the durable table) only hands payloads over and reports whether it is live; it knows
 //! nothing of clients. The fan-out only writes what it is given; it knows nothing of
 //! PostgreSQL. The stream is the one place that sees every message in order, so positions and
 //! history live here, and so does the hand-over of a resuming client: under one lock, the
@@ -19,8 +19,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fanout::{Batch, Hub, Registration};
-use crate::message::{self, Epoch, Format, Outgoing, Position, ResetReason};
+use crate::fanout::{Batch, Hub, Registration, Subscription};
+use crate::message::{self, ChannelId, Epoch, Outgoing, Position, ResetReason};
 use crate::metrics::Metrics;
 pub use durable::{Archive, ArchivedRow, Page, Unavailable};
 pub use history::{History, HistoryLimits};
@@ -41,9 +41,35 @@ impl ListenerState {
     }
 }
 
-/// What is ordered under the stream's lock.
+/// What is ordered under the stream's lock: each channel's log, by [`ChannelId`].
 #[derive(Debug)]
 struct Log {
+    channels: Vec<ChannelLog>,
+}
+
+impl Log {
+    fn at(&self, channel: ChannelId) -> &ChannelLog {
+        &self.channels[channel.index()]
+    }
+
+    fn of(&mut self, channel: ChannelId) -> &mut ChannelLog {
+        &mut self.channels[channel.index()]
+    }
+
+    /// Every channel starts over at `start` (a new epoch, or the table's lineage).
+    fn restart_at(&mut self, start: Position) {
+        for channel in &mut self.channels {
+            channel.head = start;
+            channel.next = start.next();
+            channel.history.clear();
+        }
+    }
+}
+
+/// One channel's place in the stream. Channels share the epoch; each has its own offsets
+/// (in table mode the table's positions, shared by all channels) and its own history.
+#[derive(Debug)]
+struct ChannelLog {
     /// The newest published message, or the epoch's start.
     head: Position,
     /// The position the next accepted payload gets.
@@ -74,6 +100,8 @@ pub enum Joined {
 pub struct Stream {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    /// The channels' names, the default first: a [`ChannelId`] is an index into it.
+    channels: Vec<String>,
     state: watch::Sender<ListenerState>,
     log: Mutex<Log>,
     /// Table mode only: where resumes beyond the history are served from.
@@ -81,19 +109,57 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// A stream of one channel, `events`.
     pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, limits: HistoryLimits) -> Stream {
+        Stream::with_channels(hub, metrics, limits, vec!["events".to_owned()])
+    }
+
+    /// A stream of `channels` (the default first; at least one), each with a history bounded
+    /// by `limits`.
+    pub fn with_channels(
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        limits: HistoryLimits,
+        channels: Vec<String>,
+    ) -> Stream {
+        assert!(
+            !channels.is_empty() && channels.len() <= usize::from(u16::MAX),
+            "a stream has a default channel and at most 65,535 in all"
+        );
         let start = Epoch::new_after(None).start();
-        Stream {
-            hub,
-            metrics,
-            state: watch::Sender::new(ListenerState::Connecting),
-            log: Mutex::new(Log {
+        let logs = channels
+            .iter()
+            .map(|_| ChannelLog {
                 head: start,
                 next: start.next(),
                 history: History::new(limits),
-            }),
+            })
+            .collect();
+        Stream {
+            hub,
+            metrics,
+            channels,
+            state: watch::Sender::new(ListenerState::Connecting),
+            log: Mutex::new(Log { channels: logs }),
             durable: None,
         }
+    }
+
+    /// The channel named `name`, if the stream carries it.
+    pub fn channel_id(&self, name: &str) -> Option<ChannelId> {
+        let index = self.channels.iter().position(|c| c == name)?;
+        Some(ChannelId(
+            u16::try_from(index).expect("at most 65,535 channels"),
+        ))
+    }
+
+    /// The channels' names, the default first.
+    pub fn channel_names(&self) -> &[String] {
+        &self.channels
+    }
+
+    fn channel_ids(&self) -> impl Iterator<Item = ChannelId> + use<> {
+        (0..self.channels.len()).map(|i| ChannelId(i as u16))
     }
 
     /// A stream whose positions come from its source (table mode): each message keeps the
@@ -104,9 +170,10 @@ impl Stream {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         limits: HistoryLimits,
+        channels: Vec<String>,
         archive: Arc<dyn Archive>,
     ) -> Stream {
-        let mut stream = Stream::new(hub, metrics, limits);
+        let mut stream = Stream::with_channels(hub, metrics, limits, channels);
         stream.durable = Some(durable::Durable::new(archive, limits.max_bytes));
         stream
     }
@@ -129,29 +196,34 @@ impl Stream {
         self.state.send_replace(state);
     }
 
-    /// The newest position, for `/status`.
+    /// The default channel's newest position, for `/status`.
     pub fn head(&self) -> Position {
-        self.lock().head
+        self.head_of(ChannelId::DEFAULT)
     }
 
-    /// Bytes and messages the history holds, read together, for `/status`.
+    /// A channel's newest position.
+    pub fn head_of(&self, channel: ChannelId) -> Position {
+        self.lock().at(channel).head
+    }
+
+    /// Bytes and messages the histories hold in all, read together, for `/status`.
     pub fn history_size(&self) -> (usize, usize) {
         let log = self.lock();
-        (log.history.bytes(), log.history.len())
+        log.channels.iter().fold((0, 0), |(bytes, len), channel| {
+            (bytes + channel.history.bytes(), len + channel.history.len())
+        })
     }
 
     /// Starts a new epoch after the source lost continuity (what was published meanwhile is
     /// gone), and tells every opted-in client to continue from its start.
     pub async fn restart_epoch(&self) {
-        let rooms = self.hub.reserve(1).await;
+        let rooms = self.hub.reserve(self.channels.len()).await;
         let mut log = self.lock();
-        let start = Epoch::new_after(Some(log.head.epoch)).start();
-        log.head = start;
-        log.next = start.next();
-        log.history.clear();
+        let start = Epoch::new_after(Some(log.at(ChannelId::DEFAULT).head.epoch)).start();
+        log.restart_at(start);
         self.metrics.count_reset(ResetReason::ListenGap);
         self.hub.enqueue(
-            message_batch(Outgoing::reset(start, ResetReason::ListenGap)),
+            self.every_channel(|c| Outgoing::reset(c, start, ResetReason::ListenGap)),
             rooms,
         );
         log::info!(
@@ -160,18 +232,25 @@ impl Stream {
         );
     }
 
+    /// One event for every channel, as a batch.
+    fn every_channel(&self, event: impl Fn(ChannelId) -> Outgoing) -> Batch {
+        self.channel_ids().map(|c| Arc::new(event(c))).collect()
+    }
+
     /// Checks one payload from `channel` and gives it the next position; invalid ones are
-    /// counted and logged, never forwarded.
+    /// counted and logged, never forwarded, as are payloads of a channel the stream does not
+    /// carry.
     pub fn accept(&self, channel: &str, payload: &str) -> Option<Arc<Outgoing>> {
+        let id = self.channel_id(channel)?;
         self.metrics.notifications_received.inc();
-        match message::validate(payload) {
-            Ok(()) => {
-                log::debug!("notification: {}", message::preview(payload));
+        match message::check(payload) {
+            Ok(fields) => {
+                log::debug!("notification on {channel:?}: {}", message::preview(payload));
                 let mut log = self.lock();
+                let log = log.of(id);
                 let position = log.next;
                 log.next = position.next();
-                drop(log);
-                Some(Arc::new(Outgoing::message(position, payload)))
+                Some(Arc::new(Outgoing::accepted(id, position, payload, fields)))
             }
             Err(rejected) => {
                 self.metrics.notifications_invalid.inc();
@@ -192,11 +271,12 @@ impl Stream {
         payload: &str,
         position: Position,
     ) -> Option<Arc<Outgoing>> {
+        let id = self.channel_id(channel)?;
         self.metrics.notifications_received.inc();
-        match message::validate(payload) {
-            Ok(()) => {
+        match message::check(payload) {
+            Ok(fields) => {
                 log::debug!("row {position}: {}", message::preview(payload));
-                Some(Arc::new(Outgoing::message(position, payload)))
+                Some(Arc::new(Outgoing::accepted(id, position, payload, fields)))
             }
             Err(rejected) => {
                 self.metrics.notifications_invalid.inc();
@@ -221,15 +301,13 @@ impl Stream {
         if previous == Some(head.epoch) {
             return;
         }
-        let rooms = self.hub.reserve(1).await;
+        let rooms = self.hub.reserve(self.channels.len()).await;
         let mut log = self.lock();
-        log.head = head;
-        log.next = head.next();
-        log.history.clear();
+        log.restart_at(head);
         if previous.is_some() {
             self.metrics.count_reset(ResetReason::OtherEpoch);
             self.hub.enqueue(
-                message_batch(Outgoing::reset(head, ResetReason::OtherEpoch)),
+                self.every_channel(|c| Outgoing::reset(c, head, ResetReason::OtherEpoch)),
                 rooms,
             );
             log::warn!(
@@ -245,23 +323,30 @@ impl Stream {
         durable.lineage.send_replace(Some(head.epoch));
     }
 
-    /// Table mode: the source has read every row of the stream's channel up to `offset` (the
-    /// table's head), so the head moves there even when none of them was on this channel; a
+    /// Table mode: the source has read every row of the stream's channels up to `offset` (the
+    /// table's head), so every channel's head moves there even when none of them was on it; a
     /// client that resumes from a position another replica gave up to there is then current.
     pub fn advance_to(&self, offset: u64) {
         let Some(durable) = &self.durable else {
             return;
         };
         let mut log = self.lock();
-        if offset > log.head.offset {
-            log.head.offset = offset;
-            log.next.offset = offset + 1;
-            drop(log);
+        let mut moved = false;
+        for channel in &mut log.channels {
+            if offset > channel.head.offset {
+                channel.head.offset = offset;
+                channel.next.offset = offset + 1;
+                moved = true;
+            }
+        }
+        drop(log);
+        if moved {
             durable.published.notify_waiters();
         }
     }
 
-    /// Publishes accepted messages, in order, to every client and keeps them in the history;
+    /// Publishes accepted messages, in order, to the clients of their channels that want them,
+    /// and keeps them in their channels' histories;
     /// empties `batch`. Waits only while the fan-out is a full read-ahead behind; cancelling
     /// the wait publishes nothing.
     pub async fn publish(&self, batch: &mut Vec<Arc<Outgoing>>) {
@@ -274,8 +359,9 @@ impl Stream {
         let now = Instant::now();
         let mut log = self.lock();
         for message in items.iter() {
-            log.history.push(now, message.clone());
-            log.head = message.position();
+            let channel = log.of(message.channel());
+            channel.history.push(now, message.clone());
+            channel.head = message.position();
         }
         self.hub.enqueue(items, rooms);
         drop(log);
@@ -289,30 +375,37 @@ impl Stream {
         );
     }
 
-    /// Adds a client that wants `format`, starting as `start` says.
-    pub fn join(&self, format: Format, start: Start) -> (Registration, Joined) {
+    /// Adds a client that wants `subscription`, starting as `start` says. What it missed is
+    /// filtered as the live messages are: a resumed client gets the same messages it would
+    /// have got had it stayed.
+    pub fn join(&self, subscription: Subscription, start: Start) -> (Registration, Joined) {
         let mut log = self.lock();
         let Start::After(since) = start else {
-            return (self.hub.register(format), Joined::Live);
+            return (self.hub.register(subscription), Joined::Live);
         };
-        let head = log.head;
-        let (backlog, joined) = match log.history.after(Instant::now(), since, head) {
+        let channel = log.of(subscription.channel);
+        let head = channel.head;
+        let (backlog, joined) = match channel.history.after(Instant::now(), since, head) {
             Ok(missed) => {
                 self.metrics.resumes_served.inc();
-                let frames = missed.iter().filter_map(|m| m.frame(format)).cloned();
-                let joined = Joined::Resumed(missed.len());
-                (frames.collect(), joined)
+                let frames = frames_for(&subscription, &missed);
+                let joined = Joined::Resumed(frames.len());
+                (frames, joined)
             }
             Err(reason) => {
                 self.metrics.count_reset(reason);
-                let reset = Outgoing::reset(head, reason);
+                let reset = Outgoing::reset(subscription.channel, head, reason);
                 (
-                    reset.frame(format).cloned().into_iter().collect(),
+                    reset
+                        .frame(subscription.format)
+                        .cloned()
+                        .into_iter()
+                        .collect(),
                     Joined::Reset(reason),
                 )
             }
         };
-        (self.hub.register_after(format, backlog), joined)
+        (self.hub.register_after(subscription, backlog), joined)
     }
 
     /// Sends the heartbeat every `interval` until `shutdown`: `{"action":"ping"}` to legacy
@@ -327,10 +420,11 @@ impl Stream {
                 _ = ticker.tick() => {
                     let rooms = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        rooms = self.hub.reserve(1) => rooms,
+                        rooms = self.hub.reserve(self.channels.len()) => rooms,
                     };
                     let log = self.lock();
-                    self.hub.enqueue(message_batch(Outgoing::ping(log.head)), rooms);
+                    let pings = self.every_channel(|c| Outgoing::ping(c, log.at(c).head));
+                    self.hub.enqueue(pings, rooms);
                     drop(log);
                     log::debug!("ping sent to {} clients", self.hub.client_count());
                 }
@@ -339,15 +433,22 @@ impl Stream {
     }
 }
 
-/// A batch of one.
-fn message_batch(item: Outgoing) -> Batch {
-    Arc::from(vec![Arc::new(item)])
+/// The frames of `messages` that a client of `subscription` gets, in order.
+fn frames_for(subscription: &Subscription, messages: &[Arc<Outgoing>]) -> Vec<bytes::Bytes> {
+    let filter = subscription.filter.as_ref();
+    messages
+        .iter()
+        .filter(|m| m.is_for(filter))
+        .filter_map(|m| m.frame(subscription.format))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fanout::outbox::test_support::socket_pair;
+    use crate::message::Format;
     use bytes::Bytes;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpStream;
@@ -360,7 +461,7 @@ mod tests {
 
     /// A client of `format` starting at `start`, with its socket attached; and its peer.
     async fn client(stream: &Stream, format: Format, start: Start) -> (Registration, TcpStream) {
-        let (registration, _) = stream.join(format, start);
+        let (registration, _) = stream.join(Subscription::everything(format), start);
         let (server, peer) = socket_pair().await;
         attach(&registration, server);
         (registration, peer)
@@ -410,7 +511,7 @@ mod tests {
                 .clone()
                 .run_heartbeat(Duration::from_secs(5), root.clone()),
         );
-        let ping = Outgoing::ping(stream.head());
+        let ping = Outgoing::ping(ChannelId::DEFAULT, stream.head());
         for _ in 0..2 {
             expect(
                 &mut legacy_peer,
@@ -452,7 +553,8 @@ mod tests {
         let stream = stream(&root, HistoryLimits::default());
         let first = publish(&stream, 5).await;
         let since = first[1].position();
-        let (joined_reg, joined) = stream.join(Format::V1, Start::After(since));
+        let (joined_reg, joined) =
+            stream.join(Subscription::everything(Format::V1), Start::After(since));
         assert_eq!(joined, Joined::Resumed(3));
         let later = publish(&stream, 2).await;
         let (server, mut peer) = socket_pair().await;
@@ -475,7 +577,7 @@ mod tests {
         let head = stream.head();
         let (_reg, mut peer) =
             client(&stream, Format::V1, Start::After(published[0].position())).await;
-        let reset = Outgoing::reset(head, ResetReason::Evicted);
+        let reset = Outgoing::reset(ChannelId::DEFAULT, head, ResetReason::Evicted);
         let next = publish(&stream, 1).await;
         expect(
             &mut peer,
@@ -485,7 +587,10 @@ mod tests {
             ],
         )
         .await;
-        let (_, joined) = stream.join(Format::V1, Start::After(Epoch::new_after(None).start()));
+        let (_, joined) = stream.join(
+            Subscription::everything(Format::V1),
+            Start::After(Epoch::new_after(None).start()),
+        );
         assert_eq!(joined, Joined::Reset(ResetReason::OtherEpoch));
     }
 
@@ -502,7 +607,7 @@ mod tests {
         assert_eq!(start.offset, 0);
         let after = publish(&stream, 1).await;
         assert_eq!(after[0].position(), start.next());
-        let reset = Outgoing::reset(start, ResetReason::ListenGap);
+        let reset = Outgoing::reset(ChannelId::DEFAULT, start, ResetReason::ListenGap);
         expect(
             &mut v1_peer,
             &[
@@ -512,7 +617,10 @@ mod tests {
         )
         .await;
         expect(&mut legacy_peer, &frames(&after, Format::Legacy)).await;
-        let (_, joined) = stream.join(Format::V1, Start::After(before[1].position()));
+        let (_, joined) = stream.join(
+            Subscription::everything(Format::V1),
+            Start::After(before[1].position()),
+        );
         assert_eq!(joined, Joined::Reset(ResetReason::OtherEpoch));
     }
 

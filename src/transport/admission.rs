@@ -1,54 +1,68 @@
-//! Who may open the stream, over a websocket or as an event stream: the shared token or a signed
-//! token and its claims, the allowed Origins, and `MaxClients`. Checked after the request is known to be valid and before
+//! Who may open the stream, over a websocket or as an event stream, and what they read: the
+//! shared token or a signed token and its claims, the channel and filter asked for
+//! ([`super::selection`]) within those claims, the allowed Origins, and `MaxClients`. Checked after the request is known to be valid and before
 //! the client joins the fan-out. Also what an admitted browser is told about its Origin (CORS).
 
 use std::net::SocketAddr;
+use std::time::SystemTime;
 
 use hyper::StatusCode;
 use hyper::header::{self, HeaderMap, HeaderValue};
 
 use super::routes::{text, text_owned};
+use super::selection::{self, BadSelection};
 use super::{AppState, Response};
 use crate::auth::{self, Denied, Grant};
 use crate::config::SenderConfig;
+use crate::fanout::Subscription;
+use crate::message::{Filter, Format, preview};
 
-/// Auth, origin and capacity checks: what a signed token grants the client (`None` without
-/// one), or the refusal to send.
+/// What an admitted client gets: what it reads, and what its token says of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub subscription: Subscription,
+    /// When its signed token expires, if it came with one that does.
+    pub expires: Option<SystemTime>,
+    /// Its signed token's `sub`.
+    pub subject: Option<String>,
+}
+
+/// Auth, selection, origin and capacity checks for a client that wants `format`: its ticket,
+/// or the refusal to send (401 without a valid token, 400 for a bad query, 404 for a channel
+/// the server does not carry, 403 outside the token's claims or the allowed Origins, 503 at
+/// `MaxClients`).
 pub fn admit(
     state: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
     query: &str,
-) -> Result<Option<Grant>, Box<Response>> {
+    format: Format,
+) -> Result<Ticket, Box<Response>> {
     let sender = &state.sender;
-    let grant = auth::authorize(
+    let grant = match auth::authorize(
         sender.stream_token.as_ref(),
         sender.jwt.as_ref(),
         headers,
         query,
-    )
-    .and_then(|grant| match &grant {
-        Some(grant) => within_claims(grant, &state.channel).map(|()| Some(grant.clone())),
-        None => Ok(None),
-    });
-    let grant = match grant {
+    ) {
         Ok(grant) => grant,
-        Err(denied @ (Denied::Missing | Denied::Invalid(_))) => {
-            log::info!("stream request from {peer} refused: {denied}");
-            let mut response =
-                text_owned(StatusCode::UNAUTHORIZED, format!("unauthorized: {denied}"));
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return Err(Box::new(response));
-        }
-        Err(denied @ Denied::Forbidden(_)) => {
-            log::info!("stream request from {peer} refused: {denied}");
-            return Err(Box::new(text_owned(
-                StatusCode::FORBIDDEN,
-                format!("forbidden: {denied}"),
-            )));
-        }
+        Err(denied) => return Err(Box::new(refusal(peer, &denied))),
+    };
+    let selection = selection::from_query(query, format != Format::Legacy).map_err(|bad| {
+        log::info!("stream request from {peer} refused: {bad}");
+        Box::new(bad.response())
+    })?;
+    let names = state.stream.channel_names();
+    let name = selection.channel.as_deref().unwrap_or(&names[0]);
+    let Some(channel) = state.stream.channel_id(name) else {
+        let bad = BadSelection::NoSuchChannel(preview(name));
+        log::info!("stream request from {peer} refused: {bad}");
+        return Err(Box::new(bad.response()));
+    };
+    let filter = match &grant {
+        Some(grant) => within_claims(grant, name, &selection.filter)
+            .map_err(|denied| Box::new(refusal(peer, &denied)))?,
+        None => selection.filter,
     };
     if !sender.allowed_origins.is_empty() {
         if let Some(origin) = headers.get(header::ORIGIN) {
@@ -71,28 +85,51 @@ pub fn admit(
             "service unavailable: too many clients",
         )));
     }
-    Ok(grant)
+    let (expires, subject) = grant.map_or((None, None), |grant| (grant.expires, grant.subject));
+    Ok(Ticket {
+        subscription: Subscription {
+            channel,
+            format,
+            filter: (!filter.is_empty()).then_some(filter),
+        },
+        expires,
+        subject,
+    })
 }
 
-/// Whether what a token's claims allow covers this request: its `channels` must list the
-/// stream's channel, and a `filter` cannot be honoured by a server that delivers every message
-/// of its channel, so it is refused rather than ignored.
-fn within_claims(grant: &Grant, channel: &str) -> Result<(), Denied> {
+/// The answer to a request whose token is missing, invalid or too narrow for it (logged).
+fn refusal(peer: SocketAddr, denied: &Denied) -> Response {
+    log::info!("stream request from {peer} refused: {denied}");
+    match denied {
+        Denied::Missing | Denied::Invalid(_) => {
+            let mut response =
+                text_owned(StatusCode::UNAUTHORIZED, format!("unauthorized: {denied}"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+        Denied::Forbidden(_) => text_owned(StatusCode::FORBIDDEN, format!("forbidden: {denied}")),
+    }
+}
+
+/// The filter of a client whose token granted `grant`, if the request stays within it: its
+/// `channels` must list the channel, and the request may narrow its `filter`, never widen it.
+fn within_claims(grant: &Grant, channel: &str, asked: &Filter) -> Result<Filter, Denied> {
     if let Some(channels) = &grant.channels {
         if !channels.iter().any(|c| c == channel) {
             return Err(Denied::Forbidden(format!(
-                "its channels claim does not list {channel:?}"
+                "its channels claim does not list {:?}",
+                preview(channel)
             )));
         }
     }
-    if grant.filtered {
-        return Err(Denied::Forbidden(
-            "its filter claim cannot be applied: this server delivers every message of the \
-             channel"
-                .to_owned(),
-        ));
+    match &grant.filter {
+        Some(imposed) => imposed
+            .narrowed_by(asked)
+            .map_err(|widened| Denied::Forbidden(widened.to_string())),
+        None => Ok(asked.clone()),
     }
-    Ok(())
 }
 
 fn origin_allowed(sender: &SenderConfig, origin: &HeaderValue) -> bool {

@@ -10,7 +10,9 @@
 //!   fan-out before its 101 goes out.
 //! - [`sse`]: Server-Sent Events on the stream path: the request, its 200 and preamble written
 //!   on the raw socket, and one SSE client's task.
-//! - [`admission`]: who may connect, by either transport: token, Origin, `MaxClients`.
+//! - [`admission`]: who may connect, by either transport, and what they read: token and claims,
+//!   channel and filter, Origin, `MaxClients`.
+//! - [`selection`]: the channel and filter a query string asks for.
 //! - [`start`]: where a client asks to start (`since`, or an event stream's `Last-Event-ID`).
 //! - [`subscriber`]: one websocket client's task once upgraded.
 //! - [`frames`]: the parser of what clients send.
@@ -23,6 +25,7 @@ pub mod admission;
 pub mod frames;
 pub mod head;
 pub mod routes;
+pub mod selection;
 pub mod sse;
 pub mod start;
 pub mod subscriber;
@@ -76,8 +79,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub listener_state: watch::Receiver<ListenerState>,
     pub stream: Arc<Stream>,
-    /// The PostgreSQL channel the stream carries (what a token's `channels` claim must list).
-    pub channel: String,
     pub sender: SenderConfig,
     pub shutdown: CancellationToken,
     /// Client tasks join it, so that shutdown waits for their close handshakes.

@@ -52,12 +52,13 @@ pub async fn serve(
     request: Request,
 ) {
     let Request { headers, query } = request;
-    let admitted = admission::admit(&state, peer, &headers, &query).and_then(|grant| {
-        let start =
-            start::for_event_stream(&headers, &query).map_err(|bad| Box::new(bad.response()))?;
-        Ok((start, grant.and_then(|grant| grant.expires)))
-    });
-    let (start, expires) = match admitted {
+    let admitted =
+        admission::admit(&state, peer, &headers, &query, Format::Sse).and_then(|ticket| {
+            let start = start::for_event_stream(&headers, &query)
+                .map_err(|bad| Box::new(bad.response()))?;
+            Ok((start, ticket))
+        });
+    let (start, ticket) = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => {
             state.metrics.clients_rejected.inc();
@@ -76,7 +77,9 @@ pub async fn serve(
 
     // Join first: frames published from here on wait in the outbox, which gets the socket only
     // after the head and the preamble are written.
-    let (registration, joined) = match state.stream.join_resuming(Format::Sse, start).await {
+    let expires = ticket.expires;
+    let (registration, joined) = match state.stream.join_resuming(ticket.subscription, start).await
+    {
         Ok(joined) => joined,
         Err(unavailable) => {
             state.metrics.clients_rejected.inc();

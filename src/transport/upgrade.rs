@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -22,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use super::admission::Ticket;
 use super::head::{Request, refuse};
 use super::routes::text_owned;
 use super::subscriber::{Liveness, Subscriber};
@@ -38,19 +38,7 @@ struct Admitted {
     key: Vec<u8>,
     start: Start,
     offers_v1: bool,
-    /// When its signed token expires, if it came with one that does.
-    expires: Option<SystemTime>,
-}
-
-impl Admitted {
-    /// Clients that neither offer the protocol nor resume get exactly the original frames.
-    fn format(&self) -> Format {
-        if self.offers_v1 || self.start != Start::Live {
-            Format::V1
-        } else {
-            Format::Legacy
-        }
-    }
+    ticket: Ticket,
 }
 
 /// Checks a handshake, and whether this client may connect and where it starts: what it asked
@@ -64,21 +52,31 @@ fn admit(
 ) -> Result<Admitted, Box<Response>> {
     let refusal = match check_handshake(method, headers) {
         Err(bad) => bad.response(),
-        Ok(key) => match admission::admit(state, peer, headers, query) {
-            Err(refusal) => *refusal,
-            Ok(grant) => match start::from_query(query) {
-                Err(bad) => bad.response(),
-                Ok(start) => {
-                    let offers_v1 = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, V1);
-                    return Ok(Admitted {
-                        key,
-                        start,
-                        offers_v1,
-                        expires: grant.and_then(|grant| grant.expires),
-                    });
-                }
-            },
-        },
+        Ok(key) => {
+            let offers_v1 = header_has_token(headers, header::SEC_WEBSOCKET_PROTOCOL, V1);
+            let start = start::from_query(query);
+            // Clients that neither offer the protocol nor resume get exactly the original
+            // frames.
+            let format = if offers_v1 || start != Ok(Start::Live) {
+                Format::V1
+            } else {
+                Format::Legacy
+            };
+            match admission::admit(state, peer, headers, query, format) {
+                Err(refusal) => *refusal,
+                Ok(ticket) => match start {
+                    Err(bad) => bad.response(),
+                    Ok(start) => {
+                        return Ok(Admitted {
+                            key,
+                            start,
+                            offers_v1,
+                            ticket,
+                        });
+                    }
+                },
+            }
+        }
     };
     state.metrics.clients_rejected.inc();
     Err(Box::new(refusal))
@@ -92,9 +90,10 @@ async fn join(
     peer: SocketAddr,
     admitted: &Admitted,
 ) -> Result<Registration, Box<Response>> {
+    let subscription = admitted.ticket.subscription.clone();
     let (registration, joined) = match state
         .stream
-        .join_resuming(admitted.format(), admitted.start)
+        .join_resuming(subscription, admitted.start)
         .await
     {
         Ok(joined) => joined,
@@ -168,7 +167,7 @@ pub async fn serve(
             registration,
             peer,
             liveness: liveness(&state),
-            expires: admitted.expires,
+            expires: admitted.ticket.expires,
             metrics: state.metrics.clone(),
         }
         .run(),
@@ -212,7 +211,7 @@ pub async fn upgrade(
         Err(refusal) => return *refusal,
     };
     let liveness = liveness(state);
-    let expires = admitted.expires;
+    let expires = admitted.ticket.expires;
     let metrics = state.metrics.clone();
     let shutdown = state.shutdown.clone();
     state.tasks.spawn(async move {

@@ -566,6 +566,65 @@ async fn a_resume_older_than_the_history_is_served_from_the_table_in_pages() -> 
     Ok(())
 }
 
+/// Several channels in one table: each client reads its channel, filtered, live and when it
+/// resumes from further back than the history (from the table), with the table's positions.
+#[tokio::test(flavor = "multi_thread")]
+async fn channels_and_filters_hold_in_table_mode_and_in_a_resume_from_the_table() -> Result<()> {
+    let pg = shared().await?;
+    let (main, jobs) = ("durable-chan-main", "durable-chan-jobs");
+    let opts = table_opts(pg, main)
+        .env("PG_CHANNELS", jobs)
+        .env("HISTORY_MESSAGES", 1);
+    let server = Server::spawn(opts).await?;
+    let port = server.port();
+    let mut all_jobs =
+        ws_connect_with(port, &format!("/stream?channel={jobs}"), &[PROTOCOL]).await?;
+    let mut main_a = ws_connect_with(port, "/stream?agent_id=A", &[PROTOCOL]).await?;
+    server.wait_for_clients(2).await?;
+    let db = pg.client().await?;
+    let rows = [
+        (main, r#"{"action":"seq","seq":1,"agent_id":"A"}"#),
+        (jobs, r#"{"action":"seq","seq":2,"agent_id":"A"}"#),
+        (main, r#"{"action":"seq","seq":3,"agent_id":"B"}"#),
+        (jobs, r#"{"action":"seq","seq":4,"agent_id":"B"}"#),
+        (main, r#"{"action":"seq","seq":5}"#),
+        (jobs, r#"{"action":"seq","seq":6}"#),
+    ];
+    for (channel, payload) in rows {
+        publish(&db, channel, payload).await?;
+    }
+    let mut jobs_ids = Vec::new();
+    for seq in [2, 4, 6] {
+        let (id, got) = next_message(&mut all_jobs).await?;
+        assert_eq!(got, seq);
+        jobs_ids.push(id);
+    }
+    let mut main_ids = Vec::new();
+    for seq in [1, 5] {
+        let (id, got) = next_message(&mut main_a).await?;
+        assert_eq!(got, seq);
+        main_ids.push(id);
+    }
+    // The table's positions are shared by the channels: the offsets interleave.
+    assert!(offset(&main_ids[0])? < offset(&jobs_ids[0])?);
+    assert!(offset(&jobs_ids[1])? < offset(&main_ids[1])?);
+    // The history holds one message: this resume is read from the table, on its channel only,
+    // with its filter.
+    let since = format!("{}-0", jobs_ids[0].rsplit_once('-').context("id")?.0);
+    let mut resumed = ws_connect(
+        port,
+        &format!("/stream?channel={jobs}&agent_id=B&since={since}"),
+    )
+    .await?;
+    for seq in [4, 6] {
+        assert_eq!(next_message(&mut resumed).await?.1, seq);
+    }
+    publish(&db, jobs, r#"{"action":"seq","seq":7,"agent_id":"A"}"#).await?;
+    publish(&db, jobs, r#"{"action":"seq","seq":8,"agent_id":"B"}"#).await?;
+    assert_eq!(next_message(&mut resumed).await?.1, 8);
+    Ok(())
+}
+
 /// Rows past retention are deleted (by the sequencing replica, in small batches), and a client
 /// resuming from before them is told with a reset rather than served with a gap.
 #[tokio::test(flavor = "multi_thread")]

@@ -34,6 +34,14 @@ fn hs256(claims: &Value, secret: &str) -> String {
     .expect("encode")
 }
 
+/// A token that says it needs no signature (`alg: none`), which must never be accepted.
+fn unsigned(claims: &Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    format!("{header}.{}.", b64.encode(claims.to_string()))
+}
+
 /// The status of a websocket upgrade of `path` with `extra` headers.
 async fn status(server: &Server, path: &str, extra: &[(&str, &str)]) -> Result<(u16, String)> {
     let resp = upgrade(server.port(), path, extra).await?;
@@ -105,6 +113,11 @@ async fn hs256_tokens_are_accepted_where_clients_can_send_them_and_bad_ones_are_
             "bad signature",
         ),
         ("not a token", "garbage".to_owned(), "not a signed token"),
+        (
+            "alg none",
+            unsigned(&json!({"exp": exp, "aud": AUDIENCE})),
+            "not a signed token",
+        ),
     ];
     for (what, token, why) in refused.drain(..) {
         let path = if token.is_empty() {
@@ -117,7 +130,8 @@ async fn hs256_tokens_are_accepted_where_clients_can_send_them_and_bad_ones_are_
         ensure!(body.contains(why), "{what}: {body:?} should say {why:?}");
     }
 
-    // Claims: a channel list without this channel, and a filter, are refused (403).
+    // Claims: a channel list without this channel is refused (403); a filter binds the client,
+    // which may narrow it but not widen it, and a filter the server cannot apply is refused.
     let other_channel = hs256(
         &json!({"exp": exp, "aud": AUDIENCE, "channels": ["elsewhere"]}),
         SECRET,
@@ -130,8 +144,21 @@ async fn hs256_tokens_are_accepted_where_clients_can_send_them_and_bad_ones_are_
         SECRET,
     );
     let (code, body) = status(&server, &format!("/stream?token={filtered}"), &[]).await?;
+    assert_eq!(code, 101, "{body}");
+    let narrowed = format!("/stream?token={filtered}&agent_id=A&action=abort");
+    let (code, body) = status(&server, &narrowed, &[]).await?;
+    assert_eq!(code, 101, "{body}");
+    let widened = format!("/stream?token={filtered}&agent_id=B");
+    let (code, body) = status(&server, &widened, &[]).await?;
     assert_eq!(code, 403, "{body}");
-    ensure!(body.contains("filter"), "{body}");
+    ensure!(body.contains("agent_id=\"B\" is outside"), "{body}");
+    let unknown_field = hs256(
+        &json!({"exp": exp, "aud": AUDIENCE, "filter": {"team": "red"}}),
+        SECRET,
+    );
+    let (code, body) = status(&server, &format!("/stream?token={unknown_field}"), &[]).await?;
+    assert_eq!(code, 403, "{body}");
+    ensure!(body.contains("\"team\""), "{body}");
     let this_channel = hs256(
         &json!({"exp": exp, "aud": AUDIENCE, "channels": [channel, "elsewhere"]}),
         SECRET,

@@ -9,6 +9,7 @@ mod autobahn;
 mod bench_smoke;
 mod browser;
 mod burst;
+mod channels;
 mod config_errors;
 mod config_file;
 mod delivery;

@@ -617,6 +617,10 @@ async fn vanished_client_is_dropped_after_the_pong_timeout() -> Result<()> {
         1.0,
         "only the stopped client counts as unresponsive"
     );
+    // The server logs before the client leaves, but its stderr is read through a pipe.
+    server
+        .wait_log(|line| line.contains("dropped, nothing heard within"))
+        .await?;
     assert_eq!(
         server.log_lines(&["dropped, nothing heard within"]).len(),
         1
