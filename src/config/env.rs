@@ -50,6 +50,7 @@ pub(super) struct EnvSettings {
     pub history_bytes: Option<String>,
     pub history_age: Option<String>,
     pub stream_token: Option<String>,
+    pub admin_token: Option<String>,
     pub allowed_origins: Option<String>,
     pub jwt_secret: Option<String>,
     pub jwt_public_key: Option<String>,

@@ -129,6 +129,8 @@ pub(super) struct SenderSection {
     pub history_age: Option<Value>,
     #[serde(rename = "streamtoken")]
     pub stream_token: Option<Value>,
+    #[serde(rename = "admintoken")]
+    pub admin_token: Option<Value>,
     #[serde(rename = "allowedorigins")]
     pub allowed_origins: Option<Value>,
     #[serde(rename = "jwtsecret")]

@@ -50,6 +50,7 @@ pub(super) struct Settings {
     pub history_bytes: Option<Raw>,
     pub history_age: Option<Raw>,
     pub stream_token: Option<Raw>,
+    pub admin_token: Option<Raw>,
     pub allowed_origins: Option<Raw>,
     pub jwt_secret: Option<Raw>,
     pub jwt_public_key: Option<Raw>,
@@ -135,6 +136,8 @@ impl Settings {
                 .or(from_file("Sender.HistoryAge", sender.history_age)),
             stream_token: from_env("STREAM_TOKEN", env.stream_token)
                 .or(from_file("Sender.StreamToken", sender.stream_token)),
+            admin_token: from_env("ADMIN_TOKEN", env.admin_token)
+                .or(from_file("Sender.AdminToken", sender.admin_token)),
             allowed_origins: from_env("ALLOWED_ORIGINS", env.allowed_origins)
                 .or(from_file("Sender.AllowedOrigins", sender.allowed_origins)),
             jwt_secret: from_env("JWT_SECRET", env.jwt_secret)

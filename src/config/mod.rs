@@ -172,6 +172,9 @@ pub struct SenderConfig {
     pub history_age: Duration,
     /// When set, `/<stream>` requires it as a bearer token or `?token=`.
     pub stream_token: Option<Secret>,
+    /// When set, `/clients` lists the connected clients to a request bearing it; without it
+    /// the route does not exist (404), so a node never shows its clients by default.
+    pub admin_token: Option<Secret>,
     /// When non-empty, a browser's `Origin` must be one of these (requests without `Origin`,
     /// as agents send them, are not affected).
     pub allowed_origins: Vec<String>,
@@ -403,6 +406,16 @@ mod tests {
         assert_eq!(c.sender.max_clients, 5);
         assert_eq!(c.sender.stream_token, Some(Secret("t0k".to_owned())));
         assert!(!format!("{c:?}").contains("t0k"));
+        assert_eq!(c.sender.admin_token, None);
+        let c = load(Some("[Sender]\nAdminToken = \"adm1n\"\n"), &[])
+            .expect("loads")
+            .config;
+        assert_eq!(c.sender.admin_token, Some(Secret("adm1n".to_owned())));
+        assert!(!format!("{c:?}").contains("adm1n"));
+        let c = load(None, &[("ADMIN_TOKEN", "env-admin")])
+            .expect("loads")
+            .config;
+        assert_eq!(c.sender.admin_token, Some(Secret("env-admin".to_owned())));
         let c = load(
             None,
             &[("ALLOWED_ORIGINS", "https://a.example, https://c.example")],

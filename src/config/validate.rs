@@ -82,6 +82,9 @@ impl Settings {
             stream_token: secret(self.stream_token)?
                 .filter(|token| !token.is_empty())
                 .map(Secret),
+            admin_token: secret(self.admin_token)?
+                .filter(|token| !token.is_empty())
+                .map(Secret),
             allowed_origins: list(self.allowed_origins)?,
             jwt: jwt_keys(
                 self.jwt_secret,

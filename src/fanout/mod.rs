@@ -23,7 +23,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-pub use client::{Client, ClientControl, CloseReason, Subscription};
+pub use client::{Client, ClientControl, ClientInfo, CloseReason, Subscription};
 pub use outbox::{ClientOut, Delivery};
 pub use shard::Batch;
 use shard::{Room, Shards};
@@ -55,6 +55,10 @@ impl Drop for Registration {
         self.hub.shards.shard_of(self.id).leave(self.id);
         self.hub.live.fetch_sub(1, Ordering::Relaxed);
         self.hub.metrics.clients_connected.dec();
+        let client = &self.client;
+        if let Some(labelled) = self.hub.metrics.channel(client.channel, client.format) {
+            labelled.clients.dec();
+        }
     }
 }
 
@@ -99,26 +103,33 @@ impl Hub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let out = ClientOut::new(self.queue_capacity);
         out.preload(backlog);
-        let Subscription {
-            channel,
-            format,
-            filter,
-        } = subscription;
-        let client = Arc::new(Client {
+        let client = Arc::new(Client::new(
             out,
-            control: ClientControl::new(self.shutdown.child_token()),
-            format,
-            channel,
-            filter,
-        });
+            ClientControl::new(self.shutdown.child_token()),
+            subscription,
+        ));
         self.live.fetch_add(1, Ordering::Relaxed);
         self.metrics.clients_connected.inc();
+        if let Some(labelled) = self.metrics.channel(client.channel, client.format) {
+            labelled.clients.inc();
+        }
         self.shards.shard_of(id).join(id, client.clone());
         Registration {
             id,
             client,
             hub: self.clone(),
         }
+    }
+
+    /// The clients connected now (those kicked and still closing included), by id, for the
+    /// operator's list. Each shard's lock is held only to copy its members' handles.
+    pub fn clients(&self) -> Vec<(u64, Arc<Client>)> {
+        let mut clients = Vec::with_capacity(self.client_count());
+        for shard in self.shards.shards() {
+            shard.members_into(&mut clients);
+        }
+        clients.sort_unstable_by_key(|(id, _)| *id);
+        clients
     }
 
     /// Connected clients, for `/status`.

@@ -344,6 +344,12 @@ impl ClientOut {
         outbox.sealed = true;
     }
 
+    /// Frames waiting in the outbox (a resume's backlog included, control frames not), for the
+    /// operator's list of clients.
+    pub fn queued(&self) -> usize {
+        self.lock().frames.len()
+    }
+
     /// Whether frames wait to be flushed.
     pub fn has_backlog(&self) -> bool {
         !self.lock().is_empty()

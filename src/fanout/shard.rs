@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -81,6 +82,17 @@ impl Shard {
         let first_seq = state.queued;
         state.members.insert(id, Member { client, first_seq });
         state.generation += 1;
+    }
+
+    /// Appends this shard's members to `into`, under the lock only for the copy.
+    pub fn members_into(&self, into: &mut Vec<(u64, Arc<Client>)>) {
+        let state = self.lock();
+        into.extend(
+            state
+                .members
+                .iter()
+                .map(|(id, member)| (*id, member.client.clone())),
+        );
     }
 
     /// Removes a client (gone, or kicked); nothing more is written to it.
@@ -325,39 +337,26 @@ impl Worker {
                 continue;
             };
             let mut by_format: [Option<FormatFrames>; 3] = Default::default();
+            let mut sent_by_format = [0u64; 3];
             for (id, client, joined) in &channel.everything {
                 let frames = by_format[client.format.index()]
                     .get_or_insert_with(|| FormatFrames::new(queued, channel_id, client.format))
                     .queued_since(queued, *joined);
-                self.deliver(*id, client, frames, &mut sent, &mut leaving);
+                sent_by_format[client.format.index()] +=
+                    self.deliver(*id, client, frames, &mut leaving);
             }
-            if channel.filtered.is_empty() {
+            self.deliver_filtered(
+                channel,
+                channel_id,
+                queued,
+                &mut sent_by_format,
+                &mut leaving,
+            );
+            if channel.everything.is_empty() && channel.filtered.is_empty() {
                 continue;
             }
-            for q in queued {
-                for item in q.frames.iter().filter(|item| item.channel() == channel_id) {
-                    let members = channel.filtered.len();
-                    channel.index.for_each_candidate(item, members, |at| {
-                        let (_, client, joined) = &channel.filtered[at];
-                        if q.seq < *joined || !item.is_for(client.filter.as_ref()) {
-                            return;
-                        }
-                        let Some(frame) = item.frame(client.format) else {
-                            return;
-                        };
-                        let pending = &mut channel.pending[at];
-                        if pending.is_empty() {
-                            channel.touched.push(at);
-                        }
-                        pending.push(frame.clone());
-                    });
-                }
-            }
-            for at in std::mem::take(&mut channel.touched) {
-                let (id, client, _) = &channel.filtered[at];
-                let frames = std::mem::take(&mut channel.pending[at]);
-                self.deliver(*id, client, &frames, &mut sent, &mut leaving);
-            }
+            self.count(channel_id, queued, sent_by_format);
+            sent += sent_by_format.iter().sum::<u64>();
         }
         self.metrics.frames_sent.inc_by(sent);
         for id in leaving {
@@ -365,20 +364,79 @@ impl Worker {
         }
     }
 
-    /// Hands one member its frames of this pass; a member that overflows is kicked as too slow.
-    fn deliver(
+    /// Counts the frames of one channel's part of a pass by transport, and the fan-out delay of
+    /// each of its messages: now is when the last of its clients in this shard was written.
+    fn count(&self, channel_id: ChannelId, queued: &[Queued], sent_by_format: [u64; 3]) {
+        let done = Instant::now();
+        let received = queued
+            .iter()
+            .flat_map(|q| q.frames.iter())
+            .filter(|item| item.channel() == channel_id)
+            .filter_map(|item| item.received());
+        for at in received {
+            self.metrics
+                .observe_fanout_delay(done.saturating_duration_since(at));
+        }
+        for format in Format::ALL {
+            let sent = sent_by_format[format.index()];
+            if sent > 0 {
+                if let Some(labelled) = self.metrics.channel(channel_id, format) {
+                    labelled.frames_sent.inc_by(sent);
+                }
+            }
+        }
+    }
+
+    /// Hands the filtered members of one channel the frames of this pass that are for them.
+    fn deliver_filtered(
         &self,
-        id: u64,
-        client: &Client,
-        frames: &[Bytes],
-        sent: &mut u64,
+        channel: &mut ChannelView,
+        channel_id: ChannelId,
+        queued: &[Queued],
+        sent_by_format: &mut [u64; 3],
         leaving: &mut Vec<u64>,
     ) {
-        if frames.is_empty() {
+        if channel.filtered.is_empty() {
             return;
         }
+        for q in queued {
+            for item in q.frames.iter().filter(|item| item.channel() == channel_id) {
+                let members = channel.filtered.len();
+                channel.index.for_each_candidate(item, members, |at| {
+                    let (_, client, joined) = &channel.filtered[at];
+                    if q.seq < *joined || !item.is_for(client.filter.as_ref()) {
+                        return;
+                    }
+                    let Some(frame) = item.frame(client.format) else {
+                        return;
+                    };
+                    let pending = &mut channel.pending[at];
+                    if pending.is_empty() {
+                        channel.touched.push(at);
+                    }
+                    pending.push(frame.clone());
+                });
+            }
+        }
+        for at in std::mem::take(&mut channel.touched) {
+            let (id, client, _) = &channel.filtered[at];
+            let frames = std::mem::take(&mut channel.pending[at]);
+            sent_by_format[client.format.index()] += self.deliver(*id, client, &frames, leaving);
+        }
+    }
+
+    /// Hands one member its frames of this pass, and says how many it took; a member that
+    /// overflows is kicked as too slow.
+    fn deliver(&self, id: u64, client: &Client, frames: &[Bytes], leaving: &mut Vec<u64>) -> u64 {
+        if frames.is_empty() {
+            return 0;
+        }
         match client.out.send(frames) {
-            Delivery::Accepted => *sent += frames.len() as u64,
+            Delivery::Accepted => {
+                let count = frames.len() as u64;
+                client.count_sent(count);
+                return count;
+            }
             Delivery::Overflow => {
                 self.metrics.clients_disconnected_slow.inc();
                 log::warn!(
@@ -391,6 +449,7 @@ impl Worker {
             // The client's task ends on its own; its registration leaves the shard too.
             Delivery::Closed => leaving.push(id),
         }
+        0
     }
 }
 
@@ -432,9 +491,9 @@ impl FormatFrames {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fanout::ClientControl;
     use crate::fanout::outbox::ClientOut;
     use crate::fanout::outbox::test_support::socket_pair;
+    use crate::fanout::{ClientControl, Subscription};
     use tokio::io::AsyncReadExt;
     use tokio_util::sync::CancellationToken;
 
@@ -472,13 +531,11 @@ mod tests {
     async fn a_client_gets_only_batches_queued_after_it_joined() {
         let (shard, worker) = shard_with_worker(16);
         let client = |server, format| {
-            let client = Arc::new(Client {
-                out: ClientOut::new(16),
-                control: ClientControl::new(CancellationToken::new()),
-                format,
-                channel: ChannelId::DEFAULT,
-                filter: None,
-            });
+            let client = Arc::new(Client::new(
+                ClientOut::new(16),
+                ClientControl::new(CancellationToken::new()),
+                Subscription::everything(format),
+            ));
             client.out.attach(server);
             client
         };
@@ -512,6 +569,17 @@ mod tests {
         v1_peer.read_exact(&mut v1).await.expect("v1");
         assert_eq!(&v1[..], &expected[..]);
         assert_eq!(worker.metrics.frames_sent.get(), 4);
+        let members = shard
+            .lock()
+            .members
+            .values()
+            .map(|m| m.client.clone())
+            .collect::<Vec<_>>();
+        let mut counts: Vec<u64> = members.iter().map(|c| c.frames_sent()).collect();
+        counts.sort_unstable();
+        assert_eq!(counts, [1, 1, 2]);
+        // One delay per message in the pass: both went to clients of the default channel.
+        assert_eq!(worker.metrics.fanout_delay_count(), 2);
     }
 
     fn filter(pairs: &[(Field, &str)]) -> Filter {
@@ -545,13 +613,15 @@ mod tests {
         let mut peers = Vec::new();
         for (id, (channel, filter)) in subscriptions.iter().enumerate() {
             let (socket, peer) = socket_pair().await;
-            let client = Arc::new(Client {
-                out: ClientOut::new(64),
-                control: ClientControl::new(CancellationToken::new()),
-                format: Format::Legacy,
-                channel: *channel,
-                filter: filter.clone(),
-            });
+            let client = Arc::new(Client::new(
+                ClientOut::new(64),
+                ClientControl::new(CancellationToken::new()),
+                Subscription {
+                    channel: *channel,
+                    format: Format::Legacy,
+                    filter: filter.clone(),
+                },
+            ));
             client.out.attach(socket);
             shard.join(id as u64, client);
             peers.push(peer);

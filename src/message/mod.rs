@@ -16,6 +16,7 @@ pub mod position;
 pub mod websocket;
 
 use std::fmt;
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -113,6 +114,9 @@ pub struct Outgoing {
     /// For a message: its payload, within the legacy frame.
     payload_at: Option<usize>,
     frames: [Option<Bytes>; 3],
+    /// For a message: when the stream accepted it, the start of the fan-out delay that the
+    /// shard threads measure. Read from the monotonic clock once per message (tens of ns).
+    received: Option<Instant>,
 }
 
 /// The text of the legacy heartbeat frame, as the original sent it.
@@ -160,6 +164,7 @@ impl Outgoing {
                 Some(websocket::text(v1.as_bytes())),
                 Some(sse.freeze()),
             ],
+            received: Some(Instant::now()),
         }
     }
 
@@ -181,6 +186,7 @@ impl Outgoing {
                 Some(v1_frames.freeze()),
                 Some(Bytes::from(format!(": ping {head}\n\n"))),
             ],
+            received: None,
         }
     }
 
@@ -199,6 +205,7 @@ impl Outgoing {
                 Some(websocket::text(v1.as_bytes())),
                 Some(Bytes::from(sse)),
             ],
+            received: None,
         }
     }
 
@@ -208,6 +215,11 @@ impl Outgoing {
 
     pub fn channel(&self) -> ChannelId {
         self.channel
+    }
+
+    /// When the stream accepted this message; `None` for the stream's own events.
+    pub fn received(&self) -> Option<Instant> {
+        self.received
     }
 
     /// A message's values of the agents' fields; `None` when it names none (a broadcast to

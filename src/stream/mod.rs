@@ -135,6 +135,8 @@ impl Stream {
                 history: History::new(limits),
             })
             .collect();
+        // Before any client joins: the fan-out counts clients and frames by channel name.
+        metrics.set_channels(&channels);
         Stream {
             hub,
             metrics,

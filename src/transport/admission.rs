@@ -14,7 +14,7 @@ use super::selection::{self, BadSelection};
 use super::{AppState, Response};
 use crate::auth::{self, Denied, Grant};
 use crate::config::SenderConfig;
-use crate::fanout::Subscription;
+use crate::fanout::{ClientInfo, Subscription};
 use crate::message::{Filter, Format, preview};
 
 /// What an admitted client gets: what it reads, and what its token says of it.
@@ -25,6 +25,21 @@ pub struct Ticket {
     pub expires: Option<SystemTime>,
     /// Its signed token's `sub`.
     pub subject: Option<String>,
+}
+
+impl Ticket {
+    /// What the operator's list of clients shows of a client admitted with this ticket from
+    /// `peer`, connected now.
+    pub fn info(&self, peer: SocketAddr) -> ClientInfo {
+        ClientInfo {
+            // An IPv4 client of the dual-stack socket is shown as IPv4, as it connected.
+            peer: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+            subject: self.subject.as_deref().map(Box::from),
+            since: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs()),
+        }
+    }
 }
 
 /// Auth, selection, origin and capacity checks for a client that wants `format`: its ticket,

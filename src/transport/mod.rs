@@ -5,7 +5,8 @@
 //!   path goes to [`upgrade`], an event-stream request to [`sse`], anything else to hyper (one
 //!   request per connection).
 //! - [`head`]: that first request head, and refusals written without hyper.
-//! - [`routes`]: which path answers what: the stream, `/status`, `/ready`, `/metrics`.
+//! - [`routes`]: which path answers what: the stream, `/status`, `/ready`, `/metrics`, and
+//!   `/clients` for an operator with the admin token.
 //! - [`upgrade`]: the websocket handshake (RFC 6455 §4.2), which registers the client with the
 //!   fan-out before its 101 goes out.
 //! - [`sse`]: Server-Sent Events on the stream path: the request, its 200 and preamble written

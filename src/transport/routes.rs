@@ -10,6 +10,7 @@ use hyper::{HeaderMap, Method, Request, StatusCode};
 
 use super::admission::{self, AllowOrigin};
 use super::{AppState, Response, upgrade};
+use crate::auth;
 use crate::stream::ListenerState;
 
 /// Answers one request from `peer`.
@@ -25,6 +26,7 @@ pub async fn route(
         "status" => status(state),
         "ready" => ready(state),
         "metrics" => metrics(state),
+        "clients" => clients(state, peer, request.headers()),
         _ if rest == state.sender.stream_path && request.method() == Method::OPTIONS => {
             preflight(state, request.headers())
         }
@@ -121,6 +123,54 @@ fn ready(state: &AppState) -> Response {
             "not ready: LISTEN connection not established",
         ),
     }
+}
+
+/// The connected clients, for an operator who presents the admin token: what this node
+/// serves, to whom, and how each keeps up. Only while `AdminToken` is set (else 404, as any
+/// unknown path); a missing or wrong token is 401, compared in constant time and never logged.
+fn clients(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Response {
+    let Some(expected) = &state.sender.admin_token else {
+        return text(StatusCode::NOT_FOUND, "not found");
+    };
+    let presented = auth::bearer_token(headers).unwrap_or_default();
+    if !auth::constant_time_eq(presented.as_bytes(), expected.0.as_bytes()) {
+        log::info!("/clients request from {peer} refused: missing or wrong admin token");
+        let mut response = text(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: admin token required",
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let names = state.stream.channel_names();
+    let clients: Vec<serde_json::Value> = state
+        .hub
+        .clients()
+        .into_iter()
+        .map(|(id, client)| {
+            let info = client.info.get();
+            serde_json::json!({
+                "id": id,
+                "remote_address": info.map(|i| i.peer.to_string()),
+                "transport": client.format.as_str(),
+                "channel": names.get(client.channel.index()),
+                "filter": client.filter.as_ref().map(ToString::to_string),
+                "subject": info.and_then(|i| i.subject.as_deref()),
+                "queue_depth": client.out.queued(),
+                "frames_sent": client.frames_sent(),
+                "connected_since": info.map(|i| i.since),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "clients": clients });
+    let mut response = Response::new(body.to_string());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn metrics(state: &AppState) -> Response {

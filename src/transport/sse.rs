@@ -78,6 +78,7 @@ pub async fn serve(
     // Join first: frames published from here on wait in the outbox, which gets the socket only
     // after the head and the preamble are written.
     let expires = ticket.expires;
+    let info = ticket.info(peer);
     let (registration, joined) = match state.stream.join_resuming(ticket.subscription, start).await
     {
         Ok(joined) => joined,
@@ -96,6 +97,7 @@ pub async fn serve(
         }
     };
     let id = registration.id;
+    let _ = registration.client.info.set(info);
     if joined != Joined::Live {
         log::debug!("client {id} ({peer}): {joined:?}");
     }

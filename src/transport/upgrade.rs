@@ -106,6 +106,7 @@ async fn join(
             )));
         }
     };
+    let _ = registration.client.info.set(admitted.ticket.info(peer));
     if joined != Joined::Live {
         log::debug!("client {} ({peer}): {joined:?}", registration.id);
     }

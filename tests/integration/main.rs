@@ -22,6 +22,7 @@ mod jwt;
 mod kubernetes;
 mod lifecycle;
 mod operations;
+mod operator;
 mod payloads;
 mod resilience;
 mod resume;

@@ -1,6 +1,8 @@
 //! NOTIFY payloads: any text is either refused, or made into one message whose every encoding
 //! carries it unchanged: the legacy text frame holds its bytes, the `vulcan-stream.v1` frame is
-//! JSON whose `data` is the payload's JSON, and the SSE event's `data:` lines give it back.
+//! JSON whose `data` is the payload's JSON, and the SSE event's `data:` lines give it back. The
+//! agents' fields read from it are what filters see: a filter on a field's value keeps the
+//! message, a filter on another value does not.
 
 #![no_main]
 
@@ -8,7 +10,9 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
-use vulcan_stream::message::{self, Epoch, Format, Outgoing, websocket};
+use vulcan_stream::message::{
+    self, ChannelId, Epoch, Field, Filter, Format, Outgoing, websocket,
+};
 
 /// The payload of one unmasked, final server text frame.
 fn text_payload(frame: &[u8]) -> &[u8] {
@@ -27,11 +31,21 @@ fn text_payload(frame: &[u8]) -> &[u8] {
 
 fuzz_target!(|payload: &str| {
     let _ = message::preview(payload);
-    if message::validate(payload).is_err() {
+    let Ok(fields) = message::check(payload) else {
+        assert!(message::validate(payload).is_err());
         return;
-    }
+    };
     let position = Epoch::new_after(None).start().next();
-    let outgoing = Outgoing::message(position, payload);
+    let outgoing = Outgoing::accepted(ChannelId::DEFAULT, position, payload, fields.clone());
+    for field in Field::ALL {
+        let (mut same, mut other) = (Filter::default(), Filter::default());
+        let value = fields.get(field);
+        same.allow(field, value.unwrap_or("any"));
+        other.allow(field, &format!("{}-other", value.unwrap_or("any")));
+        assert!(outgoing.is_for(Some(&same)), "{field}={value:?} kept");
+        // Without the field the message is a broadcast: every filter keeps it.
+        assert_eq!(outgoing.is_for(Some(&other)), value.is_none());
+    }
     assert_eq!(outgoing.payload(), Some(payload));
 
     let legacy = outgoing.frame(Format::Legacy).expect("a legacy frame");
