@@ -18,7 +18,8 @@
 //! - [`storm`]: `reconnect-storm`, every client reconnecting at once; `accept-storm`, a storm
 //!   of new connections beside readers and health probes.
 //! - [`broadcast`]: `broadcast`, many clients on one or more servers from several worker
-//!   processes and local addresses; [`limits`], the machine's limits it plans against.
+//!   processes and local addresses; [`limits`], the machine's limits it plans against;
+//!   [`fleet`], its clients, raw websockets read by a few epoll threads.
 //! - [`abuse`]: the abusers of `abuse`, a soak beside ping floods, slowloris, oversized
 //!   frames, invalid UTF-8 and connect churn; [`rawws`], the hand-made websocket they use.
 //! - [`resume`]: `resume`, every v1 client reconnecting at once with the position it last
@@ -41,6 +42,7 @@ pub mod chaos;
 pub mod clients;
 pub mod db;
 pub mod error;
+pub mod fleet;
 pub mod floor;
 pub mod limits;
 pub mod listen;

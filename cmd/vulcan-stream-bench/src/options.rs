@@ -92,7 +92,8 @@ pub struct ClientArgs {
     /// Connections being opened at the same time.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
-    /// tungstenite's read buffer per client, in bytes.
+    /// tungstenite's read buffer per client, in bytes (`broadcast`'s clients, read by hand,
+    /// share one buffer per reader thread instead).
     #[arg(long, default_value_t = 4096)]
     pub read_buffer: usize,
     /// What the clients ask for: legacy websocket frames, `vulcan-stream.v1` websocket frames

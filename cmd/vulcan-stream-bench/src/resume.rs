@@ -209,11 +209,12 @@ pub async fn run(args: ResumeArgs, pg: Handle) -> Result<Report, BenchError> {
     let caught = Arc::new(CaughtUp::new(n));
     let reconnect_ns = clock.now_ns();
     let mut readers = Vec::with_capacity(n);
-    let reconnect = clients::open_each(
+    let dial = Dial::default();
+    let reconnect = clients::dial_each(
         &targets,
         0..n,
         args.clients.connect_concurrency.max(n),
-        &Dial::default(),
+        |target, id| target.open(&dial, id),
         |id, conn| {
             let before = kept[id].take();
             readers.push(tokio::spawn(come_back(
