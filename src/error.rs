@@ -34,7 +34,7 @@ pub enum Error {
 }
 
 /// The schema version this build reads and writes (durable mode).
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Why the schema could not be created, upgraded or read.
 #[derive(Debug, thiserror::Error)]

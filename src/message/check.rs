@@ -19,7 +19,15 @@ pub enum Rejected {
     Empty,
     #[error("not a JSON object: {0}")]
     Invalid(String),
+    #[error("nested deeper than {MAX_DEPTH} levels, which agents do not decode")]
+    TooDeep,
 }
+
+/// The deepest nesting of objects and arrays forwarded (the outer object is level 1): agents
+/// decode with Go's `encoding/json`, which refuses a document nested deeper than 10,000 levels.
+/// The durable table's check refuses the same (`vulcan_stream.max_depth()`), so that a payload
+/// it accepts is one the server forwards.
+pub const MAX_DEPTH: usize = 10_000;
 
 /// Checks a payload without copying it.
 pub fn validate(payload: &str) -> Result<(), Rejected> {
@@ -32,10 +40,50 @@ pub fn check(payload: &str) -> Result<AgentFields, Rejected> {
     if payload.trim().is_empty() {
         return Err(Rejected::Empty);
     }
+    // serde_json skips the values of other fields without counting their depth, so it is
+    // counted here.
+    if nested_deeper_than(payload, MAX_DEPTH) {
+        return Err(Rejected::TooDeep);
+    }
     let mut de = serde_json::Deserializer::from_str(payload);
     de.deserialize_any(AgentMessage)
         .and_then(|fields| de.end().map(|()| fields))
         .map_err(|err| Rejected::Invalid(err.to_string()))
+}
+
+/// Whether objects and arrays nest more than `limit` levels, brackets in strings not counted.
+/// A payload with no more brackets than `limit` cannot, which spares the walk; the walk keeps
+/// no stack, so any depth costs one pass and no recursion.
+fn nested_deeper_than(payload: &str, limit: usize) -> bool {
+    let bytes = payload.as_bytes();
+    if bytes.iter().filter(|&&b| b == b'[' || b == b'{').count() <= limit {
+        return false;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The first characters of a payload, for log lines (payloads may be up to 8 kB).
@@ -185,6 +233,27 @@ mod tests {
         ] {
             assert!(validate(payload).is_err(), "accepted {payload:?}");
         }
+    }
+
+    /// `{"a":[[…]]}` with `depth` levels in all, the outer object included.
+    fn nested(depth: usize) -> String {
+        format!(
+            r#"{{"a":{}{},"b":"[[[{{"}}"#,
+            "[".repeat(depth - 1),
+            "]".repeat(depth - 1)
+        )
+    }
+
+    #[test]
+    fn nesting_is_forwarded_as_deep_as_agents_decode_and_no_deeper() {
+        validate(&nested(MAX_DEPTH)).expect("10,000 levels");
+        assert_eq!(validate(&nested(MAX_DEPTH + 1)), Err(Rejected::TooDeep));
+        assert_eq!(validate(&nested(200_000)), Err(Rejected::TooDeep));
+        // Brackets in strings do not count.
+        let in_strings = format!(r#"{{"a":"{}"}}"#, "[".repeat(MAX_DEPTH + 5));
+        validate(&in_strings).expect("brackets in a string");
+        let escaped = format!(r#"{{"a":"\"{}"}}"#, "{".repeat(MAX_DEPTH + 5));
+        validate(&escaped).expect("brackets after an escaped quote");
     }
 
     #[test]

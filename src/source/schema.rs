@@ -14,7 +14,13 @@ use crate::config::ReceiverConfig;
 pub use crate::error::SchemaError;
 
 /// The migration files, in order: (schema version, SQL).
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../_resources/sql/001_schema.sql"))];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../_resources/sql/001_schema.sql")),
+    (
+        2,
+        include_str!("../../_resources/sql/002_cheaper_check.sql"),
+    ),
+];
 
 pub use crate::error::SCHEMA_VERSION;
 

@@ -10,47 +10,9 @@ use std::process::Stdio;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
-use tokio::sync::watch;
 
-use crate::harness::{PgCluster, Server, ServerOpts, TIMEOUT, notify};
-
-/// A TCP proxy to the server whose open connections the test can cut at once.
-struct CuttableProxy {
-    port: u16,
-    cuts: watch::Sender<u64>,
-}
-
-impl CuttableProxy {
-    async fn start(target: u16) -> Result<CuttableProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let (cuts, _) = watch::channel(0u64);
-        let watcher = cuts.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut cut = watcher.subscribe();
-                cut.mark_unchanged();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        Ok(CuttableProxy { port, cuts })
-    }
-
-    /// Drops every connection open now, as a load balancer or a network blip would.
-    fn cut(&self) {
-        self.cuts.send_modify(|n| *n += 1);
-    }
-}
+use crate::harness::{PgCluster, Proxy, Server, ServerOpts, TIMEOUT, notify};
 
 fn browser_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
@@ -86,13 +48,13 @@ async fn a_browser_reconnects_over_sse_and_websocket_and_misses_nothing() -> Res
     let pg = PgCluster::shared().await;
     let channel = "browser-follow";
     let server = Server::spawn(ServerOpts::with_db(pg, channel)).await?;
-    let proxy = CuttableProxy::start(server.port()).await?;
+    let proxy = Proxy::start(server.port()).await?;
 
     let mut node = Command::new("node")
         .arg(browser_dir().join("follow.mjs"))
         .env(
             "STREAM_URL",
-            format!("http://127.0.0.1:{}/stream", proxy.port),
+            format!("http://127.0.0.1:{}/stream", proxy.port()),
         )
         .env("COUNT", COUNT.to_string())
         .stdout(Stdio::piped())

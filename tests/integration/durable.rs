@@ -9,8 +9,8 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use crate::harness::{
-    PgCluster, SERVER_BIN, Server, ServerOpts, TIMEOUT, Ws, next_event, run_bin, sse_connect,
-    sse_event, ws_connect, ws_connect_with,
+    PgCluster, Proxy, SERVER_BIN, Server, ServerOpts, TIMEOUT, Ws, next_event, run_bin,
+    sse_connect, sse_event, ws_connect, ws_connect_with,
 };
 
 const PROTOCOL: (&str, &str) = ("Sec-WebSocket-Protocol", "vulcan-stream.v1");
@@ -102,7 +102,7 @@ async fn migrate_is_idempotent_safe_in_parallel_and_exits_as_the_server() -> Res
     assert!(
         again
             .stderr
-            .contains("schema vulcan_stream at version 1 (was 1)"),
+            .contains("schema vulcan_stream at version 2 (was 2)"),
         "{again:?}"
     );
     let db = pg.client().await?;
@@ -110,7 +110,7 @@ async fn migrate_is_idempotent_safe_in_parallel_and_exits_as_the_server() -> Res
         .query_one("SELECT count(*) FROM vulcan_stream.schema_version", &[])
         .await?
         .get(0);
-    assert_eq!(versions, 1);
+    assert_eq!(versions, 2);
     let row = db
         .query_one(
             "SELECT epoch, vulcan_stream.max_payload() FROM vulcan_stream.lineage",
@@ -121,11 +121,12 @@ async fn migrate_is_idempotent_safe_in_parallel_and_exits_as_the_server() -> Res
     assert!(epoch.len() == 16 && epoch.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(row.get::<_, i32>(1), 65_536);
 
-    // The shipped SQL file is the one the binary runs: applying it again by hand changes nothing.
-    let sql = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("_resources/sql/001_schema.sql"),
-    )?;
-    db.batch_execute(&format!("BEGIN; {sql} COMMIT;")).await?;
+    // The shipped SQL files are the ones the binary runs: applying them again by hand, in
+    // order, changes nothing.
+    for file in SQL_FILES {
+        db.batch_execute(&format!("BEGIN; {} COMMIT;", sql_file(file)?))
+            .await?;
+    }
     let same: String = db
         .query_one("SELECT epoch FROM vulcan_stream.lineage", &[])
         .await?
@@ -139,6 +140,55 @@ async fn migrate_is_idempotent_safe_in_parallel_and_exits_as_the_server() -> Res
     let down = migrate_with(&pg, &[("PG_PORT", &port)]).await?;
     assert_eq!(down.code, Some(1), "{down:?}");
     assert!(down.stderr.contains("cannot connect"), "{down:?}");
+    Ok(())
+}
+
+/// The migration files, in order.
+const SQL_FILES: [&str; 2] = ["001_schema.sql", "002_cheaper_check.sql"];
+
+fn sql_file(name: &str) -> Result<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("_resources/sql")
+        .join(name);
+    std::fs::read_to_string(&path).with_context(|| path.display().to_string())
+}
+
+/// A schema of version 1 (the first file applied by hand, as a team that runs its own
+/// migrations would have) is upgraded by `migrate`, keeping its lineage and its messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_upgrades_a_version_1_schema() -> Result<()> {
+    let pg = PgCluster::private().await?;
+    let db = pg.client().await?;
+    db.batch_execute(&format!("BEGIN; {} COMMIT;", sql_file(SQL_FILES[0])?))
+        .await?;
+    publish(&db, "durable-upgrade", r#"{"action":"kept"}"#).await?;
+    let epoch: String = db
+        .query_one("SELECT epoch FROM vulcan_stream.lineage", &[])
+        .await?
+        .get(0);
+    // A server of this build does not read a schema it would not write.
+    let out = migrate_with(&pg, &[]).await?;
+    ensure!(out.code == Some(0), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("schema vulcan_stream at version 2 (was 1)"),
+        "{out:?}"
+    );
+    let row = db
+        .query_one(
+            "SELECT epoch, (SELECT count(*) FROM vulcan_stream.messages) \
+             FROM vulcan_stream.lineage",
+            &[],
+        )
+        .await?;
+    assert_eq!(row.get::<_, String>(0), epoch);
+    assert_eq!(row.get::<_, i64>(1), 1);
+    let refused = publish(&db, "durable-upgrade", &nested(10_001)).await;
+    ensure!(
+        refused.is_err(),
+        "the upgraded check let 10,001 levels through"
+    );
+    publish(&db, "durable-upgrade", r#"{"action":"after"}"#).await?;
     Ok(())
 }
 
@@ -209,7 +259,10 @@ async fn a_bad_payload_fails_the_publishers_statement_with_a_clear_error() -> Re
         .await?
         .get(0);
     let too_big = format!(r#"{{"x":"{}"}}"#, "y".repeat(usize::try_from(max)?));
-    let cases: [(&str, &str, &str); 13] = [
+    // One level deeper than agents decode, and deep enough to exhaust PostgreSQL's parser.
+    let too_deep = nested(10_001);
+    let far_too_deep = nested(200_000);
+    let cases: [(&str, &str, &str); 19] = [
         (r#"{"ACTION":[1]}"#, "22023", "field 'ACTION'"),
         (r#"{"x":"action","action":1}"#, "22023", "field 'action'"),
         (r#"{"\u0061ction":1}"#, "22023", "field 'action'"),
@@ -227,6 +280,13 @@ async fn a_bad_payload_fails_the_publishers_statement_with_a_clear_error() -> Re
         (r#"{"action":"ok","action":5}"#, "22023", "is a JSON number"),
         (r#"{"action":"x"} y"#, "22P02", "is not JSON"),
         (&too_big, "54000", "exceeds the limit"),
+        (&too_deep, "54000", "nested deeper than 10000 levels"),
+        (&far_too_deep, "54000", "nested deeper than 10000 levels"),
+        // The cheap look that spares the walk over the fields must not miss these.
+        (r#"{"action" :  2}"#, "22023", "field 'action'"),
+        ("{\"\u{17F}can_id\":1}", "22023", "is a JSON number"),
+        (r#"{"CHECK_ID":false}"#, "22023", "field 'CHECK_ID'"),
+        (r#"{"a":"\"","agent_id":[]}"#, "22023", "field 'agent_id'"),
     ];
     for (payload, code, needle) in cases {
         let err = db
@@ -260,6 +320,7 @@ async fn a_bad_payload_fails_the_publishers_statement_with_a_clear_error() -> Re
         "{}",
         r#"{"Action":"x","nested":{"action":1},"note":"action"}"#,
         r#"{"actİon":5}"#,
+        &nested(10_000),
     ] {
         publish(&db, channel, payload).await?;
     }
@@ -270,7 +331,55 @@ async fn a_bad_payload_fails_the_publishers_statement_with_a_clear_error() -> Re
         )
         .await?
         .get(0);
-    assert_eq!(stored, 5);
+    assert_eq!(stored, 6);
+    Ok(())
+}
+
+/// `{"a":[[…]]}`, nested `depth` levels in all (the outer object included).
+fn nested(depth: usize) -> String {
+    format!(
+        r#"{{"a":{}{}}}"#,
+        "[".repeat(depth - 1),
+        "]".repeat(depth - 1)
+    )
+}
+
+/// What the table's check accepts, the server forwards: a payload as deep as agents decode
+/// reaches the client, and one a level deeper is refused at publish, and dropped by the server
+/// when it skips the check.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_check_and_the_server_agree_on_nesting() -> Result<()> {
+    let pg = shared().await?;
+    let channel = "durable-deep-json";
+    let server = Server::spawn(table_opts(pg, channel)).await?;
+    let mut ws = ws_connect(server.port(), "/stream").await?;
+    server.wait_for_clients(1).await?;
+    let db = pg.client().await?;
+    let refused = publish(&db, channel, &nested(10_001)).await;
+    ensure!(refused.is_err(), "10,001 levels accepted");
+    // Past the check (a session in replica mode fires no trigger), the server drops it too.
+    let unchecked = pg.client().await?;
+    unchecked
+        .batch_execute("SET session_replication_role = replica")
+        .await?;
+    unchecked
+        .execute(
+            "INSERT INTO vulcan_stream.messages (channel, payload) VALUES ($1, $2)",
+            &[&channel, &nested(10_001)],
+        )
+        .await?;
+    let deepest = nested(10_000);
+    publish(&db, channel, &deepest).await?;
+    publish(&db, channel, r#"{"action":"after"}"#).await?;
+    assert_eq!(next_event(&mut ws).await?, deepest);
+    assert_eq!(next_event(&mut ws).await?, r#"{"action":"after"}"#);
+    let invalid = server
+        .metric("vulcan_stream_notifications_invalid_total")
+        .await?;
+    assert_eq!(
+        invalid, 1.0,
+        "only the row that skipped the check is dropped"
+    );
     Ok(())
 }
 
@@ -857,6 +966,62 @@ async fn a_lost_wake_up_is_made_up_by_the_periodic_check() -> Result<()> {
     let (id, seq) = next_message(&mut ws).await?;
     assert_eq!(seq, 7);
     assert_eq!(offset(&id)?, u64::try_from(head + 1)?);
+    Ok(())
+}
+
+/// A network partition between the server and PostgreSQL: the proxy on the server's way to the
+/// database stops forwarding without closing anything, while a publisher goes on committing
+/// straight to PostgreSQL; then it heals. The server notices the silence (its periodic read
+/// gets no answer within `HealthCheckTimeout`), and once the network is back everything
+/// committed reaches the connected client exactly once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_network_partition_loses_and_doubles_nothing() -> Result<()> {
+    let pg = PgCluster::private().await?;
+    let out = migrate_with(&pg, &[]).await?;
+    ensure!(out.code == Some(0), "migrate failed: {out:?}");
+    let channel = "durable-partition";
+    let proxy = Proxy::start(pg.port()).await?;
+    let server = Server::spawn(
+        table_opts(&pg, channel)
+            .env("PG_PORT", proxy.port())
+            .env("PG_HEALTH_INTERVAL", 1)
+            .env("PG_HEALTH_TIMEOUT", 1),
+    )
+    .await?;
+    let mut ws = ws_connect_with(server.port(), "/stream", &[PROTOCOL]).await?;
+    server.wait_for_clients(1).await?;
+    let db = pg.client().await?;
+    let mut seen = Vec::new();
+    let mut positions = Vec::new();
+    for i in 0..10 {
+        publish(&db, channel, &seq_payload(i)).await?;
+    }
+    while seen.len() < 10 {
+        let (id, seq) = next_message(&mut ws).await?;
+        positions.push(offset(&id)?);
+        seen.push(seq);
+    }
+
+    proxy.blackhole();
+    for i in 10..40 {
+        publish(&db, channel, &seq_payload(i)).await?;
+    }
+    server
+        .wait_log(|line| line.contains("table reader's connection") && line.contains("lost"))
+        .await?;
+    proxy.heal();
+    publish(&db, channel, &seq_payload(40)).await?;
+    while seen.len() < 41 {
+        let (id, seq) = next_message(&mut ws).await?;
+        positions.push(offset(&id)?);
+        seen.push(seq);
+    }
+    let expected: Vec<u64> = (0..41).collect();
+    assert_eq!(seen, expected, "every message once, in order");
+    ensure!(
+        positions.windows(2).all(|w| w[1] == w[0] + 1),
+        "positions follow each other: {positions:?}"
+    );
     Ok(())
 }
 

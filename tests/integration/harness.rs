@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OnceCell, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -39,6 +39,123 @@ pub const PING: &str = r#"{"action":"ping"}"#;
 const PG_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Interval between readiness probes (a polled endpoint has no event to wait on).
 const PROBE_INTERVAL: Duration = Duration::from_millis(25);
+
+// ---------------------------------------------------------------------------------------------
+// A TCP proxy the test controls
+// ---------------------------------------------------------------------------------------------
+
+/// What every connection of a [`Proxy`] obeys.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProxyState {
+    /// Bumped to drop every connection open at that moment.
+    cuts: u64,
+    /// Nothing is forwarded and nothing is closed, and new connections get no answer, until it
+    /// is cleared: a network partition. TCP would hold the bytes and send them again after it,
+    /// so held bytes are forwarded then, not lost.
+    blackholed: bool,
+}
+
+/// A TCP proxy to a local port (a server, or PostgreSQL) whose connections the test can cut at
+/// once, as a load balancer or a network blip would, or blackhole until it heals, as a network
+/// partition would.
+pub struct Proxy {
+    port: u16,
+    state: watch::Sender<ProxyState>,
+}
+
+impl Proxy {
+    pub async fn start(target: u16) -> Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (state, _) = watch::channel(ProxyState::default());
+        let watcher = state.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let state = watcher.subscribe();
+                tokio::spawn(proxy_connection(inbound, target, state));
+            }
+        });
+        Ok(Proxy { port, state })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Drops every connection open now.
+    pub fn cut(&self) {
+        self.state.send_modify(|s| s.cuts += 1);
+    }
+
+    /// Stops forwarding, without closing anything, until [`Proxy::heal`].
+    pub fn blackhole(&self) {
+        self.state.send_modify(|s| s.blackholed = true);
+    }
+
+    pub fn heal(&self) {
+        self.state.send_modify(|s| s.blackholed = false);
+    }
+}
+
+/// Waits while the proxy is blackholed; false once the connection is cut (or the proxy gone).
+async fn proxy_open(state: &mut watch::Receiver<ProxyState>, cuts: u64) -> bool {
+    loop {
+        let now = *state.borrow_and_update();
+        if now.cuts != cuts {
+            return false;
+        }
+        if !now.blackholed {
+            return true;
+        }
+        if state.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// Forwards one connection in both directions, obeying the proxy's state.
+async fn proxy_connection(inbound: TcpStream, target: u16, mut state: watch::Receiver<ProxyState>) {
+    let cuts = state.borrow().cuts;
+    // A connection that arrives during a partition is not answered until it heals.
+    if !proxy_open(&mut state, cuts).await {
+        return;
+    }
+    let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
+        return;
+    };
+    let (from_client, to_client) = inbound.into_split();
+    let (from_target, to_target) = outbound.into_split();
+    tokio::select! {
+        _ = proxy_pump(from_client, to_target, state.clone(), cuts) => {}
+        _ = proxy_pump(from_target, to_client, state, cuts) => {}
+    }
+}
+
+/// Copies `from` to `to`, reading and writing only while the proxy is open; ends at EOF, an
+/// error or a cut.
+async fn proxy_pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut state: watch::Receiver<ProxyState>,
+    cuts: u64,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if !proxy_open(&mut state, cuts).await {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = state.changed() => continue,
+        };
+        if !proxy_open(&mut state, cuts).await || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL

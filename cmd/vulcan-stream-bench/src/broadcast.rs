@@ -29,6 +29,7 @@ use tokio::time::{Instant, timeout};
 use crate::clients::{self, ClientEnd, ConnectStats, Dial, GONE, Shared, Target};
 use crate::db::Db;
 use crate::error::BenchError;
+use crate::fleet::{self, Readers};
 use crate::limits::{self, HostLimits};
 use crate::options::{self, BroadcastArgs, WorkerArgs};
 use crate::payload::Clock;
@@ -481,7 +482,7 @@ pub async fn run(args: BroadcastArgs, pg: Handle) -> Result<Report, BenchError> 
             open_files: pid.and_then(limits::process_open_files),
         });
     }
-    let db = Db::new(args.db.db.as_deref(), args.db.channel.as_deref())?;
+    let db = Db::from_args(&args.db)?;
     let host = HostLimits::read();
     let capacity = servers
         .iter()
@@ -626,6 +627,7 @@ pub async fn run(args: BroadcastArgs, pg: Handle) -> Result<Report, BenchError> 
         rate: None,
         batch: args.messages as usize,
         payload_size: args.payload_size,
+        survive: false,
     };
     let published = {
         let db = db.clone();
@@ -836,19 +838,17 @@ async fn work(spec: WorkerSpec) -> Result<(), BenchError> {
     for progress in &shared.progress {
         progress.0.store(GONE, Ordering::Relaxed);
     }
-    let mut readers = Vec::with_capacity(spec.count);
+    // Reading from the first 101 on, so that a heartbeat during a long connect is answered.
+    let readers = Readers::start(&shared, spec.threads)?;
     let mut per_server = vec![0; targets.len()];
     let started_ns = clock.now_ns();
     let ids = spec.first_id..spec.first_id + spec.count;
-    let stats = clients::connect_each(&targets, ids, spec.concurrency, &dial, |id, ws| {
+    let open = |target, id| fleet::open(target, &dial, id);
+    let stats = clients::dial_each(&targets, ids, spec.concurrency, open, |id, opened| {
         let local = id - spec.first_id;
         per_server[id % targets.len()] += 1;
         shared.progress[local].0.store(0, Ordering::Relaxed);
-        readers.push(tokio::spawn(clients::read(
-            local,
-            clients::Conn::legacy(ws),
-            shared.clone(),
-        )));
+        readers.add(local, opened);
     })
     .await;
     say(&WorkerLine::Connected {
@@ -876,7 +876,7 @@ async fn work(spec: WorkerSpec) -> Result<(), BenchError> {
         }
     }
     shared.stop.cancel();
-    let results = scenario::collect(readers).await;
+    let (results, sockets) = readers.finish()?;
     let mut counts = Counts::default();
     let (mut complete, mut reached_ns, mut closes) = (0, Vec::new(), Vec::new());
     for r in &results {
@@ -899,7 +899,10 @@ async fn work(spec: WorkerSpec) -> Result<(), BenchError> {
         reached_ns,
         rss_kib: own.rss_kib,
         cpu_s: own.cpu_s,
-    })
+    })?;
+    // Closed once reported: closing tens of thousands of sockets takes the kernel a while.
+    drop(sockets);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
@@ -35,6 +36,8 @@ pub type Ws = WebSocketStream<TcpStream>;
 pub const GONE: u64 = u64::MAX;
 
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest response head accepted.
+const MAX_HEAD: usize = 16 * 1024;
 
 /// The stream to connect to, resolved once.
 #[derive(Debug, Clone)]
@@ -160,6 +163,36 @@ impl Target {
             .map_err(|err| err.to_string())?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+
+    /// Sends `request` on a connected `stream` and reads the response up to the end of its
+    /// head: the head as text, and the bytes that followed it in the same reads.
+    pub async fn request_head(
+        stream: &mut TcpStream,
+        request: &str,
+    ) -> Result<(String, Vec<u8>), String> {
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|err| err.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if buf.len() > MAX_HEAD {
+                return Err("response head too long".to_owned());
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) => return Err("connection closed before the response head".to_owned()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(err) => return Err(err.to_string()),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end);
+        Ok((head, buf))
     }
 
     /// Opens reading client number `id` in the target's format.
@@ -295,19 +328,8 @@ pub async fn connect_all(
     concurrency: usize,
     dial: &Dial,
 ) -> (Vec<(usize, Ws)>, ConnectStats) {
-    let mut clients = Vec::with_capacity(count);
-    let targets = std::slice::from_ref(target);
-    let stats = connect_each(
-        targets,
-        first_id..first_id + count,
-        concurrency,
-        dial,
-        |id, ws| {
-            clients.push((id, ws));
-        },
-    )
-    .await;
-    (clients, stats)
+    let ids = first_id..first_id + count;
+    dial_all(target, ids, concurrency, |t, id| t.connect(dial, id)).await
 }
 
 /// [`connect_all`] in the target's format: websockets or event streams.
@@ -318,17 +340,25 @@ pub async fn open_all(
     concurrency: usize,
     dial: &Dial,
 ) -> (Vec<(usize, Conn)>, ConnectStats) {
-    let mut clients = Vec::with_capacity(count);
+    let ids = first_id..first_id + count;
+    dial_all(target, ids, concurrency, |t, id| t.open(dial, id)).await
+}
+
+/// [`dial_each`] to one target, collecting the connections.
+async fn dial_all<'t, C, Open>(
+    target: &'t Target,
+    ids: Range<usize>,
+    concurrency: usize,
+    open: impl Fn(&'t Target, usize) -> Open,
+) -> (Vec<(usize, C)>, ConnectStats)
+where
+    Open: Future<Output = Result<C, String>>,
+{
+    let mut clients = Vec::with_capacity(ids.len());
     let targets = std::slice::from_ref(target);
-    let stats = open_each(
-        targets,
-        first_id..first_id + count,
-        concurrency,
-        dial,
-        |id, conn| {
-            clients.push((id, conn));
-        },
-    )
+    let stats = dial_each(targets, ids, concurrency, open, |id, conn| {
+        clients.push((id, conn));
+    })
     .await;
     (clients, stats)
 }
@@ -340,41 +370,31 @@ pub async fn connect_each(
     ids: Range<usize>,
     concurrency: usize,
     dial: &Dial,
-    mut connected: impl FnMut(usize, Ws),
+    connected: impl FnMut(usize, Ws),
 ) -> ConnectStats {
     dial_each(
         targets,
         ids,
         concurrency,
-        dial,
-        true,
-        |id, conn| match conn {
-            Conn::Ws { ws, .. } => connected(id, *ws),
-            Conn::Sse(_) => unreachable!("websockets only were opened"),
-        },
+        |t, id| t.connect(dial, id),
+        connected,
     )
     .await
 }
 
-/// [`connect_each`] in each target's format.
-pub async fn open_each(
-    targets: &[Target],
+/// Opens the connections numbered `ids` with `open`, connection `id` to
+/// `targets[id % targets.len()]`, at most `concurrency` at a time, handing each to `connected`
+/// as soon as it is open.
+pub async fn dial_each<'t, C, Open>(
+    targets: &'t [Target],
     ids: Range<usize>,
     concurrency: usize,
-    dial: &Dial,
-    connected: impl FnMut(usize, Conn),
-) -> ConnectStats {
-    dial_each(targets, ids, concurrency, dial, false, connected).await
-}
-
-async fn dial_each(
-    targets: &[Target],
-    ids: Range<usize>,
-    concurrency: usize,
-    dial: &Dial,
-    websockets_only: bool,
-    mut connected: impl FnMut(usize, Conn),
-) -> ConnectStats {
+    open: impl Fn(&'t Target, usize) -> Open,
+    mut connected: impl FnMut(usize, C),
+) -> ConnectStats
+where
+    Open: Future<Output = Result<C, String>>,
+{
     let started = Instant::now();
     let mut times = new_histogram();
     let mut stats = ConnectStats {
@@ -382,15 +402,11 @@ async fn dial_each(
         concurrency,
         ..ConnectStats::default()
     };
+    let open = &open;
     let mut attempts = stream::iter(ids)
         .map(|id| async move {
             let t = Instant::now();
-            let target = &targets[id % targets.len()];
-            let result = if websockets_only {
-                target.connect(dial, id).await.map(Conn::legacy)
-            } else {
-                target.open(dial, id).await
-            };
+            let result = open(&targets[id % targets.len()], id).await;
             (id, result, t.elapsed())
         })
         .buffer_unordered(concurrency.max(1));
@@ -788,7 +804,7 @@ pub async fn read_from(
         Conn::Ws { ws, v1 } => {
             let positions = v1.then(|| positions.unwrap_or_default());
             let tally = Tally::new(id, &shared, positions).resume(states);
-            let (tally, end) = read_ws(*ws, tally, v1, |_| {}).await;
+            let (tally, end) = read_ws(*ws, tally, v1, |_, _| {}).await;
             tally.finish(id, end)
         }
         Conn::Sse(sse) => {
@@ -800,12 +816,12 @@ pub async fn read_from(
 }
 
 /// Reads a websocket into `tally` until the run stops or the connection ends; `after_frame`
-/// looks at the tally after each text frame.
+/// looks at the tally after each text frame, with the frame's stamp when it was new.
 pub async fn read_ws<'a>(
     mut ws: Ws,
     mut tally: Tally<'a>,
     v1: bool,
-    mut after_frame: impl FnMut(&Tally<'a>),
+    mut after_frame: impl FnMut(&Tally<'a>, Option<Stamp>),
 ) -> (Tally<'a>, ClientEnd) {
     // One stop future for the whole session: creating one per frame costs a waiter
     // registration each time.
@@ -820,12 +836,12 @@ pub async fn read_ws<'a>(
         };
         match message {
             Some(Ok(Message::Text(text))) => {
-                if v1 {
-                    tally.v1_frame(text.as_str());
+                let stamp = if v1 {
+                    tally.v1_frame(text.as_str())
                 } else {
-                    tally.payload(text.as_str());
-                }
-                after_frame(&tally);
+                    tally.payload(text.as_str())
+                };
+                after_frame(&tally, stamp);
             }
             Some(Ok(Message::Close(frame))) => {
                 break ClientEnd::Closed {

@@ -1,8 +1,51 @@
-//! The PostgreSQL side: connection settings, publisher connections and the channel name.
+//! The PostgreSQL side: connection settings, publisher connections, the channel name and
+//! how a message is published.
 
+use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, NoTls};
 
 use crate::error::BenchError;
+use crate::options::DbArgs;
+
+/// How the publishers hand a message to the server: the server's `PG_SOURCE`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `pg_notify(channel, payload)`: a server in notify mode LISTENs on the channel.
+    #[default]
+    Notify,
+    /// `vulcan_stream.publish(channel, payload)`: a row of the durable table, which a server in
+    /// table mode reads (the schema must exist: `vulcan-stream migrate`).
+    Table,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Notify => "notify",
+            Source::Table => "table",
+        }
+    }
+
+    /// One message per statement: `$1` the channel, `$2` the payload.
+    pub fn one_sql(self) -> &'static str {
+        match self {
+            Source::Notify => "SELECT pg_notify($1, $2)",
+            Source::Table => "SELECT vulcan_stream.publish($1, $2)",
+        }
+    }
+
+    /// Many messages in one statement, in array order: `$2` the payloads. In table mode this is
+    /// the batched publish of a high-rate publisher: one statement, one commit, many rows.
+    pub fn batch_sql(self) -> &'static str {
+        match self {
+            Source::Notify => "SELECT count(pg_notify($1, p)) FROM unnest($2::text[]) AS p",
+            Source::Table => {
+                "SELECT count(vulcan_stream.publish($1, p)) FROM unnest($2::text[]) AS p"
+            }
+        }
+    }
+}
 
 /// Where the publishers and the bare listener connect.
 #[derive(Debug, Clone)]
@@ -11,9 +54,17 @@ pub struct Db {
     /// `host:port/dbname`, for messages (never the password).
     pub target: String,
     pub channel: String,
+    pub source: Source,
 }
 
 impl Db {
+    /// From the command line's database options.
+    pub fn from_args(args: &DbArgs) -> Result<Db, BenchError> {
+        let mut db = Db::new(args.db.as_deref(), args.channel.as_deref())?;
+        db.source = args.source;
+        Ok(db)
+    }
+
     /// From a libpq-style connection string, or else from the server's own environment
     /// variables (PG_HOST, PG_PORT, PG_DB, PG_USER, PG_PASSWORD or PG_PWD, PG_CHANNEL).
     pub fn new(conninfo: Option<&str>, channel: Option<&str>) -> Result<Db, BenchError> {
@@ -61,6 +112,7 @@ impl Db {
             config,
             target,
             channel,
+            source: Source::Notify,
         })
     }
 

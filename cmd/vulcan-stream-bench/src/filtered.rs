@@ -227,6 +227,7 @@ pub async fn isolation(args: IsolationArgs, pg: Handle) -> Result<Report, BenchE
     let pid = args.server.server_pid;
     scenario::check_server_pid(pid)?;
     let status = needs_status(&args.server, "isolation")?;
+    notify_only(&args.db, "isolation")?;
     let flood_db = Db::new(args.db.db.as_deref(), args.db.channel.as_deref())?;
     let quiet_db = Db::new(args.db.db.as_deref(), Some(&args.quiet_channel))?;
     if flood_db.channel == quiet_db.channel {
@@ -294,6 +295,7 @@ pub async fn isolation(args: IsolationArgs, pg: Handle) -> Result<Report, BenchE
         rate,
         batch,
         payload_size: args.payload_size,
+        survive: false,
     };
     let quiet_counters = Arc::new(Counters::default());
     let quiet_publisher = {
@@ -736,6 +738,7 @@ pub async fn targeted(args: TargetedArgs, pg: Handle) -> Result<Report, BenchErr
     let pid = args.server.server_pid;
     scenario::check_server_pid(pid)?;
     let status = needs_status(&args.server, "targeted")?;
+    notify_only(&args.db, "targeted")?;
     let db = Db::new(args.db.db.as_deref(), args.db.channel.as_deref())?;
     let clock = Clock::new();
     let run: u32 = rand::random();
@@ -1280,6 +1283,14 @@ async fn wait_clients(status: &StatusUrl, n: usize, at_least: bool) -> Result<()
     waited
         .map(drop)
         .map_err(|why| BenchError::Run(format!("{}: {why}", status.display())))
+}
+
+/// The two modes publish with `pg_notify`: a table-mode server would not see their messages.
+fn notify_only(db: &DbArgs, mode: &str) -> Result<(), BenchError> {
+    match db.source {
+        crate::db::Source::Notify => Ok(()),
+        crate::db::Source::Table => usage(&format!("{mode} publishes with pg_notify only")),
+    }
 }
 
 fn usage<T>(message: &str) -> Result<T, BenchError> {

@@ -9,7 +9,7 @@
 //!   streams), reading and checking frames and positions, stuck clients; [`sse`], the
 //!   Server-Sent Events client.
 //! - [`db`], [`publisher`]: PostgreSQL connections; batched, paced, flow-controlled
-//!   `pg_notify`.
+//!   `pg_notify`, or `vulcan_stream.publish` for a server in table mode (`--source table`).
 //! - [`listen`]: a bare LISTEN connection, the ceiling the server is compared with.
 //! - [`stats`]: lost / duplicated / out-of-order bookkeeping and latency histograms.
 //! - [`procstat`]: RSS and CPU time from `/proc` and `getrusage`; the kernel's socket counts.
@@ -18,13 +18,16 @@
 //! - [`storm`]: `reconnect-storm`, every client reconnecting at once; `accept-storm`, a storm
 //!   of new connections beside readers and health probes.
 //! - [`broadcast`]: `broadcast`, many clients on one or more servers from several worker
-//!   processes and local addresses; [`limits`], the machine's limits it plans against.
+//!   processes and local addresses; [`limits`], the machine's limits it plans against;
+//!   [`fleet`], its clients, raw websockets read by a few epoll threads.
 //! - [`abuse`]: the abusers of `abuse`, a soak beside ping floods, slowloris, oversized
 //!   frames, invalid UTF-8 and connect churn; [`rawws`], the hand-made websocket they use.
 //! - [`resume`]: `resume`, every v1 client reconnecting at once with the position it last
 //!   saw, and the time until each has what it missed.
 //! - [`filtered`]: `isolation`, a flood on one channel beside a quiet one; `targeted`, messages
 //!   each for one of thousands of filtered clients, beside broadcasts to all.
+//! - [`chaos`]: `chaos`, publishers and resuming clients on replicas it starts itself, while
+//!   database connections are terminated, PostgreSQL restarts and replicas are killed.
 //! - [`floor`]: `send-floor`, the kernel's cost of bare loopback sends, without a server.
 //! - [`report`]: the result as JSON or a table.
 //! - [`targets`]: the project's targets judged from the reports of the standard scenarios.
@@ -37,10 +40,12 @@
 
 pub mod abuse;
 pub mod broadcast;
+pub mod chaos;
 pub mod clients;
 pub mod db;
 pub mod error;
 pub mod filtered;
+pub mod fleet;
 pub mod floor;
 pub mod limits;
 pub mod listen;
@@ -97,7 +102,7 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
         }
         Command::Fanout(a) => a.output.clone(),
         Command::Idle(a) => a.output.clone(),
-        Command::RawListen(a) => a.output.clone(),
+        Command::RawListen(a) | Command::Publish(a) => a.output.clone(),
         Command::Stuck(a) => a.output.clone(),
         Command::Soak(a) => a.output.clone(),
         Command::ReconnectStorm(a) => a.output.clone(),
@@ -108,6 +113,7 @@ pub fn run(command: Command) -> Result<Output, BenchError> {
         Command::History(a) => a.fanout.output.clone(),
         Command::Isolation(a) => a.output.clone(),
         Command::Targeted(a) => a.output.clone(),
+        Command::Chaos(a) => a.output.clone(),
     };
     let report = run_load(command, output.threads)?;
     finish(report, &output.report)

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use crate::clients::Format;
+use crate::db::Source;
 use crate::error::BenchError;
 use crate::payload;
 
@@ -21,6 +22,10 @@ pub enum Command {
     /// The LISTEN ceiling: a bare LISTEN connection receives what the publishers send; no
     /// server involved.
     RawListen(RawListenArgs),
+    /// Publishers only, no clients: what K connections commit per second (with --batch 1, one
+    /// message per commit). With --source table against a server in table mode, its sequencer
+    /// works beside them as it would in production.
+    Publish(RawListenArgs),
     /// N reading clients plus S that connect and never read.
     Stuck(StuckArgs),
     /// Steady traffic for --duration, sampling the server's RSS.
@@ -61,6 +66,12 @@ pub enum Command {
     /// steady rate, then broadcasts beside them: the server's CPU per targeted message, their
     /// latency, and the broadcasts' time to all against unfiltered clients'.
     Targeted(crate::filtered::TargetedArgs),
+    /// Publishers at a steady rate and resuming `vulcan-stream.v1` clients on replicas this
+    /// run starts itself, while the servers' database connections are terminated, PostgreSQL
+    /// is restarted and replicas are killed and restarted, in turn: what was lost, duplicated
+    /// or reordered, whether every loss was signalled, and how long each fault interrupted
+    /// delivery.
+    Chaos(ChaosArgs),
     /// Judges the performance targets from the JSON reports of the standard scenarios.
     Targets(TargetsArgs),
 }
@@ -88,7 +99,8 @@ pub struct ClientArgs {
     /// Connections being opened at the same time.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
-    /// tungstenite's read buffer per client, in bytes.
+    /// tungstenite's read buffer per client, in bytes (`broadcast`'s clients, read by hand,
+    /// share one buffer per reader thread instead).
     #[arg(long, default_value_t = 4096)]
     pub read_buffer: usize,
     /// What the clients ask for: legacy websocket frames, `vulcan-stream.v1` websocket frames
@@ -114,6 +126,10 @@ pub struct DbArgs {
     /// The NOTIFY channel [default: PG_CHANNEL, else "events"].
     #[arg(long)]
     pub channel: Option<String>,
+    /// How to publish, as the server's PG_SOURCE reads: `notify` (pg_notify) or `table`
+    /// (vulcan_stream.publish, for a server in table mode).
+    #[arg(long, value_enum, default_value_t = Source::Notify)]
+    pub source: Source,
 }
 
 /// What to publish and how fast.
@@ -220,6 +236,54 @@ pub struct ResumeArgs {
     /// Give up on clients that have not caught up this long after the reconnect.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub resume_timeout: Duration,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ChaosArgs {
+    /// The server binary: the run starts its replicas (with this process's environment, PORT
+    /// and PG_SOURCE from --source), kills and restarts them, and stops them at the end; with
+    /// --source table it runs `migrate` first.
+    #[arg(long, value_name = "PATH")]
+    pub server_bin: PathBuf,
+    /// Server processes on the one PostgreSQL.
+    #[arg(long, default_value_t = 2)]
+    pub replicas: usize,
+    /// The clients, spread over the replicas (always v1 websockets: they resume by position).
+    #[command(flatten)]
+    pub clients: ClientArgs,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Publisher connections, each with its own sequence, one message per commit.
+    #[arg(long, default_value_t = 2)]
+    pub publishers: usize,
+    /// Messages per second over all publishers.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Bytes per payload.
+    #[arg(long, default_value_t = 200)]
+    pub payload_size: usize,
+    /// How long to publish.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub duration: Duration,
+    /// A fault this often, the kinds in turn.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub fault_every: Duration,
+    /// The faults to take turns at; repeat it [default: terminate, restart-db (when
+    /// --restart-db is given) and kill-replica].
+    #[arg(long = "fault", value_enum)]
+    pub faults: Vec<crate::chaos::Fault>,
+    /// A shell command that restarts PostgreSQL and returns once it accepts connections
+    /// again, e.g. "pg_ctl -D DATADIR -m fast -w restart".
+    #[arg(long, value_name = "COMMAND")]
+    pub restart_db: Option<String>,
+    /// Append each replica's log to DIR/chaos-SOURCE-N.log [default: discarded].
+    #[arg(long, value_name = "DIR")]
+    pub server_log_dir: Option<PathBuf>,
+    /// After publishing, stop waiting for missing frames after this long without progress.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -525,6 +589,15 @@ pub struct TargetsArgs {
     /// fanout, the 8,000-client burst with 1-second health checks.
     #[arg(long)]
     pub burst: Option<PathBuf>,
+    /// The table scenario's runs, repeat it: fanout at the maximum rate, fanout at a rate and
+    /// publish, each with --source table and with --source notify (alternating, so that what
+    /// else runs on the machine weighs on both alike); table mode is judged against notify
+    /// mode in the same run.
+    #[arg(long = "table-run", value_name = "FILE")]
+    pub table_runs: Vec<PathBuf>,
+    /// chaos, one per source (repeat it).
+    #[arg(long = "chaos", value_name = "FILE")]
+    pub chaos: Vec<PathBuf>,
     /// send-floor, 1,000 sockets at 50/s: shown beside the server's CPU per frame at 50 msg/s
     /// (it does not change the verdict).
     #[arg(long)]

@@ -1,8 +1,9 @@
-//! Publishers: K PostgreSQL connections calling `pg_notify`, each with its own sequence,
-//! optionally batched, paced to a rate or held back by a flow-control window.
+//! Publishers: K PostgreSQL connections calling `pg_notify` (or, for a server in table mode,
+//! `vulcan_stream.publish`), each with its own sequence, optionally batched, paced to a rate or
+//! held back by a flow-control window.
 //!
 //! A batch is one statement, `SELECT count(pg_notify($1, p)) FROM unnest($2::text[])`, so one
-//! round trip and one commit carry many notifications in order; the generator builds the
+//! round trip and one commit carry many messages in order; the generator builds the
 //! payloads, which keeps their size exact. Every payload of a batch carries the time the
 //! statement was sent, so its latency includes the statement and the commit.
 
@@ -12,9 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
-use crate::db::Db;
+use crate::db::{Db, Source};
 use crate::error::BenchError;
 use crate::payload::{self, Clock, Stamp};
 
@@ -29,6 +30,9 @@ pub struct Plan {
     /// Notifications per statement.
     pub batch: usize,
     pub payload_size: usize,
+    /// Go on through a lost connection or a database restart: reconnect, and count a statement
+    /// that failed as uncertain rather than failing the run (see [`Published::uncertain`]).
+    pub survive: bool,
 }
 
 /// Holds publishers back while the slowest receiver is more than `window` messages behind.
@@ -62,10 +66,20 @@ pub struct Published {
     pub rate: f64,
     /// Time spent waiting for the flow-control window, summed over publishers (seconds).
     pub flow_wait_s: f64,
+    /// With [`Plan::survive`]: messages whose statement failed, so that whether they committed
+    /// was unknown. To the table source they are looked up afterwards, and those found count
+    /// as committed in `per_publisher`; a NOTIFY cannot be looked up, so to the notify source
+    /// they all count as committed, and what is lost is an upper bound.
+    #[serde(default)]
+    pub uncertain: u64,
+    /// Of the uncertain messages, those found committed (table source only).
+    #[serde(default)]
+    pub uncertain_committed: u64,
+    /// With [`Plan::survive`]: each time publishing failed, from the first failed statement
+    /// to the next that succeeded ([`Clock::now_ns`]), over every publisher.
+    #[serde(default)]
+    pub outages: Vec<(u64, u64)>,
 }
-
-const BATCH_SQL: &str = "SELECT count(pg_notify($1, p)) FROM unnest($2::text[]) AS p";
-const ONE_SQL: &str = "SELECT pg_notify($1, $2)";
 
 /// Opens `count` publisher connections.
 pub async fn connect(db: &Db, count: usize) -> Result<Vec<Client>, BenchError> {
@@ -111,7 +125,7 @@ pub async fn run_as(
         let task = PublisherTask {
             id: first_id + i as u32,
             client,
-            channel: db.channel.clone(),
+            db: db.clone(),
             plan,
             quota,
             deadline: plan.duration.map(|d| started + d),
@@ -125,19 +139,25 @@ pub async fn run_as(
     }
     let mut published = Published::default();
     let mut failure = None;
+    let mut uncertain = Vec::new();
     for task in tasks {
         match task.await {
             Ok(Ok(done)) => {
+                published.uncertain += done.uncertain.len() as u64;
+                published.outages.extend(done.outages);
+                uncertain.push(done.uncertain);
                 published.per_publisher.push(done.committed);
                 published.statements += done.statements;
                 published.last_commit_ns = published.last_commit_ns.max(done.last_commit_ns);
                 published.flow_wait_s += done.flow_wait.as_secs_f64();
             }
             Ok(Err(cause)) => {
+                uncertain.push(Vec::new());
                 published.per_publisher.push(0);
                 failure.get_or_insert(cause);
             }
             Err(join) => {
+                uncertain.push(Vec::new());
                 published.per_publisher.push(0);
                 failure.get_or_insert(join.to_string());
             }
@@ -148,6 +168,17 @@ pub async fn run_as(
             target: db.target.clone(),
             cause,
         });
+    }
+    for (committed, payloads) in published.per_publisher.iter_mut().zip(&uncertain) {
+        let found = match db.source {
+            Source::Notify => payloads.len() as u64,
+            Source::Table => committed_rows(db, payloads).await?,
+        };
+        *committed += found;
+        published.uncertain_committed += found;
+    }
+    if db.source == Source::Notify {
+        published.uncertain_committed = 0;
     }
     published.total = published.per_publisher.iter().sum();
     published.first_send_ns = counters.first_send_ns.load(Ordering::Relaxed);
@@ -160,10 +191,29 @@ pub async fn run_as(
     Ok(published)
 }
 
+/// How many of `payloads` are rows of the table: the uncertain messages that committed.
+async fn committed_rows(db: &Db, payloads: &[String]) -> Result<u64, BenchError> {
+    if payloads.is_empty() {
+        return Ok(0);
+    }
+    let client = db.connect().await?;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM vulcan_stream.messages WHERE channel = $1 AND payload = ANY($2)",
+            &[&db.channel, &payloads],
+        )
+        .await
+        .map_err(|err| BenchError::Publish {
+            target: db.target.clone(),
+            cause: format!("looking up the uncertain messages: {err:#}"),
+        })?;
+    Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+}
+
 struct PublisherTask {
     id: u32,
     client: Client,
-    channel: String,
+    db: Db,
     plan: Plan,
     quota: Option<u64>,
     deadline: Option<Instant>,
@@ -179,20 +229,54 @@ struct Done {
     statements: u64,
     last_commit_ns: u64,
     flow_wait: Duration,
+    /// With [`Plan::survive`]: the payloads of statements that failed, which may or may not
+    /// have committed.
+    uncertain: Vec<String>,
+    /// With [`Plan::survive`]: when a statement first failed and when one next succeeded.
+    outages: Vec<(u64, u64)>,
+}
+
+/// A statement that takes longer than this is given up as failed, with [`Plan::survive`]: a
+/// connection whose packets vanish would otherwise hold the publisher forever.
+const SURVIVE_STATEMENT_LIMIT: Duration = Duration::from_secs(10);
+
+/// A publisher connection with its two statements prepared.
+struct Prepared {
+    client: Client,
+    one: Statement,
+    batch: Statement,
+}
+
+impl Prepared {
+    async fn new(client: Client, source: Source) -> Result<Prepared, String> {
+        let batch = client
+            .prepare(source.batch_sql())
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let one = client
+            .prepare(source.one_sql())
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(Prepared { client, one, batch })
+    }
+
+    async fn publish(&self, channel: &String, payloads: &Vec<String>) -> Result<(), String> {
+        let result = if payloads.len() == 1 {
+            self.client
+                .query_one(&self.one, &[channel, &payloads[0]])
+                .await
+        } else {
+            self.client
+                .query_one(&self.batch, &[channel, payloads])
+                .await
+        };
+        result.map(drop).map_err(|e| format!("{e:#}"))
+    }
 }
 
 impl PublisherTask {
     async fn run(self) -> Result<Done, String> {
-        let batch_sql = self
-            .client
-            .prepare(BATCH_SQL)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        let one_sql = self
-            .client
-            .prepare(ONE_SQL)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
+        let mut conn = Some(Prepared::new(self.client, self.db.source).await?);
         let batch = self.plan.batch.max(1) as u64;
         let interval = self
             .per_publisher_rate
@@ -203,7 +287,12 @@ impl PublisherTask {
             statements: 0,
             last_commit_ns: 0,
             flow_wait: Duration::ZERO,
+            uncertain: Vec::new(),
+            outages: Vec::new(),
         };
+        // The next sequence number: past the committed ones and any that failed.
+        let mut next_seq = 0;
+        let mut failing_since = None;
         let mut payloads: Vec<String> = Vec::new();
         loop {
             let left = self.quota.map_or(u64::MAX, |q| q - done.committed);
@@ -213,6 +302,19 @@ impl PublisherTask {
             {
                 break;
             }
+            let Some(prepared) = &conn else {
+                // Only with `survive`: reconnect, and retry soon while the database is away.
+                let reconnected =
+                    match tokio::time::timeout(SURVIVE_STATEMENT_LIMIT, self.db.connect()).await {
+                        Ok(Ok(client)) => Prepared::new(client, self.db.source).await.ok(),
+                        _ => None,
+                    };
+                if reconnected.is_none() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                conn = reconnected;
+                continue;
+            };
             let n = batch.min(left);
             if let Some(flow) = &self.flow {
                 let waited = Instant::now();
@@ -238,7 +340,7 @@ impl PublisherTask {
                 .first_send_ns
                 .fetch_min(sent_ns, Ordering::Relaxed);
             payloads.clear();
-            for seq in done.committed..done.committed + n {
+            for seq in next_seq..next_seq + n {
                 let mut p = String::with_capacity(self.plan.payload_size);
                 let stamp = Stamp {
                     run: self.run,
@@ -249,20 +351,37 @@ impl PublisherTask {
                 payload::encode(stamp, self.plan.payload_size, &mut p);
                 payloads.push(p);
             }
+            next_seq += n;
             self.counters.issued.fetch_add(n, Ordering::Relaxed);
-            let result = if n == 1 {
-                self.client
-                    .query_one(&one_sql, &[&self.channel, &payloads[0]])
-                    .await
+            let result = if self.plan.survive {
+                tokio::time::timeout(
+                    SURVIVE_STATEMENT_LIMIT,
+                    prepared.publish(&self.db.channel, &payloads),
+                )
+                .await
+                .unwrap_or_else(|_| Err("no answer".to_owned()))
             } else {
-                self.client
-                    .query_one(&batch_sql, &[&self.channel, &payloads])
-                    .await
+                prepared.publish(&self.db.channel, &payloads).await
             };
-            result.map_err(|e| format!("{e:#}"))?;
-            done.committed += n;
-            done.statements += 1;
-            done.last_commit_ns = self.clock.now_ns();
+            match result {
+                Ok(()) => {
+                    done.committed += n;
+                    done.statements += 1;
+                    done.last_commit_ns = self.clock.now_ns();
+                    if let Some(since) = failing_since.take() {
+                        done.outages.push((since, done.last_commit_ns));
+                    }
+                }
+                Err(cause) if !self.plan.survive => return Err(cause),
+                Err(_) => {
+                    failing_since.get_or_insert(sent_ns);
+                    done.uncertain.append(&mut payloads);
+                    conn = None;
+                }
+            }
+        }
+        if let Some(since) = failing_since {
+            done.outages.push((since, self.clock.now_ns()));
         }
         Ok(done)
     }

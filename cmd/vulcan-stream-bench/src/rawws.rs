@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 
-use crate::clients::Target;
+use crate::clients::{Dial, Target};
 
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_CLOSE: u8 = 0x8;
@@ -20,15 +20,28 @@ pub const OP_PONG: u8 = 0xA;
 /// protect proxies; a server must accept any).
 const MASK: [u8; 4] = [0x37, 0xFA, 0x21, 0x3D];
 
-/// The longest response head accepted before the 101.
-const MAX_HEAD: usize = 16 * 1024;
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// The `Sec-WebSocket-Key` of every upgrade request (the RFC's own example: the key only
+/// proves that the server understood a websocket request, so it need not be fresh here).
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+/// The `Sec-WebSocket-Accept` a server answers [`KEY`] with (RFC 6455 §1.3).
+const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// Whether a response head carries the `Sec-WebSocket-Accept` that answers [`KEY`].
+fn accepts_key(head: &str) -> bool {
+    head.lines().skip(1).any(|line| {
+        line.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("sec-websocket-accept") && value.trim() == ACCEPT
+        })
+    })
+}
 
 /// The upgrade request of `target`.
 pub fn upgrade_request(target: &Target) -> String {
     format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
         target.path, target.authority
     )
 }
@@ -76,42 +89,89 @@ pub enum ServerFrame {
     Other,
 }
 
+/// A server frame's header, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    pub fin: bool,
+    /// The reserved bits (RSV1-3), which no extension was negotiated to use.
+    pub rsv: u8,
+    pub opcode: u8,
+    /// The masking key: servers must not mask (RFC 6455 §5.1), but a masked frame is still
+    /// read as what it says.
+    pub mask: Option<[u8; 4]>,
+    /// Header bytes, before the payload.
+    pub len: usize,
+    pub payload_len: u64,
+}
+
+impl FrameHead {
+    /// The header at the start of `buf`; `None` until it is whole.
+    pub fn parse(buf: &[u8]) -> Option<FrameHead> {
+        let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+        let (payload_len, mut len) = match b1 & 0x7F {
+            126 => (
+                u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+                4,
+            ),
+            127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
+            short => (u64::from(short), 2),
+        };
+        let mask = if b1 & 0x80 != 0 {
+            let key = buf.get(len..len + 4)?.try_into().ok()?;
+            len += 4;
+            Some(key)
+        } else {
+            None
+        };
+        Some(FrameHead {
+            fin: b0 & 0x80 != 0,
+            rsv: (b0 >> 4) & 0x07,
+            opcode: b0 & 0x0F,
+            mask,
+            len,
+            payload_len,
+        })
+    }
+
+    /// Header and payload bytes, when they fit in memory.
+    pub fn total_len(&self) -> Option<usize> {
+        self.len
+            .checked_add(usize::try_from(self.payload_len).ok()?)
+    }
+
+    /// Unmasks the payload in place, when the frame was masked.
+    pub fn unmask(&self, payload: &mut [u8]) {
+        if let Some(key) = self.mask {
+            for (i, byte) in payload.iter_mut().enumerate() {
+                *byte ^= key[i % 4];
+            }
+        }
+    }
+}
+
+/// A close frame's payload as its code and reason (the reason lossily decoded).
+pub fn close_parts(payload: &[u8]) -> (Option<u16>, String) {
+    match payload {
+        [hi, lo, reason @ ..] => (
+            Some(u16::from_be_bytes([*hi, *lo])),
+            String::from_utf8_lossy(reason).into_owned(),
+        ),
+        _ => (None, String::new()),
+    }
+}
+
 /// Takes the first whole frame off `buf`, if there is one.
 fn take_frame(buf: &mut Vec<u8>) -> Option<ServerFrame> {
-    let (&b0, &b1) = (buf.first()?, buf.get(1)?);
-    let masked = b1 & 0x80 != 0;
-    let (len, mut at) = match b1 & 0x7F {
-        126 => (
-            u64::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
-            4,
-        ),
-        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
-        short => (u64::from(short), 2),
-    };
-    let key: Option<[u8; 4]> = if masked {
-        let key = buf.get(at..at + 4)?.try_into().ok()?;
-        at += 4;
-        Some(key)
-    } else {
-        None
-    };
-    let end = at.checked_add(usize::try_from(len).ok()?)?;
+    let head = FrameHead::parse(buf)?;
+    let end = head.total_len()?;
     if buf.len() < end {
         return None;
     }
-    let mut payload = buf[at..end].to_vec();
-    if let Some(key) = key {
-        for (i, byte) in payload.iter_mut().enumerate() {
-            *byte ^= key[i % 4];
-        }
-    }
+    let mut payload = buf[head.len..end].to_vec();
+    head.unmask(&mut payload);
     buf.drain(..end);
-    Some(match b0 & 0x0F {
-        OP_CLOSE => ServerFrame::Close(
-            payload
-                .get(..2)
-                .map(|code| u16::from_be_bytes([code[0], code[1]])),
-        ),
+    Some(match head.opcode {
+        OP_CLOSE => ServerFrame::Close(close_parts(&payload).0),
         OP_PONG => ServerFrame::Pong(payload),
         _ => ServerFrame::Other,
     })
@@ -195,44 +255,41 @@ impl RawWs {
                     .set_send_buffer_size(size)
                     .map_err(|e| e.to_string())?;
             }
-            let mut stream = socket
+            let stream = socket
                 .connect(target.addr)
                 .await
                 .map_err(|err| err.to_string())?;
             let _ = stream.set_nodelay(true);
-            stream
-                .write_all(upgrade_request(target).as_bytes())
-                .await
-                .map_err(|err| err.to_string())?;
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let head_end = loop {
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                if buf.len() > MAX_HEAD {
-                    return Err("response head too long".to_owned());
-                }
-                match stream.read(&mut chunk).await {
-                    Ok(0) => return Err("connection closed during the handshake".to_owned()),
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    Err(err) => return Err(err.to_string()),
-                }
-            };
-            let status = String::from_utf8_lossy(&buf[..head_end])
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            if !status.starts_with("HTTP/1.1 101") {
-                return Err(format!("answered {status:?}"));
-            }
-            buf.drain(..head_end);
-            Ok(RawWs { stream, buf })
+            RawWs::upgrade(stream, target).await
         };
         timeout(HANDSHAKE_LIMIT, attempt)
             .await
             .map_err(|_| format!("no 101 within {HANDSHAKE_LIMIT:?}"))?
+    }
+
+    /// Connects client `id` as `dial` says (source address, receive buffer) and upgrades.
+    pub async fn dial(target: &Target, dial: &Dial, id: usize) -> Result<RawWs, String> {
+        let attempt = async {
+            let stream = target.dial_tcp(dial, id).await?;
+            RawWs::upgrade(stream, target).await
+        };
+        timeout(HANDSHAKE_LIMIT, attempt)
+            .await
+            .map_err(|_| format!("no 101 within {HANDSHAKE_LIMIT:?}"))?
+    }
+
+    /// Sends the upgrade request on a connected `stream` and reads the answer up to the end
+    /// of its head: a 101 that accepts the request's key.
+    async fn upgrade(mut stream: TcpStream, target: &Target) -> Result<RawWs, String> {
+        let (head, buf) = Target::request_head(&mut stream, &upgrade_request(target)).await?;
+        let status = head.lines().next().unwrap_or_default();
+        if !status.starts_with("HTTP/1.1 101") {
+            return Err(format!("answered {status:?}"));
+        }
+        if !accepts_key(&head) {
+            return Err("the 101 does not accept the request's Sec-WebSocket-Key".to_owned());
+        }
+        Ok(RawWs { stream, buf })
     }
 
     /// Reads until the server's close frame (see [`read_close`]).

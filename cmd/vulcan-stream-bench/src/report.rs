@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::abuse::Abuse;
 use crate::broadcast::Broadcast;
+use crate::chaos::Chaos;
 use crate::clients::{ConnectStats, Format, Positions};
+use crate::db::Source;
 use crate::options::ClientArgs;
 use crate::procstat::ProcSample;
 use crate::publisher::Published;
@@ -52,6 +54,8 @@ pub struct Report {
     pub isolation: Option<crate::filtered::Isolation>,
     #[serde(default)]
     pub targeted: Option<crate::filtered::Targeted>,
+    #[serde(default)]
+    pub chaos: Option<Chaos>,
     pub generator: GeneratorUse,
     /// Share of all CPUs busy during the measured window (server, generator, PostgreSQL and
     /// anything else).
@@ -92,6 +96,9 @@ pub struct Settings {
     /// The reading clients' kernel receive buffer, when set.
     #[serde(default)]
     pub recv_buffer: Option<u32>,
+    /// How the publishers published (notify when absent: reports from before table mode).
+    #[serde(default)]
+    pub source: Source,
 }
 
 impl Settings {
@@ -556,6 +563,9 @@ impl Report {
         if s.stuck > 0 {
             let _ = write!(head, " + {} stuck", s.stuck);
         }
+        if s.source != Source::Notify {
+            let _ = write!(head, ", publishing to the {} source", s.source.as_str());
+        }
         if let Some(p) = &self.published {
             let _ = write!(
                 head,
@@ -665,6 +675,9 @@ impl Report {
         }
         if let Some(r) = &self.resume {
             r.rows(&mut rows);
+        }
+        if let Some(c) = &self.chaos {
+            c.rows(&mut rows);
         }
         if let Some(h) = &self.history {
             rows.push(("history", h.text()));

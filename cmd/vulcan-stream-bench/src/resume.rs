@@ -25,10 +25,9 @@ use crate::db::Db;
 use crate::error::BenchError;
 use crate::options::{self, ResumeArgs};
 use crate::payload::Clock;
-use crate::procstat;
 use crate::publisher::{self, Counters, Plan, Published};
 use crate::report::{Report, Resume, ServerUse, Settings};
-use crate::scenario::{self, OwnUse, REGISTER_LIMIT, cpus};
+use crate::scenario::{self, OwnStart, REGISTER_LIMIT, cpus};
 use crate::stats::{Counts, Percentiles, SeqState, new_histogram};
 use crate::status::StatusUrl;
 
@@ -66,7 +65,7 @@ pub async fn run(args: ResumeArgs, pg: Handle) -> Result<Report, BenchError> {
         BenchError::Usage("resume reads the server's /status: give --status-url".to_owned())
     })?;
     let n = args.clients.clients;
-    let db = Db::new(args.db.db.as_deref(), args.db.channel.as_deref())?;
+    let db = Db::from_args(&args.db)?;
     let clock = Clock::new();
     let run: u32 = rand::random();
     let mut report = Report {
@@ -94,6 +93,7 @@ pub async fn run(args: ResumeArgs, pg: Handle) -> Result<Report, BenchError> {
         rate,
         batch,
         payload_size: args.payload_size,
+        survive: false,
     };
 
     // The first session: every client reads `before` messages.
@@ -179,9 +179,7 @@ pub async fn run(args: ResumeArgs, pg: Handle) -> Result<Report, BenchError> {
     let resets_before = status.metric_sum("vulcan_stream_resets_total").await.ok();
 
     let server_before = scenario::sample_server(pid)?;
-    let own_before = procstat::own();
-    let machine_before = procstat::machine();
-    let wall = Instant::now();
+    let own = OwnStart::now();
 
     // Everyone comes back at once, each with its own `since`, while the live publisher runs.
     let second = Arc::new(Shared::new(run, clock, 3, n));
@@ -211,11 +209,12 @@ pub async fn run(args: ResumeArgs, pg: Handle) -> Result<Report, BenchError> {
     let caught = Arc::new(CaughtUp::new(n));
     let reconnect_ns = clock.now_ns();
     let mut readers = Vec::with_capacity(n);
-    let reconnect = clients::open_each(
+    let dial = Dial::default();
+    let reconnect = clients::dial_each(
         &targets,
         0..n,
         args.clients.connect_concurrency.max(n),
-        &Dial::default(),
+        |target, id| target.open(&dial, id),
         |id, conn| {
             let before = kept[id].take();
             readers.push(tokio::spawn(come_back(
@@ -247,9 +246,7 @@ pub async fn run(args: ResumeArgs, pg: Handle) -> Result<Report, BenchError> {
     let drain_timed_out =
         scenario::drain(&second, None, missed.total + live.total, DRAIN_LIMIT).await;
     let server_after = scenario::sample_server(pid)?;
-    let own_after = procstat::own();
-    let machine_after = procstat::machine();
-    let wall_s = wall.elapsed().as_secs_f64();
+    let own = own.end();
     let resumes_after = status
         .metric("vulcan_stream_resumes_served_total")
         .await
@@ -310,12 +307,7 @@ pub async fn run(args: ResumeArgs, pg: Handle) -> Result<Report, BenchError> {
         ..missed
     });
     report.server = ServerUse::between(pid, server_before, server_after, None);
-    OwnUse {
-        own: (own_before, own_after),
-        machine: (machine_before, machine_after),
-        wall_s,
-    }
-    .record(&mut report, args.output.threads, None);
+    own.record(&mut report, args.output.threads, None);
     Ok(report)
 }
 
@@ -404,7 +396,7 @@ async fn come_back(
     let tally = clients::Tally::new(id, &shared, Some(track)).resume(states);
     let clock = shared.clock;
     let mut done = false;
-    let (tally, end) = clients::read_ws(*ws, tally, true, |tally| {
+    let (tally, end) = clients::read_ws(*ws, tally, true, |tally, _| {
         if !done && tally.states[MISSED].unique >= missed {
             done = true;
             caught.at_ns[id].store(clock.now_ns().max(1), Ordering::Relaxed);

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::abuse::{Abuse, AbuseSide};
 use crate::broadcast;
 use crate::clients::{self, ClientEnd, Dial, Format, GONE, Positions, Shared, Target};
-use crate::db::Db;
+use crate::db::{Db, Source};
 use crate::error::BenchError;
 use crate::listen::RawListener;
 use crate::options::{
@@ -49,6 +49,7 @@ pub async fn run(command: Command, publishers: Handle) -> Result<Report, BenchEr
     match command {
         Command::Fanout(a) => load(LoadSpec::fanout(a)?, publishers).await,
         Command::RawListen(a) => load(LoadSpec::raw_listen(a)?, publishers).await,
+        Command::Publish(a) => load(LoadSpec::publish(a)?, publishers).await,
         Command::Stuck(a) => load(LoadSpec::stuck(a)?, publishers).await,
         Command::Soak(a) => load(LoadSpec::soak(a)?, publishers).await,
         Command::AcceptStorm(a) => load(LoadSpec::accept_storm(a)?, publishers).await,
@@ -60,6 +61,7 @@ pub async fn run(command: Command, publishers: Handle) -> Result<Report, BenchEr
         Command::Broadcast(a) => broadcast::run(a, publishers).await,
         Command::Isolation(a) => crate::filtered::isolation(a, publishers).await,
         Command::Targeted(a) => crate::filtered::targeted(a, publishers).await,
+        Command::Chaos(a) => crate::chaos::run(a, publishers).await,
         Command::Targets(_) | Command::SendFloor(_) | Command::BroadcastWorker(_) => {
             Err(BenchError::Usage(
                 "targets, send-floor and broadcast-worker are not load modes".to_owned(),
@@ -228,7 +230,7 @@ impl LoadSpec {
         load.check()?;
         output.check()?;
         check_server_pid(server.as_ref().and_then(|s| s.server_pid))?;
-        let db = Db::new(db.db.as_deref(), db.channel.as_deref())?;
+        let db = Db::from_args(db)?;
         let (messages, duration) = match (load.messages, load.duration) {
             (None, None) => (Some(default_messages), None),
             other => other,
@@ -285,6 +287,19 @@ impl LoadSpec {
     }
 
     fn raw_listen(a: RawListenArgs) -> Result<LoadSpec, BenchError> {
+        if a.db.source != Source::Notify {
+            return Err(BenchError::Usage(
+                "raw-listen LISTENs for what the publishers NOTIFY: no --source table".to_owned(),
+            ));
+        }
+        let mut spec = LoadSpec::publish(a)?;
+        spec.mode = "raw-listen";
+        spec.raw_listen = true;
+        Ok(spec)
+    }
+
+    /// Publishers without clients: what they commit per second.
+    fn publish(a: RawListenArgs) -> Result<LoadSpec, BenchError> {
         let clients = ClientArgs {
             clients: 0,
             connect_concurrency: 1,
@@ -292,17 +307,7 @@ impl LoadSpec {
             format: Format::Legacy,
             recv_buffer: None,
         };
-        let mut spec = LoadSpec::new(
-            "raw-listen",
-            None,
-            clients,
-            &a.db,
-            a.load,
-            a.output,
-            100_000,
-        )?;
-        spec.raw_listen = true;
-        Ok(spec)
+        LoadSpec::new("publish", None, clients, &a.db, a.load, a.output, 100_000)
     }
 
     fn stuck(a: StuckArgs) -> Result<LoadSpec, BenchError> {
@@ -405,6 +410,7 @@ impl LoadSpec {
             connect_concurrency: self.clients.connect_concurrency,
             format: self.clients.format,
             recv_buffer: self.clients.recv_buffer,
+            source: self.db.source,
         }
     }
 }
@@ -737,6 +743,7 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
         rate: spec.load.rate,
         batch: spec.load.batch(),
         payload_size: spec.load.payload_size,
+        survive: false,
     };
     let flow = report.settings.window.map(|window| {
         let shared = shared.clone();
@@ -1137,6 +1144,32 @@ async fn idle(args: IdleArgs) -> Result<Report, BenchError> {
     }
     .record(&mut report, args.output.threads, None);
     Ok(report)
+}
+
+/// The generator's own readings and the machine's at the start of a measured period.
+pub(super) struct OwnStart {
+    own: procstat::ProcSample,
+    machine: procstat::MachineTicks,
+    wall: Instant,
+}
+
+impl OwnStart {
+    pub(super) fn now() -> OwnStart {
+        OwnStart {
+            own: procstat::own(),
+            machine: procstat::machine(),
+            wall: Instant::now(),
+        }
+    }
+
+    /// Ends the period now.
+    pub(super) fn end(self) -> OwnUse {
+        OwnUse {
+            own: (self.own, procstat::own()),
+            machine: (self.machine, procstat::machine()),
+            wall_s: self.wall.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 /// The generator's own readings and the machine's, before and after a measured period.

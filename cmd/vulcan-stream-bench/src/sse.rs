@@ -8,15 +8,13 @@
 //! line dispatches the event, and an event with no data is not dispatched. Every event's data
 //! is counted as the websocket clients count a frame, and its `id` checked as a position.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::clients::{ClientEnd, Dial, Tally, Target};
 
-/// The longest response head accepted before the events.
-const MAX_HEAD: usize = 16 * 1024;
 /// The longest line accepted: a payload is at most 8,000 bytes, its `data:` line a few more.
 const MAX_LINE: usize = 64 * 1024;
 /// Bytes read from the socket at a time.
@@ -164,28 +162,9 @@ impl SseStream {
                  Cache-Control: no-cache\r\n\r\n",
                 target.path, target.authority
             );
-            stream
-                .write_all(request.as_bytes())
-                .await
-                .map_err(|err| err.to_string())?;
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let head_end = loop {
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                if buf.len() > MAX_HEAD {
-                    return Err("response head too long".to_owned());
-                }
-                match stream.read(&mut chunk).await {
-                    Ok(0) => return Err("connection closed before the response head".to_owned()),
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    Err(err) => return Err(err.to_string()),
-                }
-            };
-            check_head(&String::from_utf8_lossy(&buf[..head_end]))?;
-            buf.drain(..head_end);
-            Ok(SseStream { stream, rest: buf })
+            let (head, rest) = Target::request_head(&mut stream, &request).await?;
+            check_head(&head)?;
+            Ok(SseStream { stream, rest })
         };
         timeout(crate::clients::CONNECT_TIMEOUT, attempt)
             .await

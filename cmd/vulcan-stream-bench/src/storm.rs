@@ -182,7 +182,7 @@ pub async fn reconnect(args: ReconnectStormArgs, pg: Handle) -> Result<Report, B
     scenario::check_server_pid(pid)?;
     let n = args.clients.clients;
     let storm_concurrency = args.storm_concurrency.unwrap_or(n).max(1);
-    let db = Db::new(args.db.db.as_deref(), args.db.channel.as_deref())?;
+    let db = Db::from_args(&args.db)?;
     let clock = Clock::new();
     let run: u32 = rand::random();
     let mut report = Report {
@@ -252,6 +252,7 @@ pub async fn reconnect(args: ReconnectStormArgs, pg: Handle) -> Result<Report, B
         rate: report.settings.rate,
         batch: 1,
         payload_size: args.payload_size,
+        survive: false,
     };
     let publishing = {
         let (db, counters) = (db.clone(), counters.clone());

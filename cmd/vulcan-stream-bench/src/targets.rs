@@ -8,7 +8,9 @@ use serde::Serialize;
 
 use crate::abuse::{BAD_UTF8, BIG_FRAME, CHURN, PING_FLOOD, SLOWLORIS};
 use crate::broadcast::Broadcast;
+use crate::chaos::Chaos;
 use crate::clients::Format;
+use crate::db::Source;
 use crate::error::BenchError;
 use crate::options::TargetsArgs;
 use crate::report::{HistoryFill, Report, fmt_int, fmt_us};
@@ -101,6 +103,10 @@ pub struct Reports {
     pub burst: Option<Report>,
     pub isolation: Option<Report>,
     pub targeted: Option<Report>,
+    /// The table scenario's runs, both sources, in the order run.
+    pub table_runs: Vec<Report>,
+    /// `chaos`, one per source.
+    pub chaos: Vec<Report>,
 }
 
 fn loss_text(r: &Report) -> Option<(String, bool)> {
@@ -294,7 +300,258 @@ pub fn evaluate(r: &Reports) -> Vec<Row> {
     for (target, threshold, judged) in filtered {
         rows.push(row(target, &threshold, judged));
     }
+    table_rows(r, &mut rows);
+    chaos_rows(r, &mut rows);
     rows
+}
+
+/// Target 19: the chaos run, table mode losing nothing and notify mode signalling every loss.
+fn chaos_rows(r: &Reports, rows: &mut Vec<Row>) {
+    let judged = |source: Source, text: fn(&Chaos) -> String, ok: fn(&Chaos) -> bool| {
+        let report = r
+            .chaos
+            .iter()
+            .find(|c| c.chaos.as_ref().is_some_and(|c| c.source == source))?;
+        let c = report.chaos.as_ref()?;
+        Some((
+            format!("{}; {}", text(c), c.interruptions()),
+            report.problems.is_empty() && ok(c),
+        ))
+    };
+    rows.push(row(
+        "19. chaos, table mode: lost, duplicated, out of order",
+        "0, 0, 0",
+        judged(
+            Source::Table,
+            |c| {
+                format!(
+                    "{}, {}, {} of {} committed × {} clients",
+                    fmt_int(c.counts.lost),
+                    fmt_int(c.counts.duplicated),
+                    fmt_int(c.counts.out_of_order),
+                    fmt_int(c.published),
+                    c.clients
+                )
+            },
+            |c| c.counts.is_clean(),
+        ),
+    ));
+    rows.push(row(
+        "19. chaos, notify mode: every loss signalled",
+        "all",
+        judged(
+            Source::Notify,
+            |c| {
+                format!(
+                    "{} lost, {} duplicated of {} committed × {} clients; {} of {} clients \
+                     whose stream broke told by a reset",
+                    fmt_int(c.counts.lost),
+                    fmt_int(c.counts.duplicated),
+                    fmt_int(c.published),
+                    c.clients,
+                    c.clients_with_loss_signalled,
+                    c.clients_with_loss
+                )
+            },
+            |c| c.clients_with_loss_signalled == c.clients_with_loss,
+        ),
+    ));
+}
+
+/// Table mode, 1,000 clients: messages per second from the first publish until every client
+/// has every message.
+pub const TABLE_MSGS_PER_S: f64 = 20_000.0;
+/// Table mode at 500 msg/s: p99 from publish to frame, in milliseconds.
+pub const TABLE_P99_MS: f64 = 20.0;
+/// Table mode's publishers must commit at least this many times as often as notify mode's.
+pub const TABLE_PUBLISH_RATIO: f64 = 1.0;
+
+/// The three shapes of the table scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// fanout as fast as the clients allow.
+    Max,
+    /// fanout at a fixed rate: latency.
+    Rate,
+    /// publishers only: commits per second.
+    Publish,
+}
+
+fn shape_of(r: &Report) -> Shape {
+    match (r.mode.as_str(), r.settings.rate) {
+        ("publish", _) => Shape::Publish,
+        (_, Some(_)) => Shape::Rate,
+        _ => Shape::Max,
+    }
+}
+
+/// `figure` of each run of `shape` published to `source`, in the order run.
+fn table_figures(
+    runs: &[Report],
+    shape: Shape,
+    source: Source,
+    figure: impl Fn(&Report) -> Option<f64>,
+) -> Vec<f64> {
+    runs.iter()
+        .filter(|r| shape_of(r) == shape && r.settings.source == source)
+        .filter_map(figure)
+        .collect()
+}
+
+/// Messages per second end to end: published messages over the time from the first send to
+/// the last client's last frame.
+fn end_to_end_rate(r: &Report) -> Option<f64> {
+    let d = r.delivery.as_ref()?;
+    (d.elapsed_s > 0.0).then(|| d.published as f64 / d.elapsed_s)
+}
+
+/// Commits per second: statements (each its own transaction) over the publishing time.
+fn commit_rate(r: &Report) -> Option<f64> {
+    let p = r.published.as_ref()?;
+    let span_ns = p.last_commit_ns.checked_sub(p.first_send_ns)?;
+    (span_ns > 0).then(|| p.statements as f64 * 1e9 / span_ns as f64)
+}
+
+fn p99_ms(r: &Report) -> Option<f64> {
+    Some(r.latency.as_ref()?.p99_us / 1e3)
+}
+
+/// Every run of the scenario delivered everything to every client, in order, none closed.
+fn table_runs_clean(runs: &[Report]) -> bool {
+    runs.iter().all(|r| {
+        r.problems.is_empty()
+            && r.delivery.as_ref().is_none_or(|d| {
+                d.counts.is_clean()
+                    && d.clients_closed == 0
+                    && !d.drain_timed_out
+                    && d.clients_complete == r.settings.clients
+            })
+    })
+}
+
+fn list(values: &[f64], decimals: usize) -> String {
+    values
+        .iter()
+        .map(|v| {
+            if decimals == 0 {
+                fmt_int(v.round() as u64)
+            } else {
+                format!("{v:.decimals$}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Targets 16 to 18: table mode against notify mode, measured in the same run.
+fn table_rows(r: &Reports, rows: &mut Vec<Row>) {
+    let runs = &r.table_runs;
+    let clean = table_runs_clean(runs);
+    let loss = if clean {
+        ""
+    } else {
+        "; LOSS OR PROBLEMS in a run"
+    };
+    let both = |shape: Shape, figure: fn(&Report) -> Option<f64>| {
+        (
+            table_figures(runs, shape, Source::Table, figure),
+            table_figures(runs, shape, Source::Notify, figure),
+        )
+    };
+    // One row per number of clients: 1,000 is the target; a single client shows what the
+    // table pipeline carries without the fan-out.
+    let mut client_counts: Vec<usize> = runs
+        .iter()
+        .filter(|r| shape_of(r) == Shape::Max)
+        .map(|r| r.settings.clients)
+        .collect();
+    client_counts.sort_unstable_by(|a, b| b.cmp(a));
+    client_counts.dedup();
+    if client_counts.is_empty() {
+        client_counts.push(1000);
+    }
+    for clients in client_counts {
+        let of = |source: Source| {
+            let same: Vec<Report> = runs
+                .iter()
+                .filter(|r| r.settings.clients == clients)
+                .cloned()
+                .collect();
+            table_figures(&same, Shape::Max, source, end_to_end_rate)
+        };
+        let (table, notify) = (of(Source::Table), of(Source::Notify));
+        rows.push(row(
+            &format!(
+                "16. table mode, {} client(s), max rate: messages/s end to end",
+                fmt_int(clients as u64)
+            ),
+            &format!("≥ {}", fmt_int(TABLE_MSGS_PER_S as u64)),
+            (!table.is_empty()).then(|| {
+                let v = mean(&table);
+                (
+                    format!(
+                        "{} (runs {}; notify mode {}){loss}",
+                        fmt_int(v.round() as u64),
+                        list(&table, 0),
+                        if notify.is_empty() {
+                            "not run".to_owned()
+                        } else {
+                            list(&notify, 0)
+                        }
+                    ),
+                    v >= TABLE_MSGS_PER_S && clean,
+                )
+            }),
+        ));
+    }
+    let rate = runs
+        .iter()
+        .find(|r| shape_of(r) == Shape::Rate)
+        .and_then(|r| r.settings.rate)
+        .unwrap_or(500.0);
+    let (table, notify) = both(Shape::Rate, p99_ms);
+    rows.push(row(
+        &format!("17. table mode at {rate} msg/s: p99 publish → frame"),
+        &format!("≤ {TABLE_P99_MS:.0} ms"),
+        (!table.is_empty()).then(|| {
+            let worst = table.iter().copied().fold(0.0, f64::max);
+            (
+                format!(
+                    "{worst:.2} ms, the worst of {} runs ({} ms; notify mode {} ms){loss}",
+                    table.len(),
+                    list(&table, 2),
+                    if notify.is_empty() {
+                        "not run".to_owned()
+                    } else {
+                        list(&notify, 2)
+                    }
+                ),
+                worst <= TABLE_P99_MS && clean,
+            )
+        }),
+    ));
+    let publishers = runs
+        .iter()
+        .find(|r| shape_of(r) == Shape::Publish)
+        .map_or(8, |r| r.settings.publishers);
+    let (table, notify) = both(Shape::Publish, commit_rate);
+    rows.push(row(
+        &format!("18. {publishers} publishers: table mode's commits/s vs notify mode's"),
+        &format!("≥ {TABLE_PUBLISH_RATIO:.1}×"),
+        (!table.is_empty() && !notify.is_empty()).then(|| {
+            let ratio = mean(&table) / mean(&notify);
+            (
+                format!(
+                    "{ratio:.2}× (table {} vs notify {} commits/s, means of {} and {} runs)",
+                    list(&table, 0),
+                    list(&notify, 0),
+                    table.len(),
+                    notify.len()
+                ),
+                ratio >= TABLE_PUBLISH_RATIO && clean,
+            )
+        }),
+    ));
 }
 
 /// v1 and SSE clients may cost the server at most this many times what legacy ones do.
@@ -827,6 +1084,16 @@ pub fn run(args: &TargetsArgs) -> Result<(String, bool), BenchError> {
         burst: read(&args.burst)?,
         isolation: read(&args.isolation)?,
         targeted: read(&args.targeted)?,
+        chaos: args
+            .chaos
+            .iter()
+            .map(|path| read_report(path))
+            .collect::<Result<_, _>>()?,
+        table_runs: args
+            .table_runs
+            .iter()
+            .map(|path| read_report(path))
+            .collect::<Result<_, _>>()?,
     };
     let rows = evaluate(&reports);
     let all_passed = rows.iter().all(|r| r.verdict != Verdict::Fail);
@@ -1017,6 +1284,82 @@ mod tests {
         assert_eq!(find(&rows, "15. the burst").verdict, Verdict::Pass);
         assert_eq!(
             find(&rows, "13. resume storm, 1,000").verdict,
+            Verdict::NotRun
+        );
+    }
+
+    #[test]
+    fn table_mode_is_judged_against_notify_mode_in_the_same_run() {
+        use crate::publisher::Published;
+        let publish = |source: Source, commits: u64| Report {
+            mode: "publish".to_owned(),
+            settings: Settings {
+                publishers: 8,
+                source,
+                ..Settings::default()
+            },
+            published: Some(Published {
+                statements: commits,
+                first_send_ns: 0,
+                last_commit_ns: 1_000_000_000,
+                ..Published::default()
+            }),
+            ..Report::default()
+        };
+        let fanout = |source: Source, clients: usize, published: u64, elapsed_s: f64| Report {
+            mode: "fanout".to_owned(),
+            settings: Settings {
+                clients,
+                source,
+                ..Settings::default()
+            },
+            delivery: Some(Delivery {
+                published,
+                expected: published * clients as u64,
+                counts: Counts {
+                    delivered: published * clients as u64,
+                    ..Counts::default()
+                },
+                clients_complete: clients,
+                elapsed_s,
+                ..Delivery::default()
+            }),
+            ..Report::default()
+        };
+        let rows = evaluate(&Reports {
+            table_runs: vec![
+                publish(Source::Notify, 8000),
+                publish(Source::Table, 6000),
+                publish(Source::Notify, 6000),
+                publish(Source::Table, 8000),
+                fanout(Source::Notify, 1000, 20_000, 4.0),
+                fanout(Source::Table, 1000, 20_000, 5.0),
+                fanout(Source::Table, 1, 100_000, 2.0),
+            ],
+            ..Reports::default()
+        });
+        let commits = find(&rows, "18. 8 publishers");
+        assert_eq!(commits.verdict, Verdict::Pass, "{}", commits.measured);
+        assert!(
+            commits.measured.starts_with("1.00× "),
+            "{}",
+            commits.measured
+        );
+        let many = find(&rows, "16. table mode, 1,000 client(s)");
+        assert_eq!(many.verdict, Verdict::Fail);
+        assert!(
+            many.measured
+                .starts_with("4,000 (runs 4,000; notify mode 5,000)"),
+            "{}",
+            many.measured
+        );
+        assert_eq!(
+            find(&rows, "16. table mode, 1 client(s)").verdict,
+            Verdict::Pass
+        );
+        assert_eq!(find(&rows, "17. table mode").verdict, Verdict::NotRun);
+        assert_eq!(
+            find(&rows, "19. chaos, table mode").verdict,
             Verdict::NotRun
         );
     }
