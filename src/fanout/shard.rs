@@ -198,6 +198,9 @@ struct Worker {
     capacity: usize,
 }
 
+/// Frames a filtered member's pending list keeps room for between passes.
+const KEPT_PENDING: usize = 16;
+
 /// A member as the shard's thread lists it: id, client, and the first batch it gets.
 type Entry = (u64, Arc<Client>, u64);
 
@@ -418,10 +421,18 @@ impl Worker {
                 });
             }
         }
+        // A member's list is emptied, not dropped, so that a pass of a few messages allocates
+        // nothing per member (a broadcast touches every one); a list grown by a burst (at most
+        // the read-ahead, `ClientQueue` frames) is freed, so no member keeps its peak.
         for at in std::mem::take(&mut channel.touched) {
             let (id, client, _) = &channel.filtered[at];
-            let frames = std::mem::take(&mut channel.pending[at]);
-            sent_by_format[client.format.index()] += self.deliver(*id, client, &frames, leaving);
+            let frames = &mut channel.pending[at];
+            sent_by_format[client.format.index()] += self.deliver(*id, client, frames, leaving);
+            if frames.capacity() > KEPT_PENDING {
+                *frames = Vec::new();
+            } else {
+                frames.clear();
+            }
         }
     }
 
