@@ -10,9 +10,7 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
-use vulcan_stream::message::{
-    self, ChannelId, Epoch, Field, Filter, Format, Outgoing, websocket,
-};
+use vulcan_stream::message::{self, ChannelId, Epoch, Field, Filter, Format, Outgoing, websocket};
 
 /// The payload of one unmasked, final server text frame.
 fn text_payload(frame: &[u8]) -> &[u8] {

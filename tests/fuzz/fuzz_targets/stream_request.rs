@@ -8,8 +8,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vulcan_stream::transport::head::{Head, classify};
 use vulcan_stream::message::Field;
+use vulcan_stream::transport::head::{Head, classify};
 use vulcan_stream::transport::{selection, start};
 
 fuzz_target!(|bytes: &[u8]| {
@@ -34,7 +34,10 @@ fuzz_target!(|bytes: &[u8]| {
         for (name, value) in form_urlencoded::parse(request.query.as_bytes()) {
             if let Some(field) = Field::named(&name) {
                 let values = lenient.filter.values(field).expect("a named field is kept");
-                assert!(values.iter().any(|v| **v == *value), "{field}={value:?} kept");
+                assert!(
+                    values.iter().any(|v| **v == *value),
+                    "{field}={value:?} kept"
+                );
             }
         }
     }
