@@ -149,7 +149,9 @@ impl Filter {
 }
 
 impl fmt::Display for Filter {
-    /// As query parameters: `agent_id=a&agent_id=b&action=abort` (for logs and `/clients`).
+    /// As query parameters: `agent_id=a&agent_id=b&action=abort` (for logs and `/clients`),
+    /// values form-encoded as a query string would carry them, so that a value holding `&` or
+    /// `=` reads back unambiguously.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut first = true;
         for field in Field::ALL {
@@ -158,7 +160,11 @@ impl fmt::Display for Filter {
                     f.write_str("&")?;
                 }
                 first = false;
-                write!(f, "{field}={value}")?;
+                f.write_str(field.as_str())?;
+                f.write_str("=")?;
+                for part in form_urlencoded::byte_serialize(value.as_bytes()) {
+                    f.write_str(part)?;
+                }
             }
         }
         Ok(())
@@ -211,6 +217,10 @@ mod tests {
             Some((Field::AgentId, 2))
         );
         assert_eq!(f.to_string(), "agent_id=A&agent_id=B&action=abort");
+        assert_eq!(
+            filter(&[(Field::ScanId, "a b&c=d/é")]).to_string(),
+            "scan_id=a+b%26c%3Dd%2F%C3%A9"
+        );
         assert_eq!(
             filter(&[(Field::Action, "x")])
                 .key()
