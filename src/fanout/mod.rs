@@ -25,8 +25,12 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 pub use client::{Client, ClientControl, ClientInfo, CloseReason, Subscription};
 pub use outbox::{ClientOut, Delivery};
-pub use shard::Batch;
+pub use shard::{Batch, Slice};
 use shard::{Room, Shards};
+
+/// About how often the heartbeat sends a slice of it ([`Hub::heartbeat_slices`]): often enough
+/// that a slice is a few dozen clients, seldom enough that an idle server hardly wakes.
+const HEARTBEAT_TICK: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The set of connected clients.
 pub struct Hub {
@@ -147,27 +151,54 @@ impl Hub {
     /// Waits for room to queue `len` items in every shard. The room goes back if the caller
     /// gives up before [`Hub::enqueue`].
     pub async fn reserve(&self, len: usize) -> Rooms<'_> {
-        let mut rooms = Vec::with_capacity(self.shards.shards().len());
-        for shard in self.shards.shards() {
-            rooms.push(shard.reserve(len).await);
-        }
-        Rooms(rooms)
+        self.reserve_for(len, None).await
     }
 
-    /// Queues a batch for every shard with the room reserved for it. It never waits, so the
-    /// caller may hold a lock that orders batches against registrations.
+    /// Waits for room to queue `len` items for the clients of `only` (all when `None`): in
+    /// every shard that may hold one of them.
+    pub async fn reserve_for(&self, len: usize, only: Option<Slice>) -> Rooms<'_> {
+        let shards = self.shards.shards();
+        let mut rooms = Vec::with_capacity(shards.len());
+        for (index, shard) in shards.iter().enumerate() {
+            let holds = only.is_none_or(|slice| self.shards.may_hold(index, slice));
+            rooms.push(match holds {
+                true => Some(shard.reserve(len).await),
+                false => None,
+            });
+        }
+        Rooms { rooms, only }
+    }
+
+    /// Queues a batch, with the room reserved for it, for the shards that hold a client it may
+    /// be for. It never waits, so the caller may hold a lock that orders batches against
+    /// registrations.
     pub fn enqueue(&self, batch: Batch, rooms: Rooms<'_>) {
         if batch.is_empty() {
             return;
         }
-        for (shard, room) in self.shards.shards().iter().zip(rooms.0) {
-            shard.enqueue(batch.clone(), room);
+        for (shard, room) in self.shards.shards().iter().zip(rooms.rooms) {
+            if let Some(room) = room {
+                shard.enqueue(batch.clone(), room, rooms.only);
+            }
         }
+    }
+
+    /// How many slices the heartbeat of `interval` is sent in, one after another
+    /// ([`Slice`]): one about every [`HEARTBEAT_TICK`], and a multiple of the shard count, so
+    /// that each slice's clients are all in one shard and a slice wakes one thread.
+    pub fn heartbeat_slices(&self, interval: std::time::Duration) -> u64 {
+        let shards = self.shards.shards().len() as u64;
+        let per_shard = interval.as_nanos() / (HEARTBEAT_TICK.as_nanos() * u128::from(shards));
+        u64::try_from(per_shard).unwrap_or(u64::MAX).clamp(1, 1024) * shards
     }
 }
 
-/// Room reserved in every shard: see [`Hub::reserve`].
-pub struct Rooms<'a>(Vec<Room<'a>>);
+/// Room reserved in the shards a batch is for: see [`Hub::reserve_for`].
+pub struct Rooms<'a> {
+    /// Per shard; `None` for a shard that holds none of the clients of `only`.
+    rooms: Vec<Option<Room<'a>>>,
+    only: Option<Slice>,
+}
 
 #[cfg(test)]
 mod tests {
@@ -286,6 +317,24 @@ mod tests {
         assert!(futures::poll!(publish.as_mut()).is_pending());
         drop(held);
         publish.await;
+    }
+
+    /// Each slice lies in one shard, and the slices come about every 20 ms, at least one per
+    /// shard however short the interval.
+    #[test]
+    fn heartbeat_slices_are_a_multiple_of_the_shards() {
+        let hub = hub(4);
+        let slices = hub.heartbeat_slices(std::time::Duration::from_secs(5));
+        assert_eq!(slices, 249);
+        assert_eq!(
+            hub.heartbeat_slices(std::time::Duration::from_millis(10)),
+            3
+        );
+        for index in 0..slices {
+            let slice = Slice::new(index, slices);
+            let holding = (0..3).filter(|s| hub.shards.may_hold(*s, slice)).count();
+            assert_eq!(holding, 1);
+        }
     }
 
     #[tokio::test]

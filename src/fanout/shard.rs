@@ -39,6 +39,130 @@ struct Queued {
     /// The batch's place in the shard's order: a client gets only batches queued after it
     /// joined.
     seq: u64,
+    /// For a batch addressed to part of the clients only (a slice of the heartbeat): which.
+    only: Option<Slice>,
+}
+
+/// Part of the clients, by id: those whose id leaves `index` when divided by `count`.
+///
+/// Why: the heartbeat goes to every client once per interval. Sent to all at once it is a pass
+/// of thousands of writes (hundreds of milliseconds with ten thousand clients on two cores), and
+/// every message queued behind it waits that long. Sent one slice at a time, spread over the
+/// interval, it is many passes of a few dozen writes, and a message waits at most for one. A
+/// client's slice never changes, so it still gets exactly one heartbeat per interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slice {
+    index: u64,
+    count: u64,
+}
+
+impl Slice {
+    /// Slice `index` of `count` (at least one); `index` is taken modulo `count`.
+    pub fn new(index: u64, count: u64) -> Slice {
+        let count = count.max(1);
+        Slice {
+            index: index % count,
+            count,
+        }
+    }
+
+    pub fn count(self) -> u64 {
+        self.count
+    }
+
+    pub fn contains(self, id: u64) -> bool {
+        id % self.count == self.index
+    }
+}
+
+/// What a shard's members want, counted as they join and leave, so that a batch for none of
+/// them is not queued and does not wake the shard's thread: a message for one agent among
+/// thousands wakes only the thread that holds that agent's client. It answers "maybe" as the
+/// thread's index does ([`FilterIndex::for_each_candidate`]): the filter itself decides later.
+#[derive(Default)]
+struct Interest {
+    channels: Vec<ChannelInterest>,
+}
+
+#[derive(Default)]
+struct ChannelInterest {
+    everything: usize,
+    filtered: usize,
+    /// Filtered members by the first field their filter names, as the thread indexes them.
+    keyed: [KeyInterest; 4],
+}
+
+#[derive(Default)]
+struct KeyInterest {
+    all: usize,
+    by_value: HashMap<Box<str>, usize>,
+}
+
+impl Interest {
+    fn add(&mut self, client: &Client) {
+        let index = client.channel.index();
+        if self.channels.len() <= index {
+            self.channels
+                .resize_with(index + 1, ChannelInterest::default);
+        }
+        let channel = &mut self.channels[index];
+        match client.filter.as_ref().and_then(Filter::key) {
+            None => channel.everything += 1,
+            Some((field, values)) => {
+                channel.filtered += 1;
+                let key = &mut channel.keyed[field.index()];
+                key.all += 1;
+                for value in values {
+                    *key.by_value.entry(value.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, client: &Client) {
+        let Some(channel) = self.channels.get_mut(client.channel.index()) else {
+            return;
+        };
+        match client.filter.as_ref().and_then(Filter::key) {
+            None => channel.everything -= 1,
+            Some((field, values)) => {
+                channel.filtered -= 1;
+                let key = &mut channel.keyed[field.index()];
+                key.all -= 1;
+                for value in values {
+                    if let Some(count) = key.by_value.get_mut(&**value) {
+                        *count -= 1;
+                        if *count == 0 {
+                            key.by_value.remove(&**value);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `item` may be for one of the members.
+    fn wants(&self, item: &Outgoing) -> bool {
+        let Some(channel) = self.channels.get(item.channel().index()) else {
+            return false;
+        };
+        if channel.everything > 0 {
+            return true;
+        }
+        if channel.filtered == 0 {
+            return false;
+        }
+        let Some(fields) = item.fields() else {
+            return true;
+        };
+        Field::ALL.iter().any(|field| {
+            let key = &channel.keyed[field.index()];
+            match fields.get(*field) {
+                Some(value) => key.by_value.contains_key(value),
+                None => key.all > 0,
+            }
+        })
+    }
 }
 
 /// A member of a shard: the client, and the first batch it is to receive.
@@ -53,6 +177,7 @@ struct Member {
 struct ShardState {
     queue: Vec<Queued>,
     members: HashMap<u64, Member>,
+    interest: Interest,
     /// Batches queued so far: the `seq` of the next one.
     queued: u64,
     /// Bumped on every membership change, so that the thread rebuilds its list only then.
@@ -80,7 +205,10 @@ impl Shard {
     pub fn join(&self, id: u64, client: Arc<Client>) {
         let mut state = self.lock();
         let first_seq = state.queued;
-        state.members.insert(id, Member { client, first_seq });
+        state.interest.add(&client);
+        if let Some(replaced) = state.members.insert(id, Member { client, first_seq }) {
+            state.interest.remove(&replaced.client);
+        }
         state.generation += 1;
     }
 
@@ -98,7 +226,8 @@ impl Shard {
     /// Removes a client (gone, or kicked); nothing more is written to it.
     pub fn leave(&self, id: u64) {
         let mut state = self.lock();
-        if state.members.remove(&id).is_some() {
+        if let Some(member) = state.members.remove(&id) {
+            state.interest.remove(&member.client);
             state.generation += 1;
         }
     }
@@ -115,17 +244,27 @@ impl Shard {
     }
 
     /// Queues a batch for this shard's thread, with the room reserved for it, which the thread
-    /// hands back once the batch is written.
-    pub fn enqueue(&self, frames: Batch, room: Room<'_>) {
+    /// hands back once the batch is written; for the members of `only`, when given. A batch
+    /// for none of the members is dropped here, its room given back at once.
+    pub fn enqueue(&self, frames: Batch, room: Room<'_>, only: Option<Slice>) {
+        let mut state = self.lock();
+        // Under the lock that joins take too: a member that joined before this batch counts.
+        if !frames.iter().any(|item| state.interest.wants(item)) {
+            return;
+        }
         let room = room.0.map_or(0, |permit| {
             let count = permit.num_permits();
             permit.forget();
             count
         });
-        let mut state = self.lock();
         let seq = state.queued;
         state.queued += 1;
-        state.queue.push(Queued { frames, room, seq });
+        state.queue.push(Queued {
+            frames,
+            room,
+            seq,
+            only,
+        });
         drop(state);
         self.wake.notify_one();
     }
@@ -176,6 +315,13 @@ impl Shards {
     /// The shard a client belongs to.
     pub fn shard_of(&self, id: u64) -> &Arc<Shard> {
         &self.shards[(id % self.shards.len() as u64) as usize]
+    }
+
+    /// Whether shard `index` may hold a client of `slice`: when the slices are a multiple of
+    /// the shards, each slice's clients are all in one shard.
+    pub fn may_hold(&self, index: usize, slice: Slice) -> bool {
+        let shards = self.shards.len() as u64;
+        slice.count() % shards != 0 || slice.index % shards == index as u64
     }
 }
 
@@ -313,7 +459,12 @@ impl Worker {
                 std::mem::take(&mut state.queue)
             };
             let room: usize = queued.iter().map(|q| q.room).sum();
-            let outcome = catch_unwind(AssertUnwindSafe(|| self.pass(&mut view, &queued)));
+            // Batches for a slice of the members go in passes of their own.
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                for part in queued.chunk_by(|a, b| a.only == b.only) {
+                    self.pass(&mut view, part);
+                }
+            }));
             if outcome.is_err() {
                 log::error!("fan-out pass panicked; its frames may be lost for some clients");
                 // Its pending frames must not reach a client after later ones.
@@ -325,8 +476,11 @@ impl Worker {
     }
 
     /// Writes the queued batches, in order, to every member they are for, in its format, each
-    /// from the first batch queued after it joined.
+    /// from the first batch queued after it joined. The batches are all for the same members
+    /// (`only`).
     fn pass(&self, view: &mut View, queued: &[Queued]) {
+        let only = queued.first().and_then(|q| q.only);
+        let outside = |id: u64| only.is_some_and(|slice| !slice.contains(id));
         let mut sent = 0u64;
         let mut leaving = Vec::new();
         let mut on = Vec::new();
@@ -342,6 +496,9 @@ impl Worker {
             let mut by_format: [Option<FormatFrames>; 3] = Default::default();
             let mut sent_by_format = [0u64; 3];
             for (id, client, joined) in &channel.everything {
+                if outside(*id) {
+                    continue;
+                }
                 let frames = by_format[client.format.index()]
                     .get_or_insert_with(|| FormatFrames::new(queued, channel_id, client.format))
                     .queued_since(queued, *joined);
@@ -352,6 +509,7 @@ impl Worker {
                 channel,
                 channel_id,
                 queued,
+                &outside,
                 &mut sent_by_format,
                 &mut leaving,
             );
@@ -396,6 +554,7 @@ impl Worker {
         channel: &mut ChannelView,
         channel_id: ChannelId,
         queued: &[Queued],
+        outside: &dyn Fn(u64) -> bool,
         sent_by_format: &mut [u64; 3],
         leaving: &mut Vec<u64>,
     ) {
@@ -406,8 +565,8 @@ impl Worker {
             for item in q.frames.iter().filter(|item| item.channel() == channel_id) {
                 let members = channel.filtered.len();
                 channel.index.for_each_candidate(item, members, |at| {
-                    let (_, client, joined) = &channel.filtered[at];
-                    if q.seq < *joined || !item.is_for(client.filter.as_ref()) {
+                    let (id, client, joined) = &channel.filtered[at];
+                    if q.seq < *joined || outside(*id) || !item.is_for(client.filter.as_ref()) {
                         return;
                     }
                     let Some(frame) = item.frame(client.format) else {
@@ -553,12 +712,12 @@ mod tests {
         let (old, new) = (message(1, r#"{"n":1}"#), message(2, r#"{"n":2}"#));
         let (early_socket, mut early_peer) = socket_pair().await;
         shard.join(1, client(early_socket, Format::Legacy));
-        shard.enqueue(Arc::from(vec![old.clone()]), shard.reserve(1).await);
+        shard.enqueue(Arc::from(vec![old.clone()]), shard.reserve(1).await, None);
         let (late_socket, mut late_peer) = socket_pair().await;
         shard.join(2, client(late_socket, Format::Legacy));
         let (v1_socket, mut v1_peer) = socket_pair().await;
         shard.join(3, client(v1_socket, Format::V1));
-        shard.enqueue(Arc::from(vec![new.clone()]), shard.reserve(1).await);
+        shard.enqueue(Arc::from(vec![new.clone()]), shard.reserve(1).await, None);
 
         let (queued, mut view) = {
             let mut state = shard.lock();
@@ -591,6 +750,120 @@ mod tests {
         assert_eq!(counts, [1, 1, 2]);
         // One delay per message in the pass: both went to clients of the default channel.
         assert_eq!(worker.metrics.fanout_delay_count(), 2);
+    }
+
+    fn member(channel: ChannelId, filter: Option<Filter>) -> Arc<Client> {
+        Arc::new(Client::new(
+            ClientOut::new(16),
+            ClientControl::new(CancellationToken::new()),
+            Subscription {
+                channel,
+                format: Format::Legacy,
+                filter,
+            },
+        ))
+    }
+
+    fn targeted(agent: &str) -> Arc<Outgoing> {
+        let payload = format!(r#"{{"agent_id":"{agent}"}}"#);
+        let fields = crate::message::check(&payload).expect("valid");
+        let position = "1-1".parse().expect("position");
+        Arc::new(Outgoing::accepted(
+            ChannelId::DEFAULT,
+            position,
+            &payload,
+            fields,
+        ))
+    }
+
+    /// A batch for none of a shard's members is not queued, and its room is back at once; one
+    /// that may be for a member is, until that member leaves.
+    #[tokio::test]
+    async fn a_batch_for_none_of_the_members_is_not_queued() {
+        let (shard, _worker) = shard_with_worker(4);
+        let queued = |shard: &Shard| shard.lock().queue.len();
+        let agent_a = Some(filter(&[(Field::AgentId, "A")]));
+        shard.join(1, member(ChannelId::DEFAULT, agent_a.clone()));
+        shard.join(2, member(ChannelId(1), None));
+        shard.enqueue(Arc::from(vec![targeted("B")]), shard.reserve(4).await, None);
+        assert_eq!(queued(&shard), 0);
+        assert_eq!(shard.room.available_permits(), 4);
+        shard.enqueue(Arc::from(vec![targeted("A")]), shard.reserve(1).await, None);
+        assert_eq!(queued(&shard), 1);
+        // An event reaches every filter; another channel's unfiltered member wants it all.
+        let ping = |channel| Arc::new(Outgoing::ping(channel, "1-1".parse().expect("position")));
+        shard.enqueue(
+            Arc::from(vec![ping(ChannelId::DEFAULT)]),
+            shard.reserve(1).await,
+            None,
+        );
+        shard.enqueue(
+            Arc::from(vec![ping(ChannelId(1))]),
+            shard.reserve(1).await,
+            None,
+        );
+        assert_eq!(queued(&shard), 3);
+        shard.leave(1);
+        shard.enqueue(Arc::from(vec![targeted("A")]), shard.reserve(1).await, None);
+        shard.enqueue(
+            Arc::from(vec![ping(ChannelId::DEFAULT)]),
+            shard.reserve(1).await,
+            None,
+        );
+        assert_eq!(queued(&shard), 3);
+        // A second member with the same value keeps it wanted until both have left.
+        shard.join(3, member(ChannelId::DEFAULT, agent_a.clone()));
+        shard.join(4, member(ChannelId::DEFAULT, agent_a));
+        shard.leave(3);
+        shard.enqueue(Arc::from(vec![targeted("A")]), shard.reserve(1).await, None);
+        assert_eq!(queued(&shard), 4);
+    }
+
+    /// A batch for a slice reaches only the members of that slice, filtered or not, and a
+    /// pass of it is apart from the batches for everyone around it.
+    #[tokio::test]
+    async fn a_slice_reaches_only_its_members() {
+        let (shard, worker) = shard_with_worker(16);
+        let mut peers = Vec::new();
+        for id in 0..4u64 {
+            let filter = (id >= 2).then(|| filter(&[(Field::AgentId, "A")]));
+            let client = member(ChannelId::DEFAULT, filter);
+            let (socket, peer) = socket_pair().await;
+            client.out.attach(socket);
+            shard.join(id, client);
+            peers.push(peer);
+        }
+        let ping = Arc::new(Outgoing::ping(
+            ChannelId::DEFAULT,
+            "1-1".parse().expect("position"),
+        ));
+        let before = targeted("A");
+        let after = message(2, r#"{"n":2}"#);
+        shard.enqueue(
+            Arc::from(vec![before.clone()]),
+            shard.reserve(1).await,
+            None,
+        );
+        let odd = Some(Slice::new(1, 2));
+        shard.enqueue(Arc::from(vec![ping.clone()]), shard.reserve(1).await, odd);
+        shard.enqueue(Arc::from(vec![after.clone()]), shard.reserve(1).await, None);
+        let queued = std::mem::take(&mut shard.lock().queue);
+        let mut view = View::build(&shard.lock().members);
+        for part in queued.chunk_by(|a, b| a.only == b.only) {
+            worker.pass(&mut view, part);
+        }
+        for (id, peer) in peers.iter_mut().enumerate() {
+            let got: Vec<&Arc<Outgoing>> = [&before, &ping, &after]
+                .into_iter()
+                .filter(|item| !Arc::ptr_eq(item, &ping) || id % 2 == 1)
+                .collect();
+            let expected = legacy(&got);
+            let mut read = vec![0u8; expected.len()];
+            peer.read_exact(&mut read).await.expect("frames");
+            assert_eq!(read, expected, "member {id}");
+        }
+        assert!(Slice::new(5, 2).contains(3));
+        assert!(!Slice::new(0, 3).contains(4));
     }
 
     fn filter(pairs: &[(Field, &str)]) -> Filter {
@@ -656,7 +929,7 @@ mod tests {
             on(other, 2, r#"{"agent_id":"B"}"#),
         ];
         for item in &items {
-            shard.enqueue(Arc::from(vec![item.clone()]), shard.reserve(1).await);
+            shard.enqueue(Arc::from(vec![item.clone()]), shard.reserve(1).await, None);
         }
         let (queued, mut view) = {
             let mut state = shard.lock();
@@ -685,7 +958,7 @@ mod tests {
         // Nothing more was written to anyone: a ping now is each one's next frame.
         let ping = |channel| Arc::new(Outgoing::ping(channel, "1-9".parse().expect("position")));
         let pings = [ping(ChannelId::DEFAULT), ping(other)];
-        shard.enqueue(Arc::from(pings.to_vec()), shard.reserve(2).await);
+        shard.enqueue(Arc::from(pings.to_vec()), shard.reserve(2).await, None);
         let queued = std::mem::take(&mut shard.lock().queue);
         worker.pass(&mut view, &queued);
         for (peer, (channel, _)) in peers.iter_mut().zip(&subscriptions) {

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fanout::{Batch, Hub, Registration, Subscription};
+use crate::fanout::{Batch, Hub, Registration, Slice, Subscription};
 use crate::message::{self, ChannelId, Epoch, Outgoing, Position, ResetReason};
 use crate::metrics::Metrics;
 pub use durable::{Archive, ArchivedRow, Page, Unavailable};
@@ -411,24 +411,29 @@ impl Stream {
     }
 
     /// Sends the heartbeat every `interval` until `shutdown`: `{"action":"ping"}` to legacy
-    /// clients, the head position to the others.
+    /// clients, the head position to the others. It goes out in slices ([`Slice`]), one after
+    /// another over the interval, each client always in the same slice: every client gets one
+    /// heartbeat per interval, and no pass over all of them holds up the messages.
     pub async fn run_heartbeat(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
-        let start = Instant::now() + interval;
-        let mut ticker = tokio::time::interval_at(start, interval);
+        let slices = self.hub.heartbeat_slices(interval);
+        let tick = interval / u32::try_from(slices).unwrap_or(u32::MAX);
+        let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = 0;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {
+                    let slice = Slice::new(next, slices);
+                    next = (next + 1) % slices;
                     let rooms = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        rooms = self.hub.reserve(self.channels.len()) => rooms,
+                        rooms = self.hub.reserve_for(self.channels.len(), Some(slice)) => rooms,
                     };
                     let log = self.lock();
                     let pings = self.every_channel(|c| Outgoing::ping(c, log.at(c).head));
                     self.hub.enqueue(pings, rooms);
                     drop(log);
-                    log::debug!("ping sent to {} clients", self.hub.client_count());
                 }
             }
         }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::Db;
 use crate::error::BenchError;
 use crate::payload::{self, Clock, Parsed};
+use crate::procstat;
 use crate::stats::{Arrival, SeqState, new_histogram};
 
 /// A running listener; [`RawListener::finish`] stops it and returns what it saw.
@@ -32,6 +33,9 @@ pub struct RawResult {
     pub latency: Histogram<u64>,
     pub last_new_ns: u64,
     pub error: Option<String>,
+    /// The listener thread's own CPU time from LISTEN to the end, in seconds: what a bare
+    /// LISTEN connection costs a process on this machine, apart from the publishers beside it.
+    pub cpu_s: Option<f64>,
 }
 
 impl RawResult {
@@ -41,6 +45,7 @@ impl RawResult {
             latency: new_histogram(),
             last_new_ns: 0,
             error: Some(error),
+            cpu_s: None,
         }
     }
 }
@@ -152,11 +157,13 @@ impl Listener {
         // Notifications arrive only through poll_message: the connection is driven here
         // rather than awaited.
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let cpu_before = procstat::own_thread_cpu_s();
         let mut result = RawResult {
             states: vec![SeqState::default(); self.publishers],
             latency: new_histogram(),
             last_new_ns: 0,
             error: None,
+            cpu_s: None,
         };
         let mut unique = 0;
         let stopped = self.stop.cancelled();
@@ -197,6 +204,9 @@ impl Listener {
                 }
             }
         }
+        result.cpu_s = cpu_before
+            .zip(procstat::own_thread_cpu_s())
+            .map(|(before, after)| after - before);
         result
     }
 }

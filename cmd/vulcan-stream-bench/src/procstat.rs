@@ -49,6 +49,13 @@ pub fn own() -> ProcSample {
     }
 }
 
+/// The calling thread's CPU time (user + system) in seconds, from `/proc/thread-self/stat`
+/// (clock-tick resolution, 10 ms).
+pub fn own_thread_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    Some(parse_cpu_ticks(&stat)? as f64 / clock_ticks_per_second())
+}
+
 /// Busy and total CPU ticks of the whole machine, summed over its CPUs (`/proc/stat`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MachineTicks {

@@ -327,6 +327,9 @@ pub struct RawListen {
     pub msgs_per_s: f64,
     pub latency: Percentiles,
     pub error: Option<String>,
+    /// The listener thread's CPU time over the run, in seconds.
+    #[serde(default)]
+    pub cpu_s: Option<f64>,
 }
 
 /// The server's receiver against the bare listener on the same publishers. When the server's
@@ -698,6 +701,13 @@ impl Report {
                 ),
             ));
             rows.push(("raw latency", fmt_latency(&r.latency)));
+            if let Some(cpu) = r.cpu_s {
+                let per = cpu * 1e6 / r.counts.delivered.max(1) as f64;
+                rows.push((
+                    "raw CPU",
+                    format!("the listener thread {cpu:.2} s ({per:.2} µs per notification)"),
+                ));
+            }
         }
         if let Some(k) = &self.receiver {
             rows.push((

@@ -1034,6 +1034,7 @@ async fn load(spec: LoadSpec, pg: Handle) -> Result<Report, BenchError> {
             msgs_per_s: raw_rate,
             latency: Percentiles::of(&raw.latency),
             error: raw.error,
+            cpu_s: raw.cpu_s,
         });
     }
     report.server = ServerUse::between(pid, server_before, server_after, Some(delivered));
