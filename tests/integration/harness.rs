@@ -1216,7 +1216,14 @@ pub async fn next_text_within(ws: &mut Ws, timeout: Duration) -> Result<String> 
     .await
 }
 
-/// The next text frame that is not `{"action":"ping"}`.
+/// Whether a text frame is a heartbeat: the legacy `{"action":"ping"}` or a v1 ping event.
+/// Each client's heartbeat comes at its own moment within the interval, so any read may meet
+/// one.
+pub fn is_heartbeat(text: &str) -> bool {
+    text == PING || text.starts_with(r#"{"event":"ping","#)
+}
+
+/// The next text frame that is not a heartbeat (`{"action":"ping"}` or a v1 ping).
 pub async fn next_event(ws: &mut Ws) -> Result<String> {
     next_event_within(ws, TIMEOUT).await
 }
@@ -1227,7 +1234,7 @@ pub async fn next_event_within(ws: &mut Ws, timeout: Duration) -> Result<String>
         timeout,
         "text frame other than a ping",
         |msg| match msg {
-            Message::Text(text) if text.as_str() == PING => Ok(None),
+            Message::Text(text) if is_heartbeat(text.as_str()) => Ok(None),
             Message::Text(text) => Ok(Some(text.as_str().to_owned())),
             Message::Ping(_) | Message::Pong(_) => Ok(None),
             Message::Close(frame) => bail!("websocket closed: {frame:?}"),

@@ -12,16 +12,22 @@ use crate::harness::{
 const V1: &str = "vulcan-stream.v1";
 const PROTOCOL: (&str, &str) = ("Sec-WebSocket-Protocol", V1);
 
-/// The next v1 frame that is not a heartbeat, parsed.
-async fn next_v1(ws: &mut Ws) -> Result<Value> {
+/// The next v1 frame that is not a heartbeat, as sent.
+async fn next_v1_text(ws: &mut Ws) -> Result<String> {
     loop {
         let text = next_event(ws).await?;
         let frame: Value =
             serde_json::from_str(&text).with_context(|| format!("v1 frame {text:?}"))?;
         if frame["event"] != "ping" {
-            return Ok(frame);
+            return Ok(text);
         }
     }
+}
+
+/// The next v1 frame that is not a heartbeat, parsed.
+async fn next_v1(ws: &mut Ws) -> Result<Value> {
+    let text = next_v1_text(ws).await?;
+    serde_json::from_str(&text).with_context(|| format!("v1 frame {text:?}"))
 }
 
 /// A v1 message's position and its payload, re-serialised.
@@ -51,7 +57,7 @@ async fn the_subprotocol_is_echoed_and_messages_carry_positions() -> Result<()> 
     server.wait_for_clients(1).await?;
     let payload = r#"{"action":"abort","check_id":"c-1",  "extra":[1, 2]}"#;
     notify(&pg.client().await?, channel, payload).await?;
-    let text = next_event(&mut ws).await?;
+    let text = next_v1_text(&mut ws).await?;
     let status = server.status().await?;
     let head = status["head"].as_str().context("head")?;
     assert_eq!(text, format!(r#"{{"id":"{head}","data":{payload}}}"#));
