@@ -483,13 +483,19 @@ impl Worker {
         let outside = |id: u64| only.is_some_and(|slice| !slice.contains(id));
         let mut sent = 0u64;
         let mut leaving = Vec::new();
-        let mut on = Vec::new();
+        // The channels of this pass, each with its number of items. The quietest goes first:
+        // a channel with one message in the pass is not kept waiting while a flooded one's
+        // clients are written hundreds of frames each (the clients of one channel are apart
+        // from another's, so the order between channels is free).
+        let mut on: Vec<(ChannelId, usize)> = Vec::new();
         for item in queued.iter().flat_map(|q| q.frames.iter()) {
-            if !on.contains(&item.channel()) {
-                on.push(item.channel());
+            match on.iter_mut().find(|(id, _)| *id == item.channel()) {
+                Some((_, items)) => *items += 1,
+                None => on.push((item.channel(), 1)),
             }
         }
-        for channel_id in on {
+        on.sort_by_key(|(_, items)| *items);
+        for (channel_id, _) in on {
             let Some(channel) = view.channels.get_mut(channel_id.index()) else {
                 continue;
             };
