@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clients::{self, ClientEnd, ConnectStats, Dial, Shared, Target, Ws};
 use crate::db::Db;
 use crate::error::BenchError;
+use crate::listen::RawListener;
 use crate::options::{self, ClientArgs, DbArgs, OutputArgs, ServerArgs, parse_duration};
 use crate::payload::{self, Clock, Parsed, Stamp};
 use crate::procstat;
@@ -160,11 +161,33 @@ pub struct Isolation {
     pub quiet_after: Percentiles,
     /// p99 during the flood over p99 before.
     pub p99_ratio: Option<f64>,
+    /// A bare LISTEN connection on the quiet channel, in the generator, with no server in
+    /// between: what PostgreSQL itself delivers before and during the flood. All channels
+    /// share PostgreSQL's one notification queue, so this is the floor of any LISTEN bridge.
+    #[serde(default)]
+    pub raw_before: Option<Percentiles>,
+    #[serde(default)]
+    pub raw_during: Option<Percentiles>,
     pub flooded_counts: Counts,
     pub quiet_counts: Counts,
     /// Frames of the other channel's publisher that a client received.
     pub crossed: u64,
     pub closes: Vec<String>,
+}
+
+impl Isolation {
+    /// The bare listener's p99 before and during the flood, for the target row.
+    fn raw_text(&self) -> String {
+        match (&self.raw_before, &self.raw_during) {
+            (Some(before), Some(during)) if before.count > 0 && during.count > 0 => format!(
+                "; a bare LISTEN on the quiet channel, no server: p99 {} vs {} ({:.2}×)",
+                fmt_us(during.p99_us),
+                fmt_us(before.p99_us),
+                during.p99_us / before.p99_us.max(1.0)
+            ),
+            _ => String::new(),
+        }
+    }
 }
 
 /// Broadcasts and the time each took to reach every client.
@@ -298,6 +321,7 @@ pub async fn isolation(args: IsolationArgs, pg: Handle) -> Result<Report, BenchE
         survive: false,
     };
     let quiet_counters = Arc::new(Counters::default());
+    let raw_before = RawListener::start(&quiet_db, clock, run, 2).await?;
     let quiet_publisher = {
         let (db, counters) = (quiet_db.clone(), quiet_counters.clone());
         let plan = plan(Some(args.quiet_rate), 1);
@@ -326,6 +350,8 @@ pub async fn isolation(args: IsolationArgs, pg: Handle) -> Result<Report, BenchE
     let own_before = procstat::own();
     let machine_before = procstat::machine();
     let wall = Instant::now();
+    let raw_before = raw_before.finish().await;
+    let raw_during = RawListener::start(&quiet_db, clock, run, 2).await?;
     let flood_start = clock.now_ns();
     phases.begin(1, flood_start);
     let flood = {
@@ -350,6 +376,7 @@ pub async fn isolation(args: IsolationArgs, pg: Handle) -> Result<Report, BenchE
     };
     let flood_end = clock.now_ns();
     phases.begin(2, flood_end);
+    let raw_during = raw_during.finish().await;
     let server_after = scenario::sample_server(pid)?;
     let own_after = procstat::own();
     let machine_after = procstat::machine();
@@ -405,6 +432,14 @@ pub async fn isolation(args: IsolationArgs, pg: Handle) -> Result<Report, BenchE
         quiet_during: latency(1),
         quiet_after: latency(2),
         p99_ratio: None,
+        raw_before: raw_before
+            .error
+            .is_none()
+            .then(|| Percentiles::of(&raw_before.latency)),
+        raw_during: raw_during
+            .error
+            .is_none()
+            .then(|| Percentiles::of(&raw_during.latency)),
         flooded_counts: counted[FLOOD],
         quiet_counts: counted[QUIET],
         crossed,
@@ -1088,7 +1123,7 @@ pub fn target_rows(isolation: Option<&Report>, targeted: Option<&Report>) -> Vec
                     && i.closes.is_empty();
                 (
                     format!(
-                        "{} vs {} ({}) at {} msg/s while {} flooded at {} msg/s; {}",
+                        "{} vs {} ({}) at {} msg/s while {} flooded at {} msg/s; {}{}",
                         fmt_us(i.quiet_during.p99_us),
                         fmt_us(i.quiet_before.p99_us),
                         i.p99_ratio.map_or("n/a".to_owned(), |r| format!("{r:.2}×")),
@@ -1099,7 +1134,8 @@ pub fn target_rows(isolation: Option<&Report>, targeted: Option<&Report>) -> Vec
                             "nothing lost or crossed"
                         } else {
                             "LOSS or crossing"
-                        }
+                        },
+                        i.raw_text()
                     ),
                     clean && i.p99_ratio.is_some_and(|r| r <= ISOLATION_RATIO),
                 )
