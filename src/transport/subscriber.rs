@@ -4,7 +4,7 @@
 //! Frames normally reach the socket without this task: the fan-out writes them directly (see
 //! [`crate::fanout::outbox`]), the heartbeat's websocket Ping included. The task wakes only for
 //! what the client sends, for a backlog to flush when the socket becomes writable again, once
-//! every PingInterval to see whether the client was heard from, and to close. A client that has
+//! per pong timeout to see whether the client was heard from, and to close. A client that has
 //! not been heard from (any bytes, pongs included) within the pong timeout is dropped: that is
 //! how a vanished peer (pulled cable, expired NAT entry) is found.
 //!
@@ -45,7 +45,8 @@ const READ_CHUNK: usize = 512;
 /// Liveness and limit settings shared by every client.
 #[derive(Debug, Clone, Copy)]
 pub struct Liveness {
-    pub ping_interval: Duration,
+    /// Silence after which a client is taken for vanished (the heartbeat's Pings come every
+    /// PingInterval, from the fan-out).
     pub pong_timeout: Duration,
     /// The largest message a client may send.
     pub max_message: usize,
@@ -150,12 +151,14 @@ impl Subscriber {
 
     async fn serve(&self, reader: &mut FrameReader) -> End {
         let client = &self.registration.client;
-        let interval = self.liveness.ping_interval;
+        let pong_timeout = self.liveness.pong_timeout;
         // The Pings themselves go out with the fan-out's heartbeat; this only looks at whether
-        // the client has answered anything lately.
-        let mut heard_lately = tokio::time::interval_at(Instant::now() + interval, interval);
-        heard_lately.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // the client has answered anything lately. A read only notes the time; the timer is
+        // moved when it fires and finds the client heard since, so a client that answers every
+        // Ping wakes this task for it once per pong timeout rather than once per interval.
         let mut last_heard = Instant::now();
+        let silence = tokio::time::sleep_until(last_heard + pong_timeout);
+        tokio::pin!(silence);
         let mut buf = [0u8; READ_CHUNK];
         let mut expiry = Expiry::at(self.expires);
         loop {
@@ -190,10 +193,12 @@ impl Subscriber {
                     }
                 }
                 _ = client.out.backlog_signalled(), if !backlog => {}
-                _ = heard_lately.tick() => {
-                    if last_heard.elapsed() > self.liveness.pong_timeout {
+                () = &mut silence => {
+                    let deadline = last_heard + pong_timeout;
+                    if deadline <= Instant::now() {
                         return End::Unresponsive;
                     }
+                    silence.as_mut().reset(deadline);
                 }
             }
         }

@@ -115,7 +115,6 @@ async fn join(
 
 fn liveness(state: &AppState) -> Liveness {
     Liveness {
-        ping_interval: state.sender.ping_interval,
         pong_timeout: state.sender.pong_timeout,
         max_message: state.sender.max_frame_size,
     }
