@@ -1531,6 +1531,7 @@ pub async fn run_bin<K: AsRef<str>, V: AsRef<str>>(
 /// Websocket opcodes (RFC 6455 §5.2).
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
 
 /// The request head of a valid websocket upgrade of `/stream`.
 pub fn upgrade_request(port: u16) -> String {
@@ -1680,6 +1681,20 @@ impl RawWs {
                 return Ok(None);
             }
             self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next frame that is not part of a heartbeat (its text frame or its websocket Ping),
+    /// which may come at any moment of the interval; `None` at end of stream.
+    pub async fn next_data_frame(&mut self) -> std::io::Result<Option<RawFrame>> {
+        loop {
+            match self.next_frame().await? {
+                Some(frame)
+                    if frame.opcode == OP_PING
+                        || (frame.opcode == OP_TEXT
+                            && is_heartbeat(&String::from_utf8_lossy(&frame.payload))) => {}
+                other => return Ok(other),
+            }
         }
     }
 

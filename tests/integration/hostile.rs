@@ -161,7 +161,7 @@ async fn protocol_errors_and_closes_end_with_the_right_code_and_the_server_hangi
         let payload = format!(r#"{{"action":"before","case":"{what}"}}"#);
         pg.notify(channel, &payload).await?;
         assert_eq!(next_event(&mut ws).await?, payload);
-        let frame_in = tokio::time::timeout(TIMEOUT, raw.next_frame()).await;
+        let frame_in = tokio::time::timeout(TIMEOUT, raw.next_data_frame()).await;
         let received = frame_in
             .context("the notification")??
             .context("closed early")?;

@@ -668,10 +668,14 @@ async fn curl_reads_the_stream() -> Result<()> {
     let mut event = Vec::new();
     loop {
         let line = next_line().await?;
+        // A heartbeat (a comment, then the blank line that ends it) may come first.
         if line.starts_with(':') {
             continue;
         }
         if line.is_empty() {
+            if event.is_empty() {
+                continue;
+            }
             break;
         }
         event.push(line);
