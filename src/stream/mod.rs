@@ -417,7 +417,8 @@ impl Stream {
     pub async fn run_heartbeat(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         let slices = self.hub.heartbeat_slices(interval);
         let tick = interval / u32::try_from(slices).unwrap_or(u32::MAX);
-        let mut ticker = tokio::time::interval_at(Instant::now() + tick, tick);
+        // The first round starts an interval from now, as a heartbeat to all at once did.
+        let mut ticker = tokio::time::interval_at(Instant::now() + interval, tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next = 0;
         loop {
